@@ -1,0 +1,28 @@
+"""refimpl: a NumPy reference implementation and executable textbook of DeepSeek-V2/V3/R1.
+
+Every forward pass has a hand-written backward pass, float64 is the reference precision, hot loops
+have Numba twins (:mod:`refimpl.backend`), and :mod:`refimpl.testing` gives the gradient checker
+and hypothesis strategies to use refimpl as a numerical oracle in other projects' tests.
+
+Notation (shared by the code's shape comments and the book)::
+
+    B   batch                      T   sequence length
+    D   hidden size                H   attention heads
+    Dh  head dim                   Dn / Dr   nope / rope head dims (qk_nope_head_dim, qk_rope_head_dim)
+    Dv  value head dim             Dc  KV latent (kv_lora_rank)
+    Dq  query latent (q_lora_rank) E   routed experts   Es  shared experts
+    K   experts per token          G   expert groups, or GRPO group size (each use names which)
+    V   vocabulary                 N   flattened rows (B*T) where a function flattens them
+    I   FFN / expert intermediate size
+
+Importing refimpl is cheap: it loads NumPy and the pure-Python modules only; numba is imported and
+kernels compiled on first use.
+"""
+
+from . import core
+from .backend import resolve_backend
+from .config import PRESETS, ModelConfig
+
+__version__ = "0.1.0"
+
+__all__ = ["core", "ModelConfig", "PRESETS", "resolve_backend", "__version__"]

@@ -1,0 +1,52 @@
+"""Choosing between the NumPy reference and its Numba twins.
+
+Every function with a Numba twin takes ``backend=`` with one of:
+
+* ``"numpy"`` — the readable reference the book shows;
+* ``"numba"`` — the JIT twin in :mod:`refimpl.kernels` (raises if numba is not installed);
+* ``"auto"`` — numba when it imports, else numpy.
+
+``None`` means "use the default": the ``REFIMPL_BACKEND`` environment variable if set, else
+``"auto"``. Nothing is imported or compiled until a twin is first called: ``import refimpl`` never
+touches numba, and each kernel compiles on first use with ``cache=True`` so later processes load
+the machine code from ``__pycache__``. Kernels run with ``fastmath`` off unless their docstring says
+otherwise.
+"""
+
+from __future__ import annotations
+
+import importlib
+import os
+from functools import cache
+
+BACKENDS = ("auto", "numpy", "numba")
+
+
+@cache
+def numba_available() -> bool:
+    """True if numba imports (checked once, on first call)."""
+    try:
+        importlib.import_module("numba")
+    except ImportError:
+        return False
+    return True
+
+
+def resolve_backend(backend: str | None = None) -> str:
+    """Map ``backend`` (or the ``REFIMPL_BACKEND`` default) to ``"numpy"`` or ``"numba"``."""
+    source = "backend"
+    if backend is None:
+        backend = os.environ.get("REFIMPL_BACKEND", "auto")
+        source = "REFIMPL_BACKEND"
+    if backend not in BACKENDS:
+        raise ValueError(f"{source}: expected one of {BACKENDS}, got {backend!r}")
+    if backend == "auto":
+        return "numba" if numba_available() else "numpy"
+    if backend == "numba" and not numba_available():
+        raise ValueError(f"{source}: 'numba' requested but numba is not installed")
+    return backend
+
+
+def kernel(module: str):
+    """Import ``refimpl.kernels.<module>`` on demand (this is when numba is first imported)."""
+    return importlib.import_module(f"refimpl.kernels.{module}")

@@ -1,0 +1,198 @@
+"""Model configuration with the field names of HF ``config.json`` for DeepSeek-V2/V3.
+
+A config read from a checkpoint's ``config.json`` maps onto :class:`ModelConfig` field by field, so
+the names a practitioner already knows (``kv_lora_rank``, ``n_routed_experts``,
+``routed_scaling_factor``, ...) are the names used everywhere in refimpl. Presets reproduce the
+published configurations (DeepSeek-V2 tech report §3.1.2 and App. B; DeepSeek-V3 tech report §4.2).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass, field
+
+TOPK_METHODS = ("greedy", "group_limited_greedy", "noaux_tc")
+SCORING_FUNCS = ("softmax", "sigmoid")
+
+
+@dataclass
+class ModelConfig:
+    """A DeepSeek-V2/V3-style decoder. Field names and defaults follow HF ``DeepseekV3Config``.
+
+    ``q_lora_rank=None`` means no query compression (V2-Lite). ``num_key_value_heads`` is used only
+    by the MHA/GQA/MQA baselines. Call :meth:`validate` (done by :meth:`from_dict` and the presets)
+    to check that the fields are consistent.
+    """
+
+    vocab_size: int = 129280
+    hidden_size: int = 7168
+    intermediate_size: int = 18432
+    moe_intermediate_size: int = 2048
+    num_hidden_layers: int = 61
+    num_attention_heads: int = 128
+    num_key_value_heads: int = 128
+    n_shared_experts: int = 1
+    n_routed_experts: int = 256
+    routed_scaling_factor: float = 2.5
+    kv_lora_rank: int = 512
+    q_lora_rank: int | None = 1536
+    qk_rope_head_dim: int = 64
+    v_head_dim: int = 128
+    qk_nope_head_dim: int = 128
+    topk_method: str = "noaux_tc"
+    n_group: int = 8
+    topk_group: int = 4
+    num_experts_per_tok: int = 8
+    moe_layer_freq: int = 1
+    first_k_dense_replace: int = 3
+    norm_topk_prob: bool = True
+    scoring_func: str = "sigmoid"
+    aux_loss_alpha: float = 0.0001
+    seq_aux: bool = True
+    max_position_embeddings: int = 163840
+    rope_theta: float = 10000.0
+    rope_scaling: dict | None = None
+    rms_norm_eps: float = 1e-6
+    attention_bias: bool = False
+    tie_word_embeddings: bool = False
+    num_nextn_predict_layers: int = 0
+    initializer_range: float = 0.006
+    extra: dict = field(default_factory=dict, repr=False)
+
+    @property
+    def qk_head_dim(self) -> int:
+        """Query/key head dimension ``qk_nope_head_dim + qk_rope_head_dim`` (192 in V2/V3)."""
+        return self.qk_nope_head_dim + self.qk_rope_head_dim
+
+    def is_moe_layer(self, layer: int) -> bool:
+        """MoE iff ``layer >= first_k_dense_replace`` and ``layer % moe_layer_freq == 0`` (0-based)."""
+        return (self.n_routed_experts > 0 and layer >= self.first_k_dense_replace
+                and layer % self.moe_layer_freq == 0)
+
+    def validate(self) -> ModelConfig:
+        """Raise ``ValueError`` naming the first inconsistent field; return ``self`` otherwise."""
+        positive = ["vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
+                    "num_attention_heads", "num_key_value_heads", "kv_lora_rank", "qk_rope_head_dim",
+                    "v_head_dim", "moe_layer_freq"]
+        for name in positive:
+            v = getattr(self, name)
+            if not isinstance(v, int) or v <= 0:
+                raise ValueError(f"{name}: expected a positive integer, got {v!r}")
+        for name in ["qk_nope_head_dim", "n_shared_experts", "n_routed_experts", "first_k_dense_replace",
+                     "num_nextn_predict_layers", "moe_intermediate_size"]:
+            v = getattr(self, name)
+            if not isinstance(v, int) or v < 0:
+                raise ValueError(f"{name}: expected a non-negative integer, got {v!r}")
+        if self.q_lora_rank is not None and (not isinstance(self.q_lora_rank, int) or self.q_lora_rank < 0):
+            raise ValueError(f"q_lora_rank: expected None or a non-negative integer, got {self.q_lora_rank!r}")
+        if self.q_lora_rank == 0:
+            self.q_lora_rank = None
+        if self.qk_rope_head_dim % 2:
+            raise ValueError(f"qk_rope_head_dim: expected an even number (RoPE rotates pairs), "
+                             f"got {self.qk_rope_head_dim}")
+        if self.num_attention_heads % self.num_key_value_heads:
+            raise ValueError(f"num_key_value_heads: expected a divisor of num_attention_heads "
+                             f"({self.num_attention_heads}), got {self.num_key_value_heads}")
+        if self.topk_method not in TOPK_METHODS:
+            raise ValueError(f"topk_method: expected one of {TOPK_METHODS}, got {self.topk_method!r}")
+        if self.scoring_func not in SCORING_FUNCS:
+            raise ValueError(f"scoring_func: expected one of {SCORING_FUNCS}, got {self.scoring_func!r}")
+        if self.n_routed_experts:
+            if self.moe_intermediate_size <= 0:
+                raise ValueError(f"moe_intermediate_size: expected a positive integer with routed experts, "
+                                 f"got {self.moe_intermediate_size}")
+            if not 1 <= self.num_experts_per_tok <= self.n_routed_experts:
+                raise ValueError(f"num_experts_per_tok: expected 1..n_routed_experts ({self.n_routed_experts}), "
+                                 f"got {self.num_experts_per_tok}")
+            if self.n_group < 1 or self.n_routed_experts % self.n_group:
+                raise ValueError(f"n_group: expected a divisor of n_routed_experts ({self.n_routed_experts}), "
+                                 f"got {self.n_group}")
+            if not 1 <= self.topk_group <= self.n_group:
+                raise ValueError(f"topk_group: expected 1..n_group ({self.n_group}), got {self.topk_group}")
+            per_group = self.n_routed_experts // self.n_group
+            if self.num_experts_per_tok > self.topk_group * per_group:
+                raise ValueError(f"num_experts_per_tok: {self.num_experts_per_tok} exceeds the experts in "
+                                 f"topk_group={self.topk_group} groups of {per_group}")
+            if self.topk_method == "noaux_tc" and per_group < 2 and self.n_group > 1:
+                raise ValueError("n_group: noaux_tc scores a group by its top-2 experts, so groups need >= 2 "
+                                 f"experts; got {per_group}")
+        if self.rope_scaling is not None:
+            from .core.rope import _rope_type
+            _rope_type(self.rope_scaling)
+        if not self.rms_norm_eps > 0:
+            raise ValueError(f"rms_norm_eps: expected a positive number, got {self.rms_norm_eps!r}")
+        return self
+
+    @classmethod
+    def from_dict(cls, d: dict) -> ModelConfig:
+        """Build from a ``config.json`` dict; unknown keys are kept in ``extra``."""
+        names = {f.name for f in dataclasses.fields(cls)} - {"extra"}
+        known = {k: v for k, v in d.items() if k in names}
+        extra = {k: v for k, v in d.items() if k not in names}
+        if "num_key_value_heads" not in known and "num_attention_heads" in known:
+            known["num_key_value_heads"] = known["num_attention_heads"]
+        return cls(**known, extra=extra).validate()
+
+    @classmethod
+    def from_json(cls, path) -> ModelConfig:
+        """Read an HF ``config.json``."""
+        with open(path) as f:
+            return cls.from_dict(json.load(f))
+
+    def to_dict(self) -> dict:
+        """The fields as a ``config.json``-style dict (``extra`` merged back in)."""
+        d = dataclasses.asdict(self)
+        extra = d.pop("extra")
+        return {**d, **extra}
+
+    def replace(self, **changes) -> ModelConfig:
+        """A validated copy with some fields changed."""
+        return dataclasses.replace(self, **changes).validate()
+
+    @classmethod
+    def preset(cls, name: str) -> ModelConfig:
+        """A published configuration: one of :data:`PRESETS`."""
+        if name not in PRESETS:
+            raise ValueError(f"name: expected one of {sorted(PRESETS)}, got {name!r}")
+        return cls.from_dict(PRESETS[name])
+
+
+def _yarn(mscale):
+    return {"type": "yarn", "factor": 40, "original_max_position_embeddings": 4096, "beta_fast": 32,
+            "beta_slow": 1, "mscale": mscale, "mscale_all_dim": mscale}
+
+
+_V2_COMMON = dict(vocab_size=102400, qk_nope_head_dim=128, qk_rope_head_dim=64, v_head_dim=128,
+                  kv_lora_rank=512, scoring_func="softmax", norm_topk_prob=False, first_k_dense_replace=1,
+                  moe_layer_freq=1, rope_theta=10000.0, max_position_embeddings=163840,
+                  rope_scaling=_yarn(0.707))
+
+#: Published configurations (HF hub ``config.json`` values; DeepSeek-V2 App. B, DeepSeek-V3 §4.2),
+#: plus ``"tiny"``, a small V3-style model for tests and notebooks.
+PRESETS = {
+    "deepseek-v2-lite": dict(_V2_COMMON, hidden_size=2048, intermediate_size=10944, moe_intermediate_size=1408,
+                             num_hidden_layers=27, num_attention_heads=16, num_key_value_heads=16,
+                             q_lora_rank=None, n_routed_experts=64, n_shared_experts=2, num_experts_per_tok=6,
+                             n_group=1, topk_group=1, topk_method="greedy", routed_scaling_factor=1.0,
+                             aux_loss_alpha=0.001),
+    "deepseek-v2": dict(_V2_COMMON, hidden_size=5120, intermediate_size=12288, moe_intermediate_size=1536,
+                        num_hidden_layers=60, num_attention_heads=128, num_key_value_heads=128,
+                        q_lora_rank=1536, n_routed_experts=160, n_shared_experts=2, num_experts_per_tok=6,
+                        n_group=8, topk_group=3, topk_method="group_limited_greedy",
+                        routed_scaling_factor=16.0, aux_loss_alpha=0.003),
+    "deepseek-v3": dict(vocab_size=129280, hidden_size=7168, intermediate_size=18432, moe_intermediate_size=2048,
+                        num_hidden_layers=61, num_attention_heads=128, num_key_value_heads=128,
+                        q_lora_rank=1536, kv_lora_rank=512, qk_nope_head_dim=128, qk_rope_head_dim=64,
+                        v_head_dim=128, n_routed_experts=256, n_shared_experts=1, num_experts_per_tok=8,
+                        n_group=8, topk_group=4, topk_method="noaux_tc", scoring_func="sigmoid",
+                        norm_topk_prob=True, routed_scaling_factor=2.5, first_k_dense_replace=3,
+                        moe_layer_freq=1, num_nextn_predict_layers=1, rope_scaling=_yarn(1.0),
+                        max_position_embeddings=163840, aux_loss_alpha=0.0001),
+    "tiny": dict(vocab_size=64, hidden_size=32, intermediate_size=64, moe_intermediate_size=16,
+                 num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=4, q_lora_rank=16,
+                 kv_lora_rank=12, qk_nope_head_dim=8, qk_rope_head_dim=4, v_head_dim=8, n_routed_experts=8,
+                 n_shared_experts=1, num_experts_per_tok=2, n_group=4, topk_group=2, topk_method="noaux_tc",
+                 scoring_func="sigmoid", norm_topk_prob=True, routed_scaling_factor=2.5,
+                 first_k_dense_replace=1, max_position_embeddings=256, initializer_range=0.02),
+}

@@ -1,0 +1,111 @@
+"""Next-token cross-entropy over a vocabulary, with an ignore index.
+
+Pre-training, SFT and sequence-level distillation all minimise
+:math:`-\\log p(y_t \\mid y_{<t})` averaged over the target tokens; positions labelled
+``ignore_index`` (-100, the PyTorch / HF convention for padding and prompt tokens) contribute
+nothing. The computation is fused: the loss is ``logsumexp(z) - z[target]`` per row, and the
+gradient with respect to the logits is ``softmax(z) - onehot(target)``, so no (N, V) log-prob
+matrix needs to be kept. A Numba twin (:mod:`refimpl.kernels.cross_entropy_nb`) does the same in
+two passes per row.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import numpy as np
+
+from .._validate import check_float, check_int
+from ..backend import kernel, resolve_backend
+
+REDUCTIONS = ("mean", "sum", "none")
+
+
+class CrossEntropyCache(NamedTuple):
+    logits: np.ndarray     # (N, V) logits, rows flattened
+    targets: np.ndarray    # (N,) int64 targets (ignore_index where ignored)
+    rowmax: np.ndarray     # (N,) row maxima (logits' dtype)
+    lse: np.ndarray        # (N,) float64 log-sum-exp of each row
+    shape: tuple           # leading shape (...) of the input
+    reduction: str
+    n_valid: int           # number of non-ignored targets
+    ignore_index: int
+    backend: str
+
+
+def cross_entropy_forward(logits, targets, *, ignore_index=-100, reduction="mean", backend=None):
+    r"""Softmax cross-entropy, matching ``torch.nn.functional.cross_entropy``.
+
+    .. math:: \ell_t = \log\sum_v e^{z_{t,v}} - z_{t,y_t}, \qquad
+              L = \frac{1}{|\mathcal{T}|}\sum_{t\in\mathcal{T}} \ell_t
+
+    where :math:`\mathcal{T}` is the set of positions whose target is not ``ignore_index``.
+
+    ``reduction``: ``"mean"`` over non-ignored positions (as torch; when every position is ignored
+    refimpl returns 0.0 where torch returns NaN), ``"sum"``, or ``"none"`` (per-position losses,
+    0 at ignored positions).
+
+    Shapes: logits (..., V), targets (...) int64 -> loss () or (...).
+    """
+    check_float("logits", logits, min_ndim=1)
+    if reduction not in REDUCTIONS:
+        raise ValueError(f"reduction: expected one of {REDUCTIONS}, got {reduction!r}")
+    targets = check_int("targets", targets, low=0, high=logits.shape[-1], allow=ignore_index)
+    if targets.shape != logits.shape[:-1]:
+        raise ValueError(f"targets: expected shape {logits.shape[:-1]} (logits without the vocab axis), "
+                         f"got {targets.shape}")
+    backend = resolve_backend(backend)
+    lead = logits.shape[:-1]
+    z = logits.reshape(-1, logits.shape[-1])                            # (N, V)
+    t = targets.reshape(-1)                                             # (N,)
+    valid = t != ignore_index                                           # (N,)
+    if backend == "numba":
+        z = np.ascontiguousarray(z)
+        per_row, lse, m = kernel("cross_entropy_nb").ce_forward_rows(z, t, ignore_index)  # (N,) each
+    else:
+        m = z.max(axis=-1)                                              # (N,)
+        zs = z - m[:, None]                                             # (N, V) shifted, max 0
+        log_s = np.log(np.sum(np.exp(zs), axis=-1)).astype(np.float64)  # (N,)
+        lse = m.astype(np.float64) + log_s                              # (N,)
+        t_safe = np.where(valid, t, 0)                                  # (N,)
+        zs_t = np.take_along_axis(zs, t_safe[:, None], axis=-1)[:, 0]  # (N,)
+        # loss = lse - z_t = log_s - (z_t - m): no cancellation between two large numbers
+        per_row = np.where(valid, log_s - zs_t, 0.0)                    # (N,)
+    n_valid = int(valid.sum())
+    if reduction == "none":
+        loss = per_row.reshape(lead)                                    # (...)
+    elif reduction == "sum":
+        loss = np.asarray(per_row.sum())
+    else:
+        loss = np.asarray(per_row.sum() / max(n_valid, 1))
+    loss = loss.astype(logits.dtype)
+    return loss, CrossEntropyCache(z, t, m, lse, lead, reduction, n_valid, ignore_index, backend)
+
+
+def cross_entropy_backward(dloss, cache):
+    r"""Gradient with respect to the logits: :math:`c_t(\mathrm{softmax}(z_t) - e_{y_t})`.
+
+    :math:`c_t` is ``dloss`` (``"sum"``), ``dloss / |T|`` (``"mean"``) or ``dloss[t]``
+    (``"none"``); ignored rows get zero gradient.
+
+    Shapes: dloss () or (...) -> dlogits (..., V).
+    """
+    z, t, m, lse, lead, reduction, n_valid, ignore_index, backend = cache
+    dloss = np.asarray(dloss, dtype=np.float64)
+    valid = t != ignore_index                                           # (N,)
+    if reduction == "none":
+        row_scale = dloss.reshape(-1) * valid                           # (N,)
+    elif reduction == "sum":
+        row_scale = np.full(t.shape, float(dloss)) * valid              # (N,)
+    else:
+        row_scale = np.full(t.shape, float(dloss) / max(n_valid, 1)) * valid  # (N,)
+    if backend == "numba":
+        dz = kernel("cross_entropy_nb").ce_backward_rows(z, t, lse, row_scale, ignore_index)  # (N, V)
+    else:
+        # forward: loss_t = lse(z_t) - z_t[y_t]   so: dz_t = c_t * (softmax(z_t) - onehot(y_t))
+        log_s = (lse - m).astype(z.dtype)                               # (N,)
+        p = np.exp((z - m[:, None]) - log_s[:, None])                   # (N, V)
+        dz = (p * row_scale[:, None]).astype(z.dtype)                   # (N, V)
+        rows = np.nonzero(valid)[0]                                     # (n_valid,)
+        dz[rows, t[rows]] -= row_scale[rows].astype(z.dtype)
+    return dz.reshape(*lead, z.shape[-1])                               # (..., V)

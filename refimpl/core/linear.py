@@ -1,0 +1,84 @@
+"""Linear map and token embedding, the two ways parameters meet activations.
+
+DeepSeek-V2/V3 use no biases in any projection (``attention_bias=false``), and weights are stored
+``[out, in]`` as in HF checkpoints, so ``y = x @ W.T`` and a checkpoint tensor loads without a
+transpose. The bias is kept optional for the baselines and the distilled students.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import numpy as np
+
+from .._validate import check_float, check_int, check_same_dtype, check_shape
+
+
+class LinearCache(NamedTuple):
+    x: np.ndarray          # (..., Din) input
+    w: np.ndarray          # (Dout, Din) weight
+    has_bias: bool
+
+
+def linear_forward(x, w, b=None):
+    r"""Affine map in the PyTorch / HF convention.
+
+    .. math:: y = x W^\top + b
+
+    Shapes: x (..., Din), w (Dout, Din), b (Dout,) or None -> y (..., Dout).
+    """
+    check_float("x", x, min_ndim=1)
+    check_float("w", w, ndim=2)
+    check_same_dtype("w", w, "x", x)
+    if w.shape[1] != x.shape[-1]:
+        raise ValueError(f"w: expected shape (Dout, {x.shape[-1]}) to match x's last axis, got {w.shape}")
+    y = x @ w.T                                                          # (..., Dout)
+    if b is not None:
+        check_float("b", b, ndim=1)
+        check_same_dtype("b", b, "x", x)
+        check_shape("b", b, (w.shape[0],), "Dout")
+        y = y + b                                                        # (..., Dout)
+    return y, LinearCache(x, w, b is not None)
+
+
+def linear_backward(dy, cache):
+    """Gradients of :func:`linear_forward`.
+
+    Shapes: dy (..., Dout) -> dx (..., Din), dw (Dout, Din), db (Dout,) or None.
+    """
+    x, w, has_bias = cache
+    # forward: y = x @ w.T + b
+    dx = dy @ w                                                          # (..., Din)
+    dy2 = dy.reshape(-1, dy.shape[-1])                                   # (N, Dout)
+    x2 = x.reshape(-1, x.shape[-1])                                      # (N, Din)
+    dw = dy2.T @ x2                                                      # (Dout, Din)
+    db = dy2.sum(axis=0) if has_bias else None                           # (Dout,)
+    return dx, dw, db
+
+
+class EmbeddingCache(NamedTuple):
+    ids: np.ndarray        # (...) int64 token ids
+    vocab_size: int
+
+
+def embedding_forward(ids, w):
+    r"""Table lookup :math:`y_t = W_{\mathrm{id}_t}` (DeepSeek embeddings are unscaled and untied).
+
+    Shapes: ids (...) int64 in [0, V), w (V, D) -> y (..., D).
+    """
+    check_float("w", w, ndim=2)
+    ids = check_int("ids", ids, low=0, high=w.shape[0])
+    y = w[ids]                                                           # (..., D)
+    return y, EmbeddingCache(ids, w.shape[0])
+
+
+def embedding_backward(dy, cache):
+    """Gradient of :func:`embedding_forward` with respect to the table (rows scatter-add).
+
+    Shapes: dy (..., D) -> dw (V, D).
+    """
+    ids, vocab_size = cache
+    # forward: y[t] = w[ids[t]]     so: dw[v] = sum of dy[t] over tokens t with ids[t] == v
+    dw = np.zeros((vocab_size, dy.shape[-1]), dtype=dy.dtype)           # (V, D)
+    np.add.at(dw, ids.reshape(-1), dy.reshape(-1, dy.shape[-1]))
+    return dw
