@@ -4,7 +4,8 @@
 ``from refimpl.testing import strategies``.
 """
 
-from .gradcheck import check_grad, tree_flatten
+from ..tree import tree_flatten
+from .gradcheck import check_grad
 from .tolerances import TOLERANCES, tol
 
 __all__ = ["check_grad", "tree_flatten", "TOLERANCES", "tol"]

@@ -10,34 +10,7 @@ from __future__ import annotations
 
 import numpy as np
 
-
-def tree_flatten(tree):
-    """Flatten nested dicts / lists / tuples of arrays into (leaves, rebuild)."""
-    if isinstance(tree, dict):
-        keys = list(tree)
-        parts = [tree_flatten(tree[k]) for k in keys]
-        leaves = [leaf for p in parts for leaf in p[0]]
-
-        def rebuild(xs):
-            out, i = {}, 0
-            for k, (ls, rb) in zip(keys, parts, strict=True):
-                out[k] = rb(xs[i:i + len(ls)])
-                i += len(ls)
-            return out
-        return leaves, rebuild
-    if isinstance(tree, list | tuple) and not hasattr(tree, "_fields"):
-        parts = [tree_flatten(t) for t in tree]
-        leaves = [leaf for p in parts for leaf in p[0]]
-        kind = type(tree)
-
-        def rebuild(xs):
-            out, i = [], 0
-            for ls, rb in parts:
-                out.append(rb(xs[i:i + len(ls)]))
-                i += len(ls)
-            return kind(out)
-        return leaves, rebuild
-    return [tree], lambda xs: xs[0]
+from ..tree import tree_flatten
 
 
 def _is_float(x):
