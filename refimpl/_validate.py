@@ -14,7 +14,10 @@ FLOAT_DTYPES = (np.dtype(np.float32), np.dtype(np.float64))
 
 def check_float(name: str, x, *, ndim: int | None = None, min_ndim: int | None = None,
                 allow_inf: bool = False) -> np.ndarray:
-    """Return ``x`` if it is a float32/float64 ndarray with finite values (NaN never allowed)."""
+    """Return ``x`` if it is a float32/float64 ndarray with finite values.
+
+    NaN is never allowed; ``allow_inf=True`` admits ``-inf`` only (masked logits), never ``+inf``.
+    """
     if not isinstance(x, np.ndarray):
         raise TypeError(f"{name}: expected a numpy.ndarray, got {type(x).__name__}")
     if x.dtype not in FLOAT_DTYPES:
@@ -24,8 +27,8 @@ def check_float(name: str, x, *, ndim: int | None = None, min_ndim: int | None =
     if min_ndim is not None and x.ndim < min_ndim:
         raise ValueError(f"{name}: expected at least {min_ndim} dimensions, got shape {x.shape}")
     if allow_inf:
-        if np.isnan(x).any():
-            raise ValueError(f"{name}: contains NaN")
+        if np.isnan(x).any() or np.isposinf(x).any():
+            raise ValueError(f"{name}: contains NaN or +inf (only -inf is accepted, as a mask)")
     elif not np.isfinite(x).all():
         raise ValueError(f"{name}: contains NaN or inf")
     return x

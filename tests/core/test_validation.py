@@ -32,6 +32,8 @@ CASES = {
     "swiglu nan": (lambda: core.swiglu_forward(NAN, F), ValueError, "gate"),
     "mlp missing": (lambda: core.swiglu_mlp_forward(F, {"gate_proj": W, "up_proj": W}), ValueError, "down_proj"),
     "softmax nan": (lambda: core.softmax_forward(NAN), ValueError, "x"),
+    "softmax +inf": (lambda: core.softmax_forward(np.array([1.0, np.inf, 0.0])), ValueError, "x"),
+    "logsumexp +inf": (lambda: core.logsumexp_forward(np.array([np.inf, 0.0])), ValueError, "x"),
     "log_softmax dtype": (lambda: core.log_softmax_forward(F.astype(np.int32)), TypeError, "x"),
     "logsumexp nan": (lambda: core.logsumexp_forward(NAN), ValueError, "x"),
     "ce targets shape": (lambda: core.cross_entropy_forward(F, np.array([0, 1, 2])), ValueError, "targets"),
