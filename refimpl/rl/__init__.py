@@ -1,0 +1,42 @@
+"""Reinforcement learning from verifiable rewards: GRPO and its variants (DeepSeekMath §4.1, DeepSeek-R1 §2.2).
+
+* :mod:`~refimpl.rl.advantages` — group-relative (outcome) and process-supervision advantages.
+* :mod:`~refimpl.rl.logprobs` — per-token log-probs and entropies from logits, with temperature,
+  and their backward into the logits.
+* :mod:`~refimpl.rl.grpo` — the GRPO-family losses (``loss_type`` grpo / bnpo / dr_grpo / dapo /
+  cispo / sapo, token- or sequence-level ratios, k1/k2/k3 KL) with hand-written gradients.
+* :mod:`~refimpl.rl.rewards` — rule-based rewards: accuracy, format, DAPO overlong shaping,
+  language consistency, weighted sums.
+
+Options carry TRL ``GRPOConfig`` names and TRL's single-process semantics; each docstring says
+where verl or Liger differ.
+"""
+
+from .advantages import group_advantages, process_advantages
+from .grpo import LOSS_TYPES, entropy_bonus, grpo_loss, grpo_loss_from_logits, per_token_kl
+from .logprobs import (
+    entropy_backward,
+    entropy_forward,
+    logps_entropy_backward,
+    logps_entropy_forward,
+    selective_log_softmax_backward,
+    selective_log_softmax_forward,
+)
+from .rewards import (
+    accuracy_reward,
+    combine_rewards,
+    exact_match,
+    extract_answer,
+    format_reward,
+    language_consistency_reward,
+    overlong_penalty,
+    tag_count_reward,
+)
+
+__all__ = [
+    "LOSS_TYPES", "group_advantages", "process_advantages", "grpo_loss", "per_token_kl", "grpo_loss_from_logits",
+    "entropy_bonus",
+    "selective_log_softmax_forward", "selective_log_softmax_backward", "entropy_forward", "entropy_backward",
+    "logps_entropy_forward", "logps_entropy_backward", "accuracy_reward", "format_reward", "extract_answer",
+    "overlong_penalty", "language_consistency_reward", "combine_rewards", "exact_match", "tag_count_reward",
+]
