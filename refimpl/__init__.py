@@ -19,10 +19,22 @@ Importing refimpl is cheap: it loads NumPy and the pure-Python modules only; num
 kernels compiled on first use.
 """
 
+import importlib
+
 from . import core
 from .backend import resolve_backend
 from .config import PRESETS, ModelConfig
 
 __version__ = "0.1.0"
 
-__all__ = ["core", "ModelConfig", "PRESETS", "resolve_backend", "__version__"]
+# Submodules load on first attribute access (``refimpl.moe``), keeping ``import refimpl`` cheap.
+_SUBMODULES = ("attention", "moe", "rl", "tasks", "distill", "quant", "optim", "testing", "tree", "kernels")
+
+
+def __getattr__(name):
+    if name in _SUBMODULES:
+        return importlib.import_module(f".{name}", __name__)
+    raise AttributeError(f"module 'refimpl' has no attribute {name!r}")
+
+
+__all__ = ["core", "ModelConfig", "PRESETS", "resolve_backend", "__version__", *_SUBMODULES]

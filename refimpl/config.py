@@ -8,6 +8,7 @@ published configurations (DeepSeek-V2 tech report §3.1.2 and App. B; DeepSeek-V
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import json
 from dataclasses import dataclass, field
@@ -147,7 +148,9 @@ class ModelConfig:
         return {**d, **extra}
 
     def replace(self, **changes) -> ModelConfig:
-        """A validated copy with some fields changed."""
+        """A validated copy with some fields changed (``extra`` and ``rope_scaling`` are copied, not shared)."""
+        changes.setdefault("extra", copy.deepcopy(self.extra))
+        changes.setdefault("rope_scaling", copy.deepcopy(self.rope_scaling))
         return dataclasses.replace(self, **changes).validate()
 
     @classmethod
@@ -189,6 +192,15 @@ PRESETS = {
                         norm_topk_prob=True, routed_scaling_factor=2.5, first_k_dense_replace=3,
                         moe_layer_freq=1, num_nextn_predict_layers=1, rope_scaling=_yarn(1.0),
                         max_position_embeddings=163840, aux_loss_alpha=0.0001),
+    # DeepSeek LLM 67B (dense; transformers' Llama architecture, GQA with 8 KV heads of dim 128):
+    # the baseline of DeepSeek-V2's "93.3% smaller KV cache" claim. model_type/architectures are its
+    # HF config.json values (kept in ``extra``); refimpl.attention.uses_mla reads model_type.
+    "deepseek-67b": dict(model_type="llama", architectures=["LlamaForCausalLM"], vocab_size=102400,
+                         hidden_size=8192, intermediate_size=22016, num_hidden_layers=95,
+                         num_attention_heads=64, num_key_value_heads=8, q_lora_rank=None,
+                         n_routed_experts=0, n_shared_experts=0, first_k_dense_replace=0, n_group=1,
+                         topk_group=1, num_experts_per_tok=1, rope_theta=10000.0, rope_scaling=None,
+                         max_position_embeddings=4096, rms_norm_eps=1e-6),
     "tiny": dict(vocab_size=64, hidden_size=32, intermediate_size=64, moe_intermediate_size=16,
                  num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=4, q_lora_rank=16,
                  kv_lora_rank=12, qk_nope_head_dim=8, qk_rope_head_dim=4, v_head_dim=8, n_routed_experts=8,

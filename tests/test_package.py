@@ -66,3 +66,17 @@ def test_config_errors_name_the_field(change, field):
         ModelConfig.preset("tiny").replace(**change)
     with pytest.raises(ValueError, match="name"):
         ModelConfig.preset("deepseek-v4")
+
+
+def test_replace_does_not_share_mutable_fields():
+    a = ModelConfig.preset("deepseek-v3")
+    b = a.replace(num_hidden_layers=2)
+    b.extra["x"] = 1
+    b.rope_scaling["factor"] = 2
+    assert "x" not in a.extra and a.rope_scaling["factor"] == 40
+
+
+def test_submodules_load_lazily():
+    assert refimpl.quant.round_to_fp8 is not None and refimpl.optim.adamw_update is not None
+    with pytest.raises(AttributeError):
+        refimpl.nonexistent  # noqa: B018

@@ -17,6 +17,20 @@ def _is_float(x):
     return isinstance(x, np.ndarray) and np.issubdtype(x.dtype, np.floating)
 
 
+def _align(grad, like):
+    """Reorder dict gradients to the key order of the input tree (missing keys become None)."""
+    if isinstance(like, dict):
+        if not isinstance(grad, dict):
+            return grad
+        extra = set(grad) - set(like)
+        if extra:
+            raise ValueError(f"f: gradient has keys {sorted(extra)} that the input does not")
+        return {k: _align(grad.get(k), v) for k, v in like.items()}
+    if isinstance(like, list | tuple) and not hasattr(like, "_fields") and isinstance(grad, list | tuple):
+        return type(grad)(_align(g, v) for g, v in zip(grad, like, strict=True))
+    return grad
+
+
 def _to64(tree):
     leaves, rebuild = tree_flatten(tree)
     return rebuild([np.array(x, dtype=np.float64) if _is_float(x) else x for x in leaves])
@@ -47,9 +61,13 @@ def check_grad(f, inputs, *, eps=1e-6, seed=0, max_entries=400, wrt=None, return
     Returns
     -------
     float
-        ``max_leaf ||g_analytic - g_numeric||_inf / max(||g_numeric||_inf, ||g_analytic||_inf, 1e-12)``
-        over the checked entries; 0 when both gradients vanish. With ``return_details=True``, also a
-        list of ``(input_index, leaf_index, error)``.
+        ``max_leaf ||g_analytic - g_numeric||_inf / max(||g_numeric||_inf, ||g_analytic||_inf, floor)``
+        over the checked entries. ``floor`` is 1e7 times the rounding noise of a central difference,
+        ``eps_machine * sum|y * dy| / eps``: a gradient far smaller than the objective (a softmax
+        probability of 1e-6, say) cannot be resolved to 1e-6 relative by finite differences, so
+        errors are then measured against what can be resolved. Absolute errors above ~10x that noise
+        still exceed a 1e-6 tolerance. With ``return_details=True``, also a list of
+        ``(input_index, leaf_index, error)``.
     """
     rng = np.random.default_rng(seed)
     inputs = [_to64(x) for x in inputs]
@@ -63,6 +81,10 @@ def check_grad(f, inputs, *, eps=1e-6, seed=0, max_entries=400, wrt=None, return
     if len(grads) != len(inputs):
         raise ValueError(f"f: vjp returned {len(grads)} gradients for {len(inputs)} inputs")
 
+    magnitude = sum(float(np.sum(np.abs(np.asarray(v, dtype=np.float64) * d)))
+                    for v, d in zip(y_leaves, dy_leaves, strict=True))
+    floor = max(1e7 * np.finfo(np.float64).eps * magnitude / eps, 1e-300)
+
     def objective():
         out, _ = f(*inputs)
         leaves, _ = tree_flatten(out)
@@ -72,7 +94,10 @@ def check_grad(f, inputs, *, eps=1e-6, seed=0, max_entries=400, wrt=None, return
     worst, details = 0.0, []
     for i in (range(len(inputs)) if wrt is None else wrt):
         x_leaves, _ = tree_flatten(inputs[i])
-        g_leaves, _ = tree_flatten(grads[i]) if grads[i] is not None else ([None] * len(x_leaves), None)
+        g_tree = _align(grads[i], inputs[i])
+        g_leaves = tree_flatten(g_tree)[0] if g_tree is not None else [None] * len(x_leaves)
+        if len(g_leaves) != len(x_leaves):
+            raise ValueError(f"f: gradient for input {i} has {len(g_leaves)} leaves, expected {len(x_leaves)}")
         for j, (x, g) in enumerate(zip(x_leaves, g_leaves, strict=True)):
             if not _is_float(x) or x.size == 0:
                 continue
@@ -94,8 +119,8 @@ def check_grad(f, inputs, *, eps=1e-6, seed=0, max_entries=400, wrt=None, return
                 flat[k] = old
                 num[n] = (fp - fm) / (2 * eps)
             ana = np.asarray(g, dtype=np.float64).reshape(-1)[idx]
-            scale = max(np.max(np.abs(num)), np.max(np.abs(ana)), 1e-12)
-            err = float(np.max(np.abs(ana - num)) / scale) if scale > 1e-12 else 0.0
+            scale = max(np.max(np.abs(num)), np.max(np.abs(ana)), floor)
+            err = float(np.max(np.abs(ana - num)) / scale)
             details.append((i, j, err))
             worst = max(worst, err)
     return (worst, details) if return_details else worst

@@ -68,3 +68,10 @@ def test_tree_flatten_roundtrip():
     assert len(leaves) == 3
     back = rebuild(leaves)
     assert back["b"][1]["c"][0] == 2.0 and isinstance(back["b"], list)
+
+
+def test_dict_gradients_are_matched_by_key_not_order(rng):
+    def f(params):
+        y = params["a"] * 2 + params["b"] ** 2
+        return y, lambda dy: ({"b": 2 * params["b"] * dy, "a": 2 * dy},)
+    assert check_grad(f, [{"a": rng.standard_normal(3), "b": rng.standard_normal(3)}]) < GRAD_TOL
