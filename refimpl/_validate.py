@@ -26,11 +26,14 @@ def check_float(name: str, x, *, ndim: int | None = None, min_ndim: int | None =
         raise ValueError(f"{name}: expected {ndim} dimensions, got shape {x.shape}")
     if min_ndim is not None and x.ndim < min_ndim:
         raise ValueError(f"{name}: expected at least {min_ndim} dimensions, got shape {x.shape}")
-    if allow_inf:
-        if np.isnan(x).any() or np.isposinf(x).any():
-            raise ValueError(f"{name}: contains NaN or +inf (only -inf is accepted, as a mask)")
-    elif not np.isfinite(x).all():
-        raise ValueError(f"{name}: contains NaN or inf")
+    if x.size:
+        # min/max propagate NaN, so two reductions check finiteness without an (x.shape) temporary
+        hi, lo = x.max(), x.min()
+        if allow_inf:
+            if np.isnan(hi) or hi == np.inf:
+                raise ValueError(f"{name}: contains NaN or +inf (only -inf is accepted, as a mask)")
+        elif not (np.isfinite(hi) and np.isfinite(lo)):
+            raise ValueError(f"{name}: contains NaN or inf")
     return x
 
 

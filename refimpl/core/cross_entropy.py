@@ -104,8 +104,10 @@ def cross_entropy_backward(dloss, cache):
     else:
         # forward: loss_t = lse(z_t) - z_t[y_t]   so: dz_t = c_t * (softmax(z_t) - onehot(y_t))
         log_s = (lse - m).astype(z.dtype)                               # (N,)
-        p = np.exp((z - m[:, None]) - log_s[:, None])                   # (N, V)
-        dz = (p * row_scale[:, None]).astype(z.dtype)                   # (N, V)
+        dz = z - m[:, None]                                             # (N, V)
+        dz -= log_s[:, None]
+        np.exp(dz, out=dz)                                              # (N, V) softmax, in place
+        dz *= row_scale.astype(z.dtype)[:, None]                        # (N, V)
         rows = np.nonzero(valid)[0]                                     # (n_valid,)
         dz[rows, t[rows]] -= row_scale[rows].astype(z.dtype)
     return dz.reshape(*lead, z.shape[-1])                               # (..., V)
