@@ -7,8 +7,12 @@ Every function with a Numba twin takes ``backend=`` with one of:
 * ``"auto"`` — numba when it imports, else numpy.
 
 ``None`` means "use the default": the ``REFIMPL_BACKEND`` environment variable if set, else
-``"auto"``. Nothing is imported or compiled until a twin is first called: ``import refimpl`` never
-touches numba, and each kernel compiles on first use with ``cache=True`` so later processes load
+``"auto"``. ``"auto"`` also falls back to numpy when the caller says the problem is small
+(``work`` below :data:`AUTO_MIN_WORK` elements): a parallel kernel's thread start-up costs more
+than NumPy's whole computation on a tiny input.
+
+Nothing is imported or compiled until a twin is first called: ``import refimpl`` never touches
+numba, and each kernel compiles on first use with ``cache=True`` so later processes load
 the machine code from ``__pycache__``. Kernels run with ``fastmath`` off unless their docstring says
 otherwise.
 """
@@ -20,6 +24,8 @@ import os
 from functools import cache
 
 BACKENDS = ("auto", "numpy", "numba")
+#: Below this many elements of work, ``"auto"`` picks numpy.
+AUTO_MIN_WORK = 1 << 16
 
 
 @cache
@@ -32,8 +38,12 @@ def numba_available() -> bool:
     return True
 
 
-def resolve_backend(backend: str | None = None) -> str:
-    """Map ``backend`` (or the ``REFIMPL_BACKEND`` default) to ``"numpy"`` or ``"numba"``."""
+def resolve_backend(backend: str | None = None, work: int | None = None) -> str:
+    """Map ``backend`` (or the ``REFIMPL_BACKEND`` default) to ``"numpy"`` or ``"numba"``.
+
+    ``work``: the number of elements the call will touch, if the caller knows it; with ``"auto"``
+    a small ``work`` selects numpy.
+    """
     source = "backend"
     if backend is None:
         backend = os.environ.get("REFIMPL_BACKEND", "auto")
@@ -41,6 +51,8 @@ def resolve_backend(backend: str | None = None) -> str:
     if backend not in BACKENDS:
         raise ValueError(f"{source}: expected one of {BACKENDS}, got {backend!r}")
     if backend == "auto":
+        if work is not None and work < AUTO_MIN_WORK:
+            return "numpy"
         return "numba" if numba_available() else "numpy"
     if backend == "numba" and not numba_available():
         raise ValueError(f"{source}: 'numba' requested but numba is not installed")

@@ -54,7 +54,7 @@ def cross_entropy_forward(logits, targets, *, ignore_index=-100, reduction="mean
     if targets.shape != logits.shape[:-1]:
         raise ValueError(f"targets: expected shape {logits.shape[:-1]} (logits without the vocab axis), "
                          f"got {targets.shape}")
-    backend = resolve_backend(backend)
+    backend = resolve_backend(backend, work=logits.size)
     lead = logits.shape[:-1]
     z = logits.reshape(-1, logits.shape[-1])                            # (N, V)
     t = targets.reshape(-1)                                             # (N,)

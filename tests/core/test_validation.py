@@ -65,3 +65,11 @@ def test_env_backend_is_validated(monkeypatch):
         resolve_backend()
     monkeypatch.setenv("REFIMPL_BACKEND", "numpy")
     assert resolve_backend() == "numpy" and resolve_backend("numba") == "numba"
+
+
+def test_auto_backend_uses_numpy_for_small_work(monkeypatch):
+    from refimpl.backend import AUTO_MIN_WORK, numba_available, resolve_backend
+    monkeypatch.delenv("REFIMPL_BACKEND", raising=False)
+    assert resolve_backend("auto", work=AUTO_MIN_WORK - 1) == "numpy"
+    assert resolve_backend("auto", work=AUTO_MIN_WORK) == ("numba" if numba_available() else "numpy")
+    assert resolve_backend("numba", work=1) == "numba"
