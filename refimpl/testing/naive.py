@@ -60,14 +60,15 @@ def naive_gate_matrix(x, gate_params, config, *, mask_value=-math.inf):
     return out
 
 
-def moe_dense_reference(x, params, config, *, mask_value=-math.inf):
+def moe_dense_reference(x, params, config, *, mask_value=-math.inf, gate_matrix=None):
     r"""The MoE layer computed densely: :math:`\sum_i G_{t,i}\,\mathrm{FFN}_i(u_t) + \mathrm{Shared}(u_t)`.
 
-    ``params`` as :func:`refimpl.moe.layer.moe_forward` takes them (stacked experts).
+    ``params`` as :func:`refimpl.moe.layer.moe_forward` takes them (stacked experts). ``gate_matrix``
+    (N, E), if given, replaces the naive router's G (e.g. to apply a token-dropping mask).
     Shapes: x (..., D) -> y (..., D).
     """
     u = x.reshape(-1, x.shape[-1])
-    g = naive_gate_matrix(u, params["gate"], config, mask_value=mask_value)
+    g = naive_gate_matrix(u, params["gate"], config, mask_value=mask_value) if gate_matrix is None else gate_matrix
     ex = params["experts"]
     y = np.zeros_like(u)
     for i in range(config.n_routed_experts):                             # ascending expert id

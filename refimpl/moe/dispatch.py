@@ -1,0 +1,211 @@
+"""Sparse dispatch: permute token copies by expert, one GEMM per expert, weighted combine.
+
+A routed MoE layer sends each token to ``K`` of ``E`` experts. Running every expert on every token
+and masking (the dense reference in :mod:`refimpl.testing.naive`) costs ``E/K`` times too much, so
+real implementations *dispatch*: the ``N*K`` (token, slot) pairs are sorted by expert id, each
+expert multiplies one contiguous block of rows, and the outputs are *combined* back into token
+order, weighted by the gate values (DeepSeek-V2 §2.2 eq. 20; the expert-sorted layout is what the
+all-to-all of expert parallelism sends, V3 §3.2.2). The bookkeeping is a :class:`DispatchPlan`:
+``pos[n, k]`` is the sorted row of token ``n``'s ``k``-th copy (``-1`` if it was dropped), and rows
+``offsets[e]:offsets[e+1]`` belong to expert ``e``. Within an expert, rows keep token order.
+
+Both directions are written as *gathers* indexed by ``pos`` (never scatter-adds), so the Numba
+twins in :mod:`refimpl.kernels.moe_nb` run over tokens in parallel without races. Optional V2-style
+device-level token dropping (:func:`capacity_keep`) decides which copies are dispatched at all.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import numpy as np
+
+from .._validate import check_int
+from ..backend import kernel, resolve_backend
+from ..core.activations import swiglu_backward, swiglu_forward
+
+
+class DispatchPlan(NamedTuple):
+    pos: np.ndarray        # (N, K) int64 row of each (token, slot) in the expert-sorted layout, -1 if dropped
+    token: np.ndarray      # (A,) int64 source token of each sorted row (A = kept copies)
+    offsets: np.ndarray    # (E + 1,) int64 rows offsets[e]:offsets[e+1] belong to expert e
+
+
+def make_plan(idx, n_experts, keep=None, *, backend=None):
+    """Sort the kept (token, slot) copies by expert id (stable: token order within an expert).
+
+    Shapes: idx (N, K) int64, keep (N, K) bool or None -> DispatchPlan.
+    """
+    idx = check_int("idx", idx, low=0, high=n_experts)          # the Numba twin does not bounds-check
+    if idx.ndim != 2:
+        raise ValueError(f"idx: expected shape (N, K), got {idx.shape}")
+    n, k = idx.shape
+    keep = np.ones((n, k), dtype=bool) if keep is None else np.asarray(keep, dtype=bool)
+    if keep.shape != idx.shape:
+        raise ValueError(f"keep: expected shape {idx.shape} (like idx), got {keep.shape}")
+    if resolve_backend(backend, work=idx.size) == "numba":
+        pos, token, offsets = kernel("moe_nb").make_plan(np.ascontiguousarray(idx), n_experts,
+                                                         np.ascontiguousarray(keep))
+        return DispatchPlan(pos, token, offsets)
+    flat = idx.reshape(-1)                                                # (N*K,)
+    slots = np.flatnonzero(keep)                                          # (A,) kept flat slot ids
+    order = slots[np.argsort(flat[slots], kind="stable")]                 # (A,) slots sorted by expert
+    counts = np.bincount(flat[slots], minlength=n_experts)                # (E,)
+    offsets = np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)   # (E + 1,)
+    pos = np.full(n * k, -1, dtype=np.int64)                              # (N*K,)
+    pos[order] = np.arange(order.size)
+    return DispatchPlan(pos.reshape(n, k), (order // k).astype(np.int64), offsets)
+
+
+def _rows(name, a, n, what):
+    """Shape guard: the Numba twins index without bounds checks."""
+    if np.ndim(a) != 2 or a.shape[0] != n:
+        raise ValueError(f"{name}: expected shape ({n}, D) ({what}), got {np.shape(a)}")
+
+
+def dispatch(x, plan, *, backend=None):
+    """Copy each token's row to its sorted positions: ``xs[r] = x[token[r]]``. Shapes: x (N, D) -> (A, D)."""
+    _rows("x", x, plan.pos.shape[0], "N tokens of the plan")
+    if resolve_backend(backend, work=x.size) == "numba":
+        out = np.empty((plan.token.size, x.shape[1]), dtype=x.dtype)      # (A, D)
+        return kernel("moe_nb").gather_rows(np.ascontiguousarray(x), plan.token, out)
+    return x[plan.token]                                                  # (A, D)
+
+
+def dispatch_backward(dxs, plan, *, backend=None):
+    """Gradient of :func:`dispatch`: each token sums the gradients of its copies. (A, D) -> (N, D)."""
+    _rows("dxs", dxs, plan.token.size, "A kept copies of the plan")
+    if resolve_backend(backend, work=dxs.size) == "numba":
+        out = np.empty((plan.pos.shape[0], dxs.shape[1]), dtype=dxs.dtype)  # (N, D)
+        return kernel("moe_nb").gather_sum(np.ascontiguousarray(dxs), plan.pos, out)
+    # forward: xs[pos[n, k]] = x[n]       so: dx[n] = sum_k dxs[pos[n, k]] over kept copies
+    valid = plan.pos >= 0                                                 # (N, K)
+    g = dxs[np.where(valid, plan.pos, 0)]                                 # (N, K, D)
+    return np.einsum("nk,nkd->nd", valid.astype(dxs.dtype), g)            # (N, D)
+
+
+def combine(ys, weights, plan, *, backend=None):
+    r"""Weighted sum of each token's expert outputs: :math:`y_n = \sum_k g_{n,k}\, ys[pos_{n,k}]`.
+
+    Dropped copies contribute nothing. Shapes: ys (A, D), weights (N, K) -> y (N, D).
+    """
+    _rows("ys", ys, plan.token.size, "A kept copies of the plan")
+    if np.shape(weights) != plan.pos.shape:
+        raise ValueError(f"weights: expected shape {plan.pos.shape} (N, K), got {np.shape(weights)}")
+    if resolve_backend(backend, work=ys.size) == "numba":
+        out = np.empty((plan.pos.shape[0], ys.shape[1]), dtype=ys.dtype)  # (N, D)
+        return kernel("moe_nb").combine(np.ascontiguousarray(ys), np.ascontiguousarray(weights, dtype=ys.dtype),
+                                        plan.pos, out)
+    valid = plan.pos >= 0                                                 # (N, K)
+    g = ys[np.where(valid, plan.pos, 0)]                                  # (N, K, D)
+    return np.einsum("nk,nkd->nd", np.where(valid, weights, 0.0).astype(ys.dtype), g)  # (N, D)
+
+
+def combine_backward(dy, ys, weights, plan, *, backend=None):
+    """Gradients of :func:`combine`. Shapes: dy (N, D) -> dys (A, D), dweights (N, K) (0 where dropped)."""
+    _rows("dy", dy, plan.pos.shape[0], "N tokens of the plan")
+    _rows("ys", ys, plan.token.size, "A kept copies of the plan")
+    if resolve_backend(backend, work=ys.size) == "numba":
+        dys = np.empty_like(ys)                                           # (A, D)
+        dw = np.empty(plan.pos.shape, dtype=weights.dtype)                # (N, K)
+        return kernel("moe_nb").combine_backward(np.ascontiguousarray(dy), np.ascontiguousarray(ys),
+                                                 np.ascontiguousarray(weights), plan.pos, dys, dw)
+    valid = plan.pos >= 0                                                 # (N, K)
+    p = np.where(valid, plan.pos, 0)                                      # (N, K)
+    # forward: y[n] = sum_k w[n, k] * ys[pos[n, k]]
+    # so: dw[n, k] = <dy[n], ys[pos[n, k]]>   and   dys[pos[n, k]] = w[n, k] * dy[n]
+    dweights = np.einsum("nd,nkd->nk", dy, ys[p]) * valid                 # (N, K)
+    dys = np.empty_like(ys)                                               # (A, D)
+    dys[plan.pos[valid]] = (weights[..., None] * dy[:, None, :])[valid]   # every row is one kept copy
+    return dys, dweights.astype(weights.dtype, copy=False)
+
+
+class ExpertsCache(NamedTuple):
+    xs: np.ndarray         # (A, D) dispatched rows
+    experts: dict          # stacked weights: gate_proj (E, I, D), up_proj (E, I, D), down_proj (E, D, I)
+    offsets: np.ndarray    # (E + 1,)
+    act: object            # SwiGLUCache over all rows: gate (A, I), up (A, I), sig (A, I)
+    h: np.ndarray          # (A, I) silu(gate) * up
+
+
+def experts_forward(xs, experts, offsets):
+    r"""Every routed expert's SwiGLU FFN on its block of rows: one GEMM per expert and projection.
+
+    .. math:: \mathrm{FFN}_e(u) = W_2^{(e)}\bigl(\mathrm{silu}(W_1^{(e)} u) \odot W_3^{(e)} u\bigr)
+
+    ``experts`` holds the stacked HF projections ``gate_proj`` (E, I, D), ``up_proj`` (E, I, D),
+    ``down_proj`` (E, D, I). Shapes: xs (A, D), offsets (E + 1,) -> ys (A, D), ExpertsCache.
+    """
+    wg, wu, wd = experts["gate_proj"], experts["up_proj"], experts["down_proj"]
+    a, n_inter = xs.shape[0], wg.shape[1]
+    gate = np.empty((a, n_inter), dtype=xs.dtype)                         # (A, I)
+    up = np.empty((a, n_inter), dtype=xs.dtype)                           # (A, I)
+    blocks = [(e, offsets[e], offsets[e + 1]) for e in range(wg.shape[0]) if offsets[e + 1] > offsets[e]]
+    for e, r0, r1 in blocks:
+        np.matmul(xs[r0:r1], wg[e].T, out=gate[r0:r1])                    # (n_e, I)
+        np.matmul(xs[r0:r1], wu[e].T, out=up[r0:r1])                      # (n_e, I)
+    h, act = swiglu_forward(gate, up)                                     # (A, I)
+    ys = np.empty((a, wd.shape[1]), dtype=xs.dtype)                       # (A, D)
+    for e, r0, r1 in blocks:
+        np.matmul(h[r0:r1], wd[e].T, out=ys[r0:r1])                       # (n_e, D)
+    return ys, ExpertsCache(xs, experts, offsets, act, h)
+
+
+def experts_backward(dys, cache):
+    """Gradients of :func:`experts_forward`: dxs (A, D) and the stacked weight gradients."""
+    xs, experts, offsets, act, h = cache
+    wg, wu, wd = experts["gate_proj"], experts["up_proj"], experts["down_proj"]
+    blocks = [(e, offsets[e], offsets[e + 1]) for e in range(wg.shape[0]) if offsets[e + 1] > offsets[e]]
+    dwg, dwu, dwd = np.empty_like(wg), np.empty_like(wu), np.empty_like(wd)  # (E, I, D) x2, (E, D, I)
+    idle = np.flatnonzero(np.diff(offsets) == 0)                          # experts that got no rows
+    dwg[idle], dwu[idle], dwd[idle] = 0.0, 0.0, 0.0
+    dh = np.empty_like(h)                                                 # (A, I)
+    for e, r0, r1 in blocks:
+        # forward: ys_e = h_e @ wd[e].T
+        np.matmul(dys[r0:r1], wd[e], out=dh[r0:r1])                       # (n_e, I)
+        np.matmul(dys[r0:r1].T, h[r0:r1], out=dwd[e])                     # (D, I)
+    # forward: h = silu(gate) * up
+    dgate, dup = swiglu_backward(dh, act)                                 # (A, I)
+    dxs = np.empty_like(xs)                                               # (A, D)
+    for e, r0, r1 in blocks:
+        # forward: gate_e = xs_e @ wg[e].T,  up_e = xs_e @ wu[e].T
+        np.matmul(dgate[r0:r1].T, xs[r0:r1], out=dwg[e])                  # (I, D)
+        np.matmul(dup[r0:r1].T, xs[r0:r1], out=dwu[e])                    # (I, D)
+        np.matmul(dgate[r0:r1], wg[e], out=dxs[r0:r1])                    # (n_e, D)
+        dxs[r0:r1] += dup[r0:r1] @ wu[e]                                  # (n_e, D)
+    return dxs, {"gate_proj": dwg, "up_proj": dwu, "down_proj": dwd}
+
+
+def capacity_keep(idx, affinity, n_experts, n_devices, capacity_factor):
+    r"""DeepSeek-V2 device-level token dropping (§2.2.4): which (token, slot) copies are computed.
+
+    Experts are placed on ``n_devices`` devices in contiguous blocks. Each device computes at most
+    :math:`C = \lceil \text{capacity\_factor}\cdot NK / \text{n\_devices}\rceil` copies (the average
+    budget times the factor); beyond that, the copies with the lowest affinity on that device are
+    dropped (ties: the later token is dropped). A dropped copy contributes nothing to its token's
+    output; the residual connection carries the token. V2 drops only in training and keeps about
+    10% of sequences undropped; V3 never drops (§2.1.2). This function decides for every token.
+
+    Shapes: idx (N, K), affinity (N, K) -> keep (N, K) bool, info dict.
+    """
+    idx = np.asarray(idx, dtype=np.int64)
+    if capacity_factor is None or not capacity_factor > 0:
+        raise ValueError(f"capacity_factor: expected a positive number, got {capacity_factor!r}")
+    if n_devices < 1 or n_experts % n_devices:
+        raise ValueError(f"n_devices: expected a divisor of the {n_experts} experts, got {n_devices}")
+    if np.shape(affinity) != idx.shape:
+        raise ValueError(f"affinity: expected shape {idx.shape} (like idx), got {np.shape(affinity)}")
+    n, k = idx.shape
+    dev = (idx // (n_experts // n_devices)).reshape(-1)                   # (N*K,) device of each copy
+    cap = int(np.ceil(capacity_factor * n * k / n_devices))
+    order = np.lexsort((np.arange(n * k), -np.asarray(affinity, dtype=np.float64).reshape(-1), dev))  # (N*K,)
+    counts = np.bincount(dev, minlength=n_devices)                        # (n_devices,)
+    starts = np.concatenate([[0], np.cumsum(counts)[:-1]])                # (n_devices,)
+    rank = np.empty(n * k, dtype=np.int64)                                # (N*K,) rank within device
+    rank[order] = np.arange(n * k) - np.repeat(starts, counts)
+    keep = (rank < cap).reshape(n, k)                                     # (N, K)
+    dropped_dev = np.bincount(dev[~keep.reshape(-1)], minlength=n_devices)  # (n_devices,)
+    info = {"capacity": cap, "dropped": int(dropped_dev.sum()), "drop_fraction": float(dropped_dev.sum()) / (n * k),
+            "device_load": counts, "device_dropped": dropped_dev,
+            "tokens_fully_dropped": int(np.sum(~keep.any(axis=1)))}
+    return keep, info
