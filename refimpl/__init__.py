@@ -28,7 +28,21 @@ from .config import PRESETS, ModelConfig
 __version__ = "0.1.0"
 
 # Submodules load on first attribute access (``refimpl.moe``), keeping ``import refimpl`` cheap.
-_SUBMODULES = ("attention", "moe", "rl", "tasks", "distill", "quant", "optim", "testing", "tree", "kernels")
+_SUBMODULES = ("attention", "moe", "rl", "tasks", "distill", "quant", "optim", "testing", "tree", "kernels",
+               "model")
+
+
+def load_pretrained(path, dtype=None):
+    """Load a hub-layout DeepSeek-V2/V3 checkpoint directory (``config.json`` + ``*.safetensors``).
+
+    Returns a :class:`refimpl.model.generate.Model`: ``m(input_ids)`` gives float64 logits
+    (B, T, V), ``m.generate(input_ids, max_new_tokens=n)`` greedy continuations (B, T + n). See
+    :func:`refimpl.model.checkpoint.load_pretrained`; the model package is imported on first call.
+    """
+    import numpy as np
+
+    from .model.checkpoint import load_pretrained as _load
+    return _load(path, np.float64 if dtype is None else dtype)
 
 
 def __getattr__(name):
@@ -37,4 +51,4 @@ def __getattr__(name):
     raise AttributeError(f"module 'refimpl' has no attribute {name!r}")
 
 
-__all__ = ["core", "ModelConfig", "PRESETS", "resolve_backend", "__version__", *_SUBMODULES]
+__all__ = ["core", "ModelConfig", "PRESETS", "load_pretrained", "resolve_backend", "__version__", *_SUBMODULES]

@@ -1,0 +1,106 @@
+r"""One pre-norm decoder layer of DeepSeek-V2/V3: RMSNorm -> MLA -> residual, RMSNorm -> FFN -> residual.
+
+DeepSeek-V2 §2 (Figure 2) and DeepSeek-V3 §2.1 (Figure 2) stack identical layers whose attention is
+multi-head latent attention and whose feed-forward network is a dense SwiGLU in the first
+``first_k_dense_replace`` layers and DeepSeekMoE after that:
+
+.. math:: u = h + \mathrm{MLA}(\mathrm{RMSNorm}(h)), \qquad h' = u + \mathrm{FFN}(\mathrm{RMSNorm}(u))
+
+Parameters carry the HF names of one ``model.layers.N`` entry (leaves without the ``.weight``
+suffix, as everywhere in refimpl)::
+
+    {"input_layernorm": (D,), "self_attn": {MLA weights}, "post_attention_layernorm": (D,),
+     "mlp": {"gate_proj", "up_proj", "down_proj"}            # dense layer
+         or {"gate": {...}, "experts": {...}, "shared_experts": {...}}}   # MoE layer (stacked experts)
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import numpy as np
+
+from ..attention import init_mla_params, mla_backward, mla_forward, mla_infer
+from ..core.activations import swiglu_mlp_backward, swiglu_mlp_forward
+from ..core.rmsnorm import rmsnorm_backward, rmsnorm_forward
+from ..moe import init_moe_params, moe_backward, moe_forward
+
+
+class BlockCache(NamedTuple):
+    norm1: object      # RMSNormCache of input_layernorm
+    attn: object       # MLACache
+    norm2: object      # RMSNormCache of post_attention_layernorm
+    ffn: object        # SwiGLUMLPCache (dense) or MoECache
+    moe: bool          # which kind of FFN
+
+
+def init_block_params(config, layer, rng, dtype=np.float64):
+    """Random weights of layer ``layer`` (dense or MoE by :meth:`~refimpl.config.ModelConfig.is_moe_layer`)."""
+    d, i, std = config.hidden_size, config.intermediate_size, config.initializer_range
+    normal = lambda *s: (std * rng.standard_normal(s)).astype(dtype)
+    if config.is_moe_layer(layer):
+        mlp = init_moe_params(config, rng, dtype=dtype)
+    else:
+        mlp = {"gate_proj": normal(i, d), "up_proj": normal(i, d), "down_proj": normal(d, i)}  # (I, D), (D, I)
+    return {"input_layernorm": np.ones(d, dtype=dtype), "self_attn": init_mla_params(config, rng, dtype),
+            "post_attention_layernorm": np.ones(d, dtype=dtype), "mlp": mlp}
+
+
+def block_forward(x, params, config, layer, positions=None, *, backend=None):
+    r"""Decoder layer ``layer`` (0-based) for training: :math:`h' = u + \mathrm{FFN}(\mathrm{RMSNorm}(u))`,
+    :math:`u = h + \mathrm{MLA}(\mathrm{RMSNorm}(h))` (DeepSeek-V3 §2.1, Figure 2).
+
+    Returns ``(y, cache, info)``; ``info`` is the MoE layer's info dict (``idx``, ``weights``,
+    ``scores``, ``load``) or None for a dense layer.
+
+    Shapes: x (B, T, D), positions (T,) or (B, T) -> y (B, T, D).
+    """
+    eps = config.rms_norm_eps
+    h1, c1 = rmsnorm_forward(x, params["input_layernorm"], eps)          # (B, T, D)
+    a, ca = mla_forward(h1, params["self_attn"], config, positions)      # (B, T, D)
+    u = x + a                                                            # (B, T, D)
+    h2, c2 = rmsnorm_forward(u, params["post_attention_layernorm"], eps)  # (B, T, D)
+    moe = config.is_moe_layer(layer)
+    if moe:
+        f, cf, info = moe_forward(h2, params["mlp"], config, backend=backend)  # (B, T, D)
+    else:
+        (f, cf), info = swiglu_mlp_forward(h2, params["mlp"]), None      # (B, T, D)
+    return u + f, BlockCache(c1, ca, c2, cf, moe), info
+
+
+def block_backward(dy, cache, dscores=None):
+    """Gradients of :func:`block_forward`; ``dscores`` (B, T, E) from a balance loss (MoE layers only).
+
+    Shapes: dy (B, T, D) -> dx (B, T, D), dparams with the layer's tree.
+    """
+    grads = {}
+    # forward: y = u + ffn(rmsnorm(u))
+    if cache.moe:
+        dh2, grads["mlp"] = moe_backward(dy, cache.ffn, dscores)         # (B, T, D)
+    else:
+        dh2, grads["mlp"] = swiglu_mlp_backward(dy, cache.ffn)           # (B, T, D)
+    dx_n2, grads["post_attention_layernorm"] = rmsnorm_backward(dh2, cache.norm2)  # (B, T, D)
+    du = dy + dx_n2                                                      # (B, T, D)
+    # forward: u = x + mla(rmsnorm(x))
+    dh1, grads["self_attn"] = mla_backward(du, cache.attn)               # (B, T, D)
+    dx_n1, grads["input_layernorm"] = rmsnorm_backward(dh1, cache.norm1)  # (B, T, D)
+    dx = du + dx_n1                                                      # (B, T, D)
+    order = ("input_layernorm", "self_attn", "post_attention_layernorm", "mlp")
+    return dx, {k: grads[k] for k in order}
+
+
+def block_infer(x, params, config, layer, kv_cache, start_pos=0, *, impl="absorb", backend=None):
+    """The same layer for inference: MLA against a latent cache (:func:`~refimpl.attention.mla_infer`),
+    which it fills in place at rows ``[start_pos, start_pos + T)``.
+
+    Shapes: x (B, T, D), kv_cache.latent (B, Tmax, Dc + Dr) -> y (B, T, D).
+    """
+    eps = config.rms_norm_eps
+    h1, _ = rmsnorm_forward(x, params["input_layernorm"], eps)           # (B, T, D)
+    u = x + mla_infer(h1, params["self_attn"], config, kv_cache, start_pos, impl=impl)  # (B, T, D)
+    h2, _ = rmsnorm_forward(u, params["post_attention_layernorm"], eps)  # (B, T, D)
+    if config.is_moe_layer(layer):
+        f = moe_forward(h2, params["mlp"], config, backend=backend)[0]   # (B, T, D)
+    else:
+        f = swiglu_mlp_forward(h2, params["mlp"])[0]                     # (B, T, D)
+    return u + f

@@ -1,0 +1,194 @@
+r"""Generation: prefill + decode with MLA's latent KV cache, sampling, stop tokens, MTP speculative decoding.
+
+A decoder turns a prompt into a cache in one *prefill* pass, then produces one token per *decode*
+step, each step reading the cache instead of recomputing the past. With MLA the cache holds, per
+token and layer, only the normalised latent :math:`c^{KV}` and the rotated rope key :math:`k^R`
+(DeepSeek-V2 §2.1.2), and decoding runs the *absorbed* attention on it (``impl="absorb"``,
+DeepSeek's default; ``"naive"`` decompresses keys and values from the same cache).
+
+Batching prompts of different lengths: refimpl does **not** left-pad (MLA's inference path has no
+padding mask, and padding would shift positions). Prompts given as a list are grouped by length and
+each group is decoded as one batch with its own caches, so every row sees exactly its own tokens at
+positions ``0..T-1`` and the result equals decoding each prompt alone.
+
+Sampling (:func:`sample_next`): greedy at ``temperature=0``, else softmax of ``logits/temperature``
+restricted to the nucleus of probability ``top_p`` (Holtzman et al. 2020), drawn with an explicit
+``numpy.random.Generator``.
+
+:func:`speculative_generate` uses V3's MTP module as a one-token draft (DeepSeek-V3 §2.2, §5.4.3
+reports 85-90% acceptance of the second token): the main model verifies the draft in the same
+forward pass that produces the next token, so greedy output is exactly that of :func:`generate`.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from ..attention import init_latent_cache
+from .transformer import check_input_ids, init_caches, model_forward, model_infer
+
+
+def sample_next(logits, *, temperature=0.0, top_p=1.0, rng=None):
+    r"""Next token per row: argmax if ``temperature == 0``, else a draw from
+    :math:`\mathrm{softmax}(z/\tau)` truncated to the smallest set of tokens with mass >= ``top_p``.
+
+    Shapes: logits (B, V) -> (B,) int64.
+    """
+    if temperature == 0:
+        return np.argmax(logits, axis=-1).astype(np.int64)              # (B,)
+    if not temperature > 0:
+        raise ValueError(f"temperature: expected a non-negative number, got {temperature!r}")
+    if not 0 < top_p <= 1:
+        raise ValueError(f"top_p: expected a number in (0, 1], got {top_p!r}")
+    if not isinstance(rng, np.random.Generator):
+        raise TypeError(f"rng: sampling (temperature > 0) needs a numpy.random.Generator, got {type(rng).__name__}")
+    z = np.asarray(logits, dtype=np.float64) / temperature              # (B, V)
+    p = np.exp(z - z.max(axis=-1, keepdims=True))                       # (B, V)
+    p /= p.sum(axis=-1, keepdims=True)
+    order = np.argsort(-p, axis=-1, kind="stable")                      # (B, V) most likely first
+    ps = np.take_along_axis(p, order, axis=-1)                          # (B, V)
+    keep = (np.cumsum(ps, axis=-1) - ps) < top_p                        # (B, V) mass before it < top_p
+    ps = np.where(keep, ps, 0.0)
+    cdf = np.cumsum(ps, axis=-1)                                        # (B, V)
+    u = rng.random(p.shape[0]) * cdf[:, -1]                             # (B,)
+    j = np.minimum((cdf <= u[:, None]).sum(axis=-1), p.shape[1] - 1)    # (B,)
+    return order[np.arange(p.shape[0]), j].astype(np.int64)
+
+
+def _generate_batch(params, config, ids, max_new_tokens, temperature, top_p, rng, stop, pad_id, impl,
+                    use_cache, backend):
+    b, t = ids.shape
+    out = np.full((b, t + max_new_tokens), pad_id, dtype=np.int64)      # (B, T+n)
+    out[:, :t] = ids
+    done = np.zeros(b, dtype=bool)                                      # (B,)
+    if max_new_tokens == 0:
+        return out
+    dtype = params["lm_head"].dtype
+    caches = init_caches(config, b, t + max_new_tokens, dtype) if use_cache else None
+    for step in range(max_new_tokens):
+        cur = t + step
+        if use_cache:
+            new = out[:, :cur] if step == 0 else out[:, cur - 1:cur]
+            logits, _ = model_infer(new, params, config, caches, 0 if step == 0 else cur - 1, impl=impl,
+                                    backend=backend)                   # (B, T or 1, V)
+        else:
+            logits = model_forward(out[:, :cur], params, config, backend=backend)[0]  # (B, cur, V)
+        tok = sample_next(logits[:, -1], temperature=temperature, top_p=top_p, rng=rng)  # (B,)
+        out[:, cur] = np.where(done, pad_id, tok)
+        done |= np.isin(tok, stop) & ~done
+        if done.all():
+            break
+    return out
+
+
+def generate(params, config, input_ids, max_new_tokens, *, temperature=0.0, top_p=1.0, rng=None,
+             stop_tokens=(), pad_id=0, impl="absorb", use_cache=True, backend=None):
+    """Continue prompts by ``max_new_tokens`` tokens.
+
+    ``input_ids``: a (B, T) int array (same-length prompts) -> (B, T + n) array; or a list of 1-D
+    arrays of any lengths -> a list of 1-D arrays (grouped by length, see the module docstring).
+    After a row emits one of ``stop_tokens`` (kept in the output) the rest of the row is
+    ``pad_id`` (list outputs are cut after the stop token). ``use_cache=False`` recomputes the full
+    forward at every step (the reference the cached path is tested against).
+    """
+    if not isinstance(max_new_tokens, int | np.integer) or max_new_tokens < 0:
+        raise ValueError(f"max_new_tokens: expected a non-negative integer, got {max_new_tokens!r}")
+    stop = np.asarray(list(stop_tokens), dtype=np.int64)
+    kw = dict(temperature=temperature, top_p=top_p, rng=rng, stop=stop, pad_id=pad_id, impl=impl,
+              use_cache=use_cache, backend=backend)
+    if temperature and not isinstance(rng, np.random.Generator):
+        raise TypeError(f"rng: sampling (temperature > 0) needs a numpy.random.Generator, got {type(rng).__name__}")
+    if isinstance(input_ids, list | tuple):
+        rows = [check_input_ids(np.asarray(r)[None], config, f"input_ids[{i}]")[0] for i, r in enumerate(input_ids)]
+        _check_length(max(len(r) for r in rows), max_new_tokens, config)
+        result = [None] * len(rows)
+        for length in sorted({len(r) for r in rows}):
+            members = [i for i, r in enumerate(rows) if len(r) == length]
+            out = _generate_batch(params, config, np.stack([rows[i] for i in members]), max_new_tokens, **kw)
+            for i, row in zip(members, out, strict=True):
+                hits = np.flatnonzero(np.isin(row[length:], stop))
+                result[i] = row[:length + hits[0] + 1] if hits.size else row
+        return result
+    ids = check_input_ids(input_ids, config)
+    _check_length(ids.shape[1], max_new_tokens, config)
+    return _generate_batch(params, config, ids, max_new_tokens, **kw)
+
+
+def _check_length(t, n, config):
+    if t + n > config.max_position_embeddings:
+        raise ValueError(f"max_new_tokens: prompt length {t} + {n} new tokens exceeds the configured maximum "
+                         f"(max_position_embeddings={config.max_position_embeddings})")
+
+
+def speculative_generate(params, config, input_ids, max_new_tokens, *, impl="absorb"):
+    """Greedy decoding with the depth-1 MTP module as a draft (batch of one prompt).
+
+    Each step feeds ``[x, draft]`` to the main model (one forward of two tokens): if the main
+    model's prediction after ``x`` equals the draft, both the draft and the model's next prediction
+    are accepted (two tokens for one main forward); otherwise only the model's own prediction is.
+    Rejected cache rows are overwritten by later steps. Returns ``(tokens (1, T + n), info)`` with
+    ``info``: ``drafted``, ``accepted``, ``acceptance_rate``, ``main_forwards``.
+    """
+    from .mtp import mtp_draft_step
+    if not params.get("mtp"):
+        raise ValueError("params: speculative decoding needs the MTP modules (params['mtp'])")
+    ids = check_input_ids(input_ids, config)
+    if ids.shape[0] != 1:
+        raise ValueError(f"input_ids: speculative_generate takes one prompt, got batch {ids.shape[0]}")
+    t = ids.shape[1]
+    _check_length(t, max_new_tokens + 1, config)
+    dtype = params["lm_head"].dtype
+    caches = init_caches(config, 1, t + max_new_tokens + 2, dtype)
+    mcache = init_latent_cache(config, 1, t + max_new_tokens + 2, dtype)
+    logits, hid = model_infer(ids, params, config, caches, 0, impl=impl)  # (1, T, V), (1, T, D)
+    x = int(np.argmax(logits[0, -1]))
+    out, drafted, accepted, forwards = [x], 0, 0, 1
+    nxt = np.append(ids[0, 1:], x)[None]                                # (1, T)
+    draft = int(np.argmax(mtp_draft_step(hid, nxt, params, config, mcache, 0, impl=impl)[0, -1]))
+    pos = t
+    while len(out) < max_new_tokens:
+        feed = np.array([[x, draft]], dtype=np.int64)                   # (1, 2)
+        logits, hid = model_infer(feed, params, config, caches, pos, impl=impl)  # (1, 2, V), (1, 2, D)
+        forwards += 1
+        drafted += 1
+        y1 = int(np.argmax(logits[0, 0]))
+        if y1 == draft:
+            accepted += 1
+            y2 = int(np.argmax(logits[0, 1]))
+            out += [y1, y2]
+            dl = mtp_draft_step(hid, np.array([[y1, y2]]), params, config, mcache, pos, impl=impl)
+            x, pos = y2, pos + 2
+        else:
+            out.append(y1)
+            dl = mtp_draft_step(hid[:, :1], np.array([[y1]]), params, config, mcache, pos, impl=impl)
+            x, pos = y1, pos + 1
+        draft = int(np.argmax(dl[0, -1]))
+    toks = np.concatenate([ids[0], np.array(out[:max_new_tokens], dtype=np.int64)])[None]  # (1, T+n)
+    return toks, {"drafted": drafted, "accepted": accepted, "main_forwards": forwards,
+                  "acceptance_rate": accepted / max(drafted, 1)}
+
+
+class Model:
+    """A thin user-facing wrapper of ``(config, params)``; all state is in those two attributes.
+
+    ``m(input_ids)`` -> float64 logits (B, T, V); ``m.generate(input_ids, max_new_tokens=n, ...)``
+    (see :func:`generate`); ``m.save_pretrained(path)`` writes the hub layout.
+    """
+
+    def __init__(self, config, params):
+        self.config, self.params = config, params
+
+    def __repr__(self):
+        c = self.config
+        return (f"Model({c.extra.get('model_type', 'deepseek_v3')}, layers={c.num_hidden_layers}, "
+                f"hidden={c.hidden_size}, experts={c.n_routed_experts}, mtp={len(self.params.get('mtp', []))})")
+
+    def __call__(self, input_ids, positions=None):
+        return model_forward(input_ids, self.params, self.config, positions)[0].astype(np.float64)
+
+    def generate(self, input_ids, max_new_tokens=16, **kwargs):
+        return generate(self.params, self.config, input_ids, max_new_tokens, **kwargs)
+
+    def save_pretrained(self, path):
+        from .checkpoint import save_pretrained
+        save_pretrained(path, self.params, self.config)
