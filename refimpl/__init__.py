@@ -29,7 +29,7 @@ __version__ = "0.1.0"
 
 # Submodules load on first attribute access (``refimpl.moe``), keeping ``import refimpl`` cheap.
 _SUBMODULES = ("attention", "moe", "rl", "tasks", "distill", "quant", "optim", "testing", "tree", "kernels",
-               "model")
+               "model", "accounting")
 
 
 def load_pretrained(path, dtype=None):
