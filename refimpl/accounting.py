@@ -204,7 +204,7 @@ class PrecisionPlan:
 #: DeepSeek-V3 §3.3.3: BF16 working weights (cast to FP8 per GEMM), FP32 master weights and gradient
 #: accumulation, BF16 AdamW moments.
 V3_PLAN = PrecisionPlan()
-#: The classic mixed-precision plan (fp32 master, grads and both Adam moments): 16 bytes/parameter.
+#: The classic mixed-precision plan (bf16 weights + fp32 master, grads and both Adam moments): 18 bytes/parameter.
 FP32_ADAM_PLAN = PrecisionPlan(weights="bf16", master="fp32", grads="fp32", adam_m="fp32", adam_v="fp32")
 
 

@@ -1,0 +1,570 @@
+# ---
+# jupyter:
+#   jupytext:
+#     text_representation:
+#       extension: .py
+#       format_name: percent
+#       format_version: '1.3'
+#       jupytext_version: 1.19.6
+#   kernelspec:
+#     display_name: Python 3 (ipykernel)
+#     language: python
+#     name: python3
+# ---
+
+# %% [markdown]
+# # What it costs
+#
+# The story that made DeepSeek famous is cost. DeepSeek-V3 reports that its whole training run
+# took 2.788M H800 GPU-hours, $5.576M at an assumed $2 per GPU-hour, for a model of 671B
+# parameters of which only 37B are active for each token {cite}`deepseekai2024v3`; DeepSeek-V2
+# before it reported a KV cache 93.3% smaller than that of the dense DeepSeek 67B
+# {cite}`deepseekai2024v2,deepseekai2024llm`; and V3 trained most of its matrix products in
+# 8-bit floating point. This chapter checks each of these claims from the model configurations
+# themselves, with `refimpl.accounting` and `refimpl.quant`, and states every assumption that a
+# number depends on. Nothing here is re-implemented: the code shown is the library's own source.
+
+# %%
+import inspect
+import time
+
+import matplotlib.pyplot as plt
+import numpy as np
+from IPython.display import Markdown, display
+
+from refimpl.accounting import (
+    DENSE_PRESETS,
+    FP32_ADAM_PLAN,
+    H800_PEAK_FLOPS,
+    V3_GPU_HOURS,
+    V3_PLAN,
+    V3_TRAINING_TOKENS,
+    V3_USD_PER_GPU_HOUR,
+    forward_flops_per_token,
+    get_config,
+    gpu_hours,
+    implied_utilisation,
+    kv_cache_bytes_per_token,
+    parameter_counts,
+    six_n_flops_per_token,
+    summary,
+    training_cost,
+    training_flops_per_token,
+    training_memory_bytes,
+)
+from refimpl.quant import (
+    FP8_FORMATS,
+    dequantize_activation,
+    dequantize_weight,
+    fp8_gemm,
+    fp8_linear_backward,
+    fp8_linear_forward,
+    fp8_values,
+    quantize_activation,
+    quantize_weight,
+    round_to_fp8,
+)
+
+t_start = time.perf_counter()
+rng = np.random.default_rng(0)
+NAMES = {"deepseek-67b": "DeepSeek 67B", "deepseek-v2-lite": "V2-Lite", "deepseek-v2": "DeepSeek-V2",
+         "deepseek-v3": "DeepSeek-V3", "llama-3-70b-like": "Llama-3-70B-like",
+         "qwen2.5-32b-like": "Qwen2.5-32B-like"}
+assert set(DENSE_PRESETS) <= set(NAMES)
+CONFIGS = {name: get_config(name) for name in NAMES}
+SUMMARY = {name: summary(cfg) for name, cfg in CONFIGS.items()}
+
+
+def show_source(*objects):
+    """Display the real source of refimpl functions (nothing in this chapter is re-implemented)."""
+    src = "\n\n".join(inspect.getsource(obj).rstrip() for obj in objects)
+    display(Markdown(f"```python\n{src}\n```"))
+
+
+# %% [markdown]
+# ## Total and active parameters
+#
+# A mixture-of-experts model stores many experts but runs only a few per token. Its **total**
+# parameters decide how much memory it needs; its **active** parameters, those one token's
+# forward pass multiplies with, decide how much arithmetic it needs. `parameter_counts` counts
+# both, component by component, from a config: for DeepSeek's MoE models only $K$ of the $E$
+# routed experts are active, plus the shared experts, attention, the dense layers and the LM
+# head (the embedding is a row lookup, not a product). V3's multi-token-prediction (MTP) module is
+# counted apart, since it is not part of the model that serves (its unique parameters only: it
+# shares the embedding and output head with the main model). The dense peers are
+# "-like" configurations with the published shapes of Llama-3-70B and Qwen2.5-32B, built by
+# `refimpl.accounting.DENSE_PRESETS`.
+
+# %%
+show_source(parameter_counts)
+
+# %%
+rows = ["| model | total | active | active / total | MTP (apart) |", "|---|---:|---:|---:|---:|"]
+for name, s in SUMMARY.items():
+    mtp = f"{s['mtp'] / 1e9:.2f}B" if s["mtp"] else "–"
+    rows.append(f"| {NAMES[name]} | {s['total'] / 1e9:.2f}B | {s['active'] / 1e9:.2f}B | "
+                f"{s['active'] / s['total']:.1%} | {mtp} |")
+display(Markdown("\n".join(rows)))
+
+fig, ax = plt.subplots(figsize=(9, 3.8))
+x = np.arange(len(NAMES))
+totals = np.array([SUMMARY[n]["total"] for n in NAMES]) / 1e9
+actives = np.array([SUMMARY[n]["active"] for n in NAMES]) / 1e9
+ax.bar(x - 0.2, totals, 0.4, label="total")
+ax.bar(x + 0.2, actives, 0.4, label="active per token")
+for xi, (t, a) in enumerate(zip(totals, actives, strict=True)):
+    ax.annotate(f"{t:.0f}", (xi - 0.2, t), ha="center", va="bottom", fontsize=8)
+    ax.annotate(f"{a:.1f}", (xi + 0.2, a), ha="center", va="bottom", fontsize=8)
+ax.set_xticks(x, [NAMES[n] for n in NAMES], fontsize=8)
+ax.set_yscale("log")
+ax.set_ylabel("parameters (billions, log scale)")
+ax.set_title("Stored vs used per token")
+ax.legend(frameon=False)
+fig.tight_layout()
+plt.show()
+
+# %% [markdown]
+# The published figures, to the precision the papers give them: DeepSeek-V2 has 236B parameters
+# with 21B active {cite}`deepseekai2024v2`, DeepSeek-V3 671B with 37B active
+# {cite}`deepseekai2024v3`, and V2-Lite 15.7B with 2.4B active {cite}`deepseekai2024v2`. The
+# first two round correctly; V2-Lite's active count, 2.45B, is **truncated** to 2.4B in the
+# paper rather than rounded (it would round to 2.5B). The dense models have nearly all their
+# parameters active (only the embedding table is not), and DeepSeek 67B's total matches its name.
+
+# %%
+P = {name: parameter_counts(cfg) for name, cfg in CONFIGS.items()}
+assert round(P["deepseek-v2"]["total"] / 1e9) == 236 and round(P["deepseek-v2"]["active"] / 1e9) == 21
+assert round(P["deepseek-v3"]["total"] / 1e9) == 671 and round(P["deepseek-v3"]["active"] / 1e9) == 37
+assert round(P["deepseek-v2-lite"]["total"] / 1e8) == 157
+assert int(P["deepseek-v2-lite"]["active"] / 1e8) == 24 and round(P["deepseek-v2-lite"]["active"] / 1e8) == 25
+assert round(P["deepseek-67b"]["total"] / 1e9) == 67
+for name in ("deepseek-67b", "llama-3-70b-like", "qwen2.5-32b-like"):
+    p = P[name]
+    assert p["total"] - p["active"] == p["components"]["embedding"]["total"]    # all but the lookup table
+v3_ratio = P["deepseek-v3"]["total"] / P["deepseek-v3"]["active"]
+routed_share = P["deepseek-v3"]["components"]["routed_experts"]["total"] / P["deepseek-v3"]["total"]
+print(f"V3 stores {v3_ratio:.1f}x the parameters it uses per token; its routed experts are {routed_share:.1%} "
+      "of the total")
+assert v3_ratio > 18
+
+# %% [markdown]
+# ## Training FLOPs per token and V3's GPU-hours
+#
+# The usual estimate of training compute is $6N$ FLOPs per token for $N$ active parameters:
+# $2N$ for the forward pass (one multiply and one add per weight) and twice that for the
+# backward. It leaves out attention's scores and values, whose cost grows with the context.
+# `training_flops_per_token` adds that term exactly: in causal training at sequence length $T$
+# a token attends on average to $(T+1)/2$ keys. V3 was pre-trained at $T = 4096$
+# {cite}`deepseekai2024v3`.
+
+# %%
+rows = ["| model | 6N (TFLOP/token) | exact at 4K (TFLOP/token) | exact / 6N |", "|---|---:|---:|---:|"]
+for name, s in SUMMARY.items():
+    rows.append(f"| {NAMES[name]} | {s['training_6n'] / 1e12:.3f} | {s['training_exact'] / 1e12:.3f} | "
+                f"{s['training_exact'] / s['training_6n']:.3f} |")
+    assert s["training_exact"] > s["training_6n"]                 # the context term only adds
+display(Markdown("\n".join(rows)))
+
+v3 = CONFIGS["deepseek-v3"]
+fwd = forward_flops_per_token(v3, (4096 + 1) / 2)
+print(f"V3 forward at average context 2048.5: attention-context term "
+      f"{fwd['attention_context'] / fwd['total']:.1%} of {fwd['total'] / 1e9:.1f} GFLOP/token")
+assert training_flops_per_token(v3, 4096) == 3 * fwd["total"]
+mla_models, dense_models = list(NAMES)[1:4], ["deepseek-67b", *DENSE_PRESETS]
+extra = {n: SUMMARY[n]["training_exact"] / SUMMARY[n]["training_6n"] for n in NAMES}
+assert min(extra[n] for n in mla_models) > max(extra[n] for n in dense_models)
+assert 1.12 < SUMMARY["deepseek-v3"]["training_exact"] / SUMMARY["deepseek-v3"]["training_6n"] < 1.16
+
+# %% [markdown]
+# The context term matters more for the MLA models than for the dense ones: V2's and V3's 128
+# heads of 192-dimensional queries and keys make the scores expensive relative to the few active
+# parameters. For V3 it adds about 14% to $6N$.
+#
+# **The $5.576M.** DeepSeek-V3's Table 1 gives 2.664M H800 GPU-hours of pre-training, 0.119M of
+# context extension and 0.005M of post-training, and prices them at an assumed rental of $2 per
+# GPU-hour {cite}`deepseekai2024v3`. This figure is the final run only; the paper says it
+# excludes the cost of prior research and ablation experiments. On the 2,048 GPUs of V3's cluster it is about
+# eight weeks.
+
+# %%
+hours = sum(V3_GPU_HOURS.values())
+cost = training_cost(hours, usd_per_gpu_hour=V3_USD_PER_GPU_HOUR, n_gpus=2048)
+print(f"{hours:,} GPU-hours x ${V3_USD_PER_GPU_HOUR:.2f} = ${cost['usd']:,.0f}; "
+      f"{cost['days']:.1f} days on 2,048 GPUs")
+assert hours == 2_788_000 and cost["usd"] == 5_576_000.0
+assert 7 < cost["days"] / 7 < 9
+
+# %% [markdown]
+# **What utilisation does that imply?** The paper does not report a model FLOPs utilisation
+# (MFU), so instead of assuming one we *solve* for it: the fraction of peak at which 14.8T
+# tokens × FLOPs per token take 2.664M GPU-hours. The answer depends on the peak assumed.
+# **Assumption:** the H800's dense (no sparsity) tensor-core peaks are those of the H100 SXM, 989
+# TFLOP/s in BF16 and 1979 TFLOP/s in FP8 (the H800 is an export variant of the H100 whose main
+# difference is reduced NVLink bandwidth). V3 runs its large GEMMs in FP8 but attention, the
+# router and several other operators in BF16 or higher, so the true effective peak lies between
+# the two. The exact FLOPs include the MTP module, which V3 trained with.
+
+# %%
+show_source(implied_utilisation, gpu_hours)
+
+# %%
+pre_hours = V3_GPU_HOURS["pre_training"]
+estimates = {"6N": six_n_flops_per_token(v3)["training"],
+             "exact at 4K, with MTP": training_flops_per_token(v3, 4096, mtp=True)}
+rows = ["| FLOPs per token | TFLOP/token | MFU at BF16 peak (989T) | MFU at FP8 peak (1979T) |",
+        "|---|---:|---:|---:|"]
+mfu = {}
+for label, f in estimates.items():
+    mfu[label] = {k: implied_utilisation(V3_TRAINING_TOKENS, f, pre_hours, peak_flops=p)
+                  for k, p in H800_PEAK_FLOPS.items()}
+    rows.append(f"| {label} | {f / 1e12:.3f} | {mfu[label]['bf16']:.1%} | {mfu[label]['fp8']:.1%} |")
+    # solving and re-deriving the hours agree
+    for k, p in H800_PEAK_FLOPS.items():
+        assert np.isclose(gpu_hours(V3_TRAINING_TOKENS, f, peak_flops=p, utilisation=mfu[label][k]), pre_hours)
+display(Markdown("\n".join(rows)))
+assert H800_PEAK_FLOPS == {"bf16": 989e12, "fp8": 1979e12}
+exact_mfu = mfu["exact at 4K, with MTP"]
+assert 0.15 < exact_mfu["fp8"] < 0.25 and 0.35 < exact_mfu["bf16"] < 0.45      # "roughly 20% / 40%"
+
+# %% [markdown]
+# The implied MFU is roughly 20% of the FP8 peak or 40% of the BF16 peak: plausible for a
+# large MoE run whose experts are spread over many nodes, where all-to-all communication,
+# pipeline bubbles and the non-GEMM operators take a large share of the time. The claim is
+# therefore consistent; what the GPU-hour figure does *not* say is what the experiments that
+# led to the final run cost.
+#
+# ## KV cache per token
+#
+# At serving time the KV cache, not the weights, decides how many sequences fit on a GPU and how
+# long they can be; every decoding step also reads all of it. Per token, DeepSeek 67B (GQA with 8
+# key/value heads, 95 layers) caches $2 \times 8 \times 128$ numbers per layer; the dense peers
+# also use GQA; V2 and V3 cache MLA's 512-dimensional latent plus a 64-dimensional rope key per
+# layer (chapter {doc}`03_mla`).
+
+# %%
+rows = ["| model | KV cache per token (bf16) | at 128K context |", "|---|---:|---:|"]
+for name, cfg in CONFIGS.items():
+    b = kv_cache_bytes_per_token(cfg, "bf16")
+    assert b == SUMMARY[name]["kv_bytes_per_token"]
+    rows.append(f"| {NAMES[name]} | {b / 2**10:,.1f} KiB | {b * 2**17 / 2**30:,.1f} GiB |")
+display(Markdown("\n".join(rows)))
+
+context = np.logspace(np.log10(256), np.log10(131072), 40)
+fig, ax = plt.subplots(figsize=(8, 4))
+for i, name in enumerate(n for n in NAMES if n != "deepseek-v2-lite"):
+    b = kv_cache_bytes_per_token(CONFIGS[name], "bf16")
+    ax.loglog(context, b * context, color=f"C{i}", label=f"{NAMES[name]} ({b / 2**10:,.0f} KiB/token)")
+b6 = kv_cache_bytes_per_token(CONFIGS["deepseek-v2"], "6bit")
+ax.loglog(context, b6 * context, color="C1", ls=":", label=f"DeepSeek-V2, 6-bit cache ({b6 / 2**10:,.0f} KiB/token)")
+ax.set_xlabel("context length (tokens)")
+ax.set_ylabel("KV cache per sequence (bytes, bf16 unless noted)")
+ax.grid(True, which="major", alpha=0.3)
+ax.legend(fontsize=8, frameon=False)
+fig.tight_layout()
+plt.show()
+
+# %% [markdown]
+# DeepSeek-V2's "93.3% smaller KV cache" compares a V2 cache quantised to about 6 bits per
+# element (V2 §3.2.3) with a bf16 67B cache. By element count alone, both in bf16, the reduction
+# is 82.2%; chapter {doc}`03_mla` derives both. Against the dense GQA peers, which cache 8
+# key/value heads of 128 numbers in each of 80 or 64 layers, V3's bf16 cache is 3.7–4.7 times
+# smaller.
+
+# %%
+b67 = kv_cache_bytes_per_token(CONFIGS["deepseek-67b"], "bf16")
+bv2 = kv_cache_bytes_per_token(CONFIGS["deepseek-v2"], "bf16")
+print(f"V2 6-bit vs 67B bf16: {1 - b6 / b67:.1%} smaller;  V2 bf16 vs 67B bf16: {1 - bv2 / b67:.1%} smaller")
+assert round(100 * (1 - b6 / b67), 1) == 93.3 and round(100 * (1 - bv2 / b67), 1) == 82.2
+bv3 = kv_cache_bytes_per_token(v3, "bf16")
+for peer in DENSE_PRESETS:
+    ratio = kv_cache_bytes_per_token(CONFIGS[peer], "bf16") / bv3
+    print(f"{NAMES[peer]} caches {ratio:.2f}x V3's bytes per token")
+    assert 3.5 < ratio < 5
+
+# %% [markdown]
+# ## Memory for weights and optimizer state
+#
+# Training keeps more than the weights. DeepSeek-V3's precision plan (§3.3.3) keeps BF16
+# working weights (cast to FP8 block by block for each GEMM), an FP32 master copy, FP32
+# gradient accumulation, and the two AdamW moments in BF16; the classic mixed-precision plan
+# keeps both moments in FP32. `training_memory_bytes` counts these over *all* parameters
+# (activations, the KV cache, communication buffers and sharding are not counted).
+
+# %%
+show_source(training_memory_bytes)
+
+# %%
+n_v3 = P["deepseek-v3"]["total"]
+rows = ["| plan | weights | master | grads | optimizer | total | bytes / parameter |",
+        "|---|---:|---:|---:|---:|---:|---:|"]
+mem = {}
+for label, plan in (("V3 (BF16 moments)", V3_PLAN), ("FP32 Adam", FP32_ADAM_PLAN)):
+    m = mem[label] = training_memory_bytes(v3, plan)
+    rows.append(f"| {label} | " + " | ".join(f"{m[k] / 1e12:.2f} TB" for k in
+                                              ("weights", "master", "grads", "optimizer", "total"))
+                + f" | {m['total'] / n_v3:.0f} |")
+display(Markdown("\n".join(rows)))
+assert mem["V3 (BF16 moments)"]["total"] == 14 * n_v3 and mem["FP32 Adam"]["total"] == 18 * n_v3
+saved = mem["FP32 Adam"]["total"] - mem["V3 (BF16 moments)"]["total"]
+saving = saved / mem["FP32 Adam"]["total"]
+per_gpu = mem["V3 (BF16 moments)"]["total"] / 2048 / 2**30
+print(f"V3's plan saves {saving:.1%} ({saved / 1e12:.2f} TB); spread evenly over 2,048 GPUs it is "
+      f"{per_gpu:.1f} GiB each")
+assert np.isclose(saving, 4 / 18) and per_gpu < 80e9 / 2**30
+
+# %% [markdown]
+# With BF16 working weights and FP32 master weights and gradients (2 + 4 + 4 bytes), the moments
+# are the rest: 4 bytes in BF16 against 8 in FP32, so V3's plan needs 14 bytes per parameter
+# against 18, 2.7 TB less for V3. Even the whole state of a
+# 671B model fits comfortably in 2,048 GPUs of 80 GB once it is spread across them; the hard
+# part is arranging the spreading so that communication stays hidden.
+#
+# ## FP8 in pictures
+#
+# An FP8 number has a sign, a few exponent bits and a few mantissa bits. **E4M3** (4 exponent,
+# 3 mantissa bits) reaches only ±448 but spaces its values more finely; **E5M2** reaches ±57344
+# with half the precision. V3 uses E4M3 for all tensors, forward and backward, and recovers range
+# with fine-grained scales {cite}`deepseekai2024v3`. `fp8_values` decodes every bit pattern:
+
+# %%
+grids = {fmt: fp8_values(fmt) for fmt in ("e4m3", "e5m2")}
+fig, (ax0, ax1) = plt.subplots(1, 2, figsize=(10, 3.6))
+for i, (fmt, v) in enumerate(grids.items()):
+    pos = v[v > 0]
+    ax0.vlines(pos, i - 0.35, i + 0.35, color=f"C{i}", lw=0.6)
+    gap = np.diff(pos) / pos[:-1]                                      # relative spacing to the next value
+    ax1.semilogx(pos[:-1], gap, ".", color=f"C{i}", ms=3, label=fmt.upper())
+    f = FP8_FORMATS[fmt]
+    print(f"{fmt.upper()}: {len(v)} finite non-negative values, smallest subnormal {f.min_subnormal:.3g}, "
+          f"smallest normal {f.min_normal:.3g}, max {f.max:g}")
+ax0.set_xscale("log")
+ax0.set_yticks([0, 1], ["E4M3", "E5M2"])
+ax0.set_xlabel("positive representable values (log scale)")
+ax1.set_xlabel("value")
+ax1.set_ylabel("gap to next value / value")
+ax1.legend(frameon=False)
+fig.tight_layout()
+plt.show()
+assert len(grids["e4m3"]) == 127 and len(grids["e5m2"]) == 124              # with zero; NaN/inf excluded
+assert grids["e4m3"][-1] == 448 and grids["e5m2"][-1] == 57344
+assert FP8_FORMATS["e4m3"].min_subnormal == 2.0**-9 and FP8_FORMATS["e5m2"].min_subnormal == 2.0**-16
+for fmt, v in grids.items():
+    assert np.array_equal(round_to_fp8(v, fmt), v)                       # every value round-trips
+    normal = v[v >= FP8_FORMATS[fmt].min_normal]
+    gaps = np.diff(normal) / normal[:-1]
+    assert np.isclose(gaps.max(), 2.0 ** -FP8_FORMATS[fmt].mantissa_bits)  # 12.5% (E4M3), 25% (E5M2)
+
+# %% [markdown]
+# In the normal range the gap between neighbours is at most $2^{-3} = 12.5\%$ of the value for
+# E4M3 and $2^{-2} = 25\%$ for E5M2, so rounding to nearest errs by at most half that; below the
+# smallest normal the subnormals space values evenly and the *relative* gap grows until values
+# flush to zero. Range, not precision, is what a scale must manage.
+#
+# ### Block-wise vs per-tensor scaling
+#
+# To use the grid, a tensor is divided by a scale $s = \mathrm{amax}/448$ so that its largest
+# magnitude lands on 448. With one scale per tensor, a single large outlier pushes every other
+# value down toward the subnormals, where it loses precision or flushes to zero. V3 instead uses
+# one scale per 1×128 tile of activations and per 128×128 block of weights, so an outlier coarsens
+# only its own tile:
+
+# %%
+show_source(quantize_activation)
+
+# %% [markdown]
+# The experiment: activations of 64 tokens × 1024 channels, standard normal, with one outlier
+# channel (as LLM activations have) whose entries have magnitude $A$. We quantise with one
+# scale for the whole tensor, one per token (row), and one per 1×128 tile (all with
+# `quantize_activation`, the tile being the whole tensor, the row, or 128 channels), and measure
+# the relative error $\lVert \hat x - x \rVert / \lVert x \rVert$ over the ordinary entries, the
+# ones an outlier should not be allowed to spoil.
+
+# %%
+M, K = 64, 1024
+base = rng.standard_normal((M, K))
+outlier_channel = 300
+ordinary = np.ones(K, dtype=bool)
+ordinary[outlier_channel] = False
+magnitudes = np.logspace(0, 6, 25)
+
+
+def bulk_error(x, block, rows):
+    """Relative error on the ordinary channels after quantising x reshaped to `rows` rows."""
+    xr = x.reshape(rows, -1)
+    q, s = quantize_activation(xr, block=block)
+    x_hat = dequantize_activation(q, s, block=block).reshape(x.shape)
+    return np.linalg.norm((x_hat - x)[:, ordinary]) / np.linalg.norm(x[:, ordinary])
+
+
+schemes = {"per-tensor": lambda x: bulk_error(x, M * K, 1),
+           "per-token (1×1024)": lambda x: bulk_error(x, K, M),
+           "block-wise (1×128)": lambda x: bulk_error(x, 128, M)}
+errors = {label: [] for label in schemes}
+for a in magnitudes:
+    x = base.copy()
+    x[:, outlier_channel] = a * np.sign(base[:, outlier_channel])
+    for label, fn in schemes.items():
+        errors[label].append(fn(x))
+errors = {k: np.array(v) for k, v in errors.items()}
+
+fig, ax = plt.subplots(figsize=(7.5, 4))
+for label, err in errors.items():
+    ax.loglog(magnitudes, err, "o-", ms=3, label=label)
+ax.set_xlabel("outlier magnitude $A$ (ordinary entries ~ N(0, 1))")
+ax.set_ylabel("relative error on ordinary entries")
+ax.grid(True, which="major", alpha=0.3)
+ax.legend(frameon=False)
+fig.tight_layout()
+plt.show()
+
+blk, tensor = errors["block-wise (1×128)"], errors["per-tensor"]
+wins = blk < 0.5 * tensor
+threshold = magnitudes[np.argmax(wins & np.flip(np.cumprod(np.flip(wins))).astype(bool))]
+print(f"no outlier (A=1): per-tensor {tensor[0]:.2%}, block-wise {blk[0]:.2%}")
+print(f"block-wise error is under half the per-tensor error for every A >= {threshold:.0f}")
+print(f"at A = {magnitudes[-1]:.0e}: per-tensor {tensor[-1]:.1%}, per-token {errors['per-token (1×1024)'][-1]:.1%}, "
+      f"block-wise {blk[-1]:.2%}")
+assert tensor[0] < 0.05 and blk[0] < 0.05                        # without outliers both are fine
+subnormal_onset = FP8_FORMATS["e4m3"].max / FP8_FORMATS["e4m3"].min_normal   # A at which 1.0 scales to 2**-6
+print(f"per-tensor scaling puts an entry of 1.0 below E4M3's smallest normal once A > {subnormal_onset:,.0f}")
+assert np.all(wins[magnitudes >= threshold]) and 1e4 < threshold < 1e5
+assert np.allclose(blk[magnitudes < 1e4], tensor[magnitudes < 1e4], rtol=0.05)   # no difference below ~1e4
+assert tensor[-1] > 0.9 and blk[-1] < np.sqrt(1 / 8) * 1.01      # only the outlier's tile (1 in 8) is lost
+assert np.all(blk <= tensor * 1.05)                               # block-wise never meaningfully worse
+
+# %% [markdown]
+# Without outliers all three schemes lose about 2.6%, E4M3's rounding error. Because FP8 is a
+# floating-point format, its relative precision does not depend on the scale while values stay
+# in the normal range, so up to outliers of about $10^4$ the three schemes are
+# indistinguishable. Beyond that the
+# per-tensor scale pushes the ordinary entries into the subnormals and then to zero, and the
+# error climbs toward 100%. Per-token scaling fails the same way here, since every token carries
+# the outlier channel. Block-wise scaling confines the damage to the one tile in eight that holds
+# the outlier channel; the other seven keep E4M3's precision, so the error is under half the
+# per-tensor error from $A pprox 5 	imes 10^4$ and at worst approaches
+# $\sqrt{1/8} pprox 35\%$, the share of the ordinary entries that sit in outlier tiles. Finer
+# scales also matter for another reason that this experiment, which computes each scale from the
+# exact current maximum, does not show: a per-tensor scale is often taken from the history of
+# maxima ("delayed scaling"), which a new, larger outlier saturates. V3 computes its tile scales online
+# {cite}`deepseekai2024v3`.
+#
+# ### The block GEMM with FP32 promotion
+#
+# An FP8 GEMM multiplies the quantised values and applies the two scales afterwards, once per
+# 128-wide block of the contraction: $y_{ij} = \sum_b s^x_{ib}\, s^w_{jb} \sum_{k\in b}
+# q^x_{ik} q^w_{jk}$. V3 promotes each block's partial sum to an FP32 accumulator, because the
+# H800's tensor cores keep only about 14 bits while accumulating FP8 products
+# {cite}`deepseekai2024v3`. (The emulation computes the inner sums in float32 and does not model
+# the 14-bit accumulator.)
+
+# %%
+show_source(fp8_gemm)
+
+# %%
+xa = rng.standard_normal((64, 512))
+wa = rng.standard_normal((256, 512)) / np.sqrt(512)
+xq, xs = quantize_activation(xa)
+wq, ws = quantize_weight(wa)
+y = fp8_gemm(xq, xs, wq, ws)
+x_hat, w_hat = dequantize_activation(xq, xs).astype(np.float64), dequantize_weight(wq, ws).astype(np.float64)
+exact_deq = x_hat @ w_hat.T                                           # float64 product of the FP8 operands
+exact = xa @ wa.T                                                     # float64 product of the originals
+acc_err = np.linalg.norm(y - exact_deq) / np.linalg.norm(exact_deq)
+quant_err = np.linalg.norm(y - exact) / np.linalg.norm(exact)
+print(f"FP8 GEMM vs float64 product of the dequantised operands: {acc_err:.1e} (accumulation error)")
+print(f"FP8 GEMM vs float64 product of the original operands:    {quant_err:.1e} (quantisation error)")
+assert acc_err < 1e-6 < 1e-3 < quant_err < 0.05
+
+# %% [markdown]
+# The scaled block accumulation adds only float32 rounding, about $10^{-7}$; all of the error
+# that matters comes from rounding both operands to E4M3 (about 2.6% each, as in the experiment
+# above), which together make a few percent in the product. For training, `fp8_linear_forward` wraps this GEMM as a
+# layer, and `fp8_linear_backward` treats quantisation as the identity (a straight-through
+# estimator), so the gradients are those of the float layer at the dequantised operands:
+
+# %%
+y_lin, cache = fp8_linear_forward(xa, wa)
+dy = rng.standard_normal(y_lin.shape)
+dx, dw = fp8_linear_backward(dy, cache)
+assert np.allclose(y_lin, y, rtol=1e-5, atol=1e-5)
+assert np.allclose(dx, dy @ w_hat, rtol=1e-10, atol=1e-10) and np.allclose(dw, dy.T @ x_hat, rtol=1e-10, atol=1e-10)
+rel = np.linalg.norm(dx - dy @ wa) / np.linalg.norm(dy @ wa)
+print(f"input gradient vs the unquantised layer's: relative difference {rel:.1e}")
+assert rel < 0.05
+
+# %% [markdown]
+# V3 reports that training with this recipe keeps the loss within 0.25% of a BF16 baseline
+# {cite}`deepseekai2024v3`; that claim concerns full-scale runs and is not reproduced here.
+#
+# ## Price per million tokens
+#
+# How DeepSeek-R1 {cite}`deepseekai2025r1` was priced against other reasoning models is a
+# question of vendors' list prices, which change over time and for which this book has no source
+# it can cite and check, so it does not quote them. What can be
+# computed is how hardware cost turns into a price per token. A GPU that rents for $p$ per hour
+# and produces $r$ tokens per hour costs $10^6 p / r$ per million tokens, and
+#
+# $$ r = \frac{3600 \cdot \text{peak} \cdot \text{MFU}}{\text{forward FLOPs per token}}. $$
+#
+# **Hypothetical example.** The numbers below are *illustrative assumptions*, not measurements
+# or published figures: $2 per GPU-hour (V3's own assumed rental), the H800's FP8 peak, an MFU of
+# 10% while decoding (decoding is bound by memory bandwidth, so utilisation is far lower than in
+# training), at contexts of 1K and 4K tokens, with MLA decoding in its absorbed form against the
+# latent cache (the dense models attend to their GQA caches). Because the FLOPs per token are
+# computed from the configs, the comparison between models is meaningful even though the
+# absolute prices are only as good as the assumptions.
+
+# %%
+HYPOTHETICAL = dict(usd_per_gpu_hour=2.0, peak=H800_PEAK_FLOPS["fp8"], mfu=0.10)
+contexts = (1024, 4096)
+rows = ["| model | context | forward GFLOP/token | tokens per GPU-hour | $ per million tokens (hypothetical) |",
+        "|---|---:|---:|---:|---:|"]
+usd_per_m = {}
+for name in ("deepseek-v3", "llama-3-70b-like", "qwen2.5-32b-like", "deepseek-67b"):
+    impl = "absorbed" if name.startswith("deepseek-v") else "naive"
+    for ctx in contexts:
+        f = forward_flops_per_token(CONFIGS[name], ctx, attention_impl=impl)["total"]
+        per_hour = 3600 * HYPOTHETICAL["peak"] * HYPOTHETICAL["mfu"] / f
+        usd_per_m[name, ctx] = 1e6 * HYPOTHETICAL["usd_per_gpu_hour"] / per_hour
+        # the same number through the library's GPU-hour and cost formulas
+        h = gpu_hours(1e6, f, peak_flops=HYPOTHETICAL["peak"], utilisation=HYPOTHETICAL["mfu"])
+        assert np.isclose(training_cost(h, usd_per_gpu_hour=HYPOTHETICAL["usd_per_gpu_hour"])["usd"],
+                          usd_per_m[name, ctx])
+        rows.append(f"| {NAMES[name]} | {ctx:,} | {f / 1e9:.1f} | {per_hour:,.0f} | ${usd_per_m[name, ctx]:.3f} |")
+display(Markdown("\n".join(rows)))
+ratios = {ctx: usd_per_m["llama-3-70b-like", ctx] / usd_per_m["deepseek-v3", ctx] for ctx in contexts}
+for ctx, r in ratios.items():
+    print(f"at equal utilisation and {ctx:,} tokens of context, a Llama-3-70B-like model costs {r:.2f}x V3 per token")
+assert 0.6 < 1 / ratios[1024] < 0.7 and ratios[4096] < 1.1          # "about two thirds"
+v3_ctx = forward_flops_per_token(v3, 4096, attention_impl="absorbed")
+print(f"V3 absorbed decoding at 4K: attention over the cache is {v3_ctx['attention_context'] / v3_ctx['total']:.0%} "
+      "of the forward FLOPs")
+assert v3_ctx["attention_context"] > 0.4 * v3_ctx["total"]
+
+# %% [markdown]
+# At a short context V3 needs about two thirds of the FLOPs per token of a 70B dense model,
+# despite storing nearly ten times the parameters, because it computes with only 37B of them. At 4K the
+# advantage in FLOPs is gone: absorbed MLA attends with 128 heads of width $2 \cdot 512 + 64$
+# over the latent cache, and that term grows with the context until it rivals the whole of the
+# weights. Its real saving when decoding is in *bytes*: each step reads 37B active weights and a
+# cache about 4 times smaller than a GQA peer's, and decoding is limited by memory bandwidth, which
+# is why a FLOP-based utilisation of 10% is a plausible order of magnitude at all. Equal
+# utilisation is the strong assumption: serving a 671B MoE needs the weights spread over many
+# GPUs and large batches to keep the experts busy, and the batch that fits is limited by the KV
+# cache, which is where MLA's small cache pays off. The real price of a token is set by these
+# serving arrangements, and by the vendor's margin, not by arithmetic alone.
+#
+# ## Summary
+#
+# * Parameters, FLOPs and cache bytes follow from the configs: V2 236B/21B, V3 671B/37B, and
+#   V2-Lite 15.7B/2.4B (the 2.45B truncated), as published.
+# * V3's $5.576M is 2.788M GPU-hours × an assumed $2; solving for the utilisation gives about 20%
+#   of the FP8 peak or 40% of the BF16 peak, with the exact FLOPs at 4K context.
+# * The 93.3% KV-cache reduction is a 6-bit V2 cache against a bf16 67B cache; 82.2% by
+#   elements. V3's bf16 cache is 3.7–4.7× smaller than its dense GQA peers'.
+# * V3's BF16 AdamW moments make its training state 14 bytes per parameter instead of 16.
+# * E4M3 has 127 non-negative values up to 448; with one scale per 1×128 tile an outlier spoils
+#   only its own tile, where a per-tensor scale flushes the rest of the tensor toward zero.
+
+# %%
+print(f"chapter ran in {time.perf_counter() - t_start:.1f} s")
