@@ -13,6 +13,8 @@ def test_quick_case_variants_agree(name):
     assert NUMPY in case.variants
     outputs = {n: v.fn() for n, v in case.variants.items()}
     case.check(outputs)
+    if len(outputs) < 2:        # train-step compares against torch; without it there is one variant
+        pytest.skip(f"{name}: only {sorted(outputs)} available, nothing to compare")
     outputs[NUMPY] = np.asarray(outputs[NUMPY]) + 1      # the check is not vacuous
     with pytest.raises(MismatchError):
         case.check(outputs)
