@@ -42,12 +42,10 @@
 # scalar loss $L$, and $\bar y$ is the gradient arriving at an op from above.
 
 # %%
-import inspect
 import time
 
 import matplotlib.pyplot as plt
 import numpy as np
-from IPython.display import Markdown, display
 
 from refimpl import ModelConfig
 from refimpl.core import (
@@ -81,6 +79,7 @@ from refimpl.core import (
     yarn_mscale,
 )
 from refimpl.core.softmax import SoftmaxCache
+from refimpl.display import show_source
 from refimpl.testing import check_grad, tol
 
 t_start = time.perf_counter()
@@ -88,12 +87,6 @@ rng = np.random.default_rng(0)
 GRAD_TOL = tol("gradcheck")["rtol"]   # 1e-6: the project's one tolerance for gradient checks
 grad_errors = {}                      # primitive -> worst relative error, for the summary figure
 bug_errors = {}                       # deliberately wrong backward passes -> their error
-
-
-def show_source(*objects):
-    """Display the real source of refimpl functions (nothing in this chapter is re-implemented)."""
-    src = "\n\n".join(inspect.getsource(obj).rstrip() for obj in objects)
-    display(Markdown(f"```python\n{src}\n```"))
 
 
 def record(name, err):

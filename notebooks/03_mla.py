@@ -33,7 +33,6 @@
 # computed with `refimpl.attention`; the code shown is the library's own source.
 
 # %%
-import inspect
 import time
 
 import matplotlib.pyplot as plt
@@ -59,6 +58,7 @@ from refimpl.attention import (
 )
 from refimpl.attention.mha import _attend, causal_mask
 from refimpl.core import rope_backward, rope_forward, rope_inv_freq, softmax_scale
+from refimpl.display import show_source
 from refimpl.testing import check_grad, tol
 
 t_start = time.perf_counter()
@@ -66,12 +66,6 @@ rng = np.random.default_rng(0)
 EQ64 = tol("equiv64")
 PRESETS = {name: ModelConfig.preset(name) for name in ("deepseek-67b", "deepseek-v2-lite", "deepseek-v2",
                                                        "deepseek-v3")}
-
-
-def show_source(*objects):
-    """Display the real source of refimpl functions (nothing in this chapter is re-implemented)."""
-    src = "\n\n".join(inspect.getsource(obj).rstrip() for obj in objects)
-    display(Markdown(f"```python\n{src}\n```"))
 
 
 # %% [markdown]

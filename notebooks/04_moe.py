@@ -36,7 +36,6 @@
 # Everything below calls `refimpl.moe`. Where code is shown, it is the library's real source.
 
 # %%
-import inspect
 import math
 import time
 
@@ -46,6 +45,7 @@ from IPython.display import Markdown, display
 
 from refimpl import ModelConfig
 from refimpl.core import swiglu_mlp_forward
+from refimpl.display import show_source
 from refimpl.moe import (
     balance_backward,
     comm_balance_forward,
@@ -69,12 +69,6 @@ from refimpl.testing.naive import moe_dense_reference
 
 t_start = time.perf_counter()
 rng = np.random.default_rng(0)
-
-
-def show_source(*objects):
-    """Display the real source of refimpl functions (nothing in this chapter is re-implemented)."""
-    src = "\n\n".join(inspect.getsource(obj).rstrip() for obj in objects)
-    display(Markdown(f"```python\n{src}\n```"))
 
 
 def table(header, rows):

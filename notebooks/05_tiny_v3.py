@@ -36,16 +36,15 @@ import os
 os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 
-import inspect  # noqa: E402
 import tempfile  # noqa: E402
 import time  # noqa: E402
 
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
-from IPython.display import Markdown, display  # noqa: E402
 
 from refimpl import load_pretrained  # noqa: E402
 from refimpl.attention import kv_cache_elements_per_token  # noqa: E402
+from refimpl.display import show_source  # noqa: E402
 from refimpl.model import (  # noqa: E402
     block_forward,
     generate,
@@ -64,13 +63,6 @@ from refimpl.recipes.tiny_v3 import answer_accuracy, tiny_v3_config, tiny_v3_run
 from refimpl.tasks import TOKENIZER, make_dataset  # noqa: E402
 from refimpl.testing import check_grad  # noqa: E402
 from refimpl.tree import tree_map  # noqa: E402
-
-
-def show_source(*objects):
-    """Display the real source of refimpl functions (nothing in this chapter is re-implemented)."""
-    src = "\n\n".join(inspect.getsource(obj).rstrip() for obj in objects)
-    display(Markdown(f"```python\n{src}\n```"))
-
 
 # %% [markdown]
 # ## Assembling the decoder

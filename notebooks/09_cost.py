@@ -25,7 +25,6 @@
 # number depends on. Nothing here is re-implemented: the code shown is the library's own source.
 
 # %%
-import inspect
 import time
 
 import matplotlib.pyplot as plt
@@ -52,6 +51,7 @@ from refimpl.accounting import (
     training_flops_per_token,
     training_memory_bytes,
 )
+from refimpl.display import show_source
 from refimpl.quant import (
     FP8_FORMATS,
     dequantize_activation,
@@ -73,12 +73,6 @@ NAMES = {"deepseek-67b": "DeepSeek 67B", "deepseek-v2-lite": "V2-Lite", "deepsee
 assert set(DENSE_PRESETS) <= set(NAMES)
 CONFIGS = {name: get_config(name) for name in NAMES}
 SUMMARY = {name: summary(cfg) for name, cfg in CONFIGS.items()}
-
-
-def show_source(*objects):
-    """Display the real source of refimpl functions (nothing in this chapter is re-implemented)."""
-    src = "\n\n".join(inspect.getsource(obj).rstrip() for obj in objects)
-    display(Markdown(f"```python\n{src}\n```"))
 
 
 # %% [markdown]

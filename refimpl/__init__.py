@@ -28,7 +28,7 @@ from .config import PRESETS, ModelConfig
 __version__ = "0.1.0"
 
 # Submodules load on first attribute access (``refimpl.moe``), keeping ``import refimpl`` cheap.
-_SUBMODULES = ("attention", "moe", "rl", "tasks", "distill", "quant", "optim", "testing", "tree", "kernels",
+_SUBMODULES = ("attention", "moe", "rl", "tasks", "distill", "quant", "optim", "testing", "tree", "kernels", "display",
                "model", "accounting")
 
 

@@ -80,3 +80,12 @@ def test_submodules_load_lazily():
     assert refimpl.quant.round_to_fp8 is not None and refimpl.optim.adamw_update is not None
     with pytest.raises(AttributeError):
         refimpl.nonexistent  # noqa: B018
+
+
+def test_source_markdown_renders_real_source():
+    from refimpl.core import rmsnorm_forward
+    from refimpl.display import source_markdown
+    md = source_markdown(rmsnorm_forward)
+    assert md.startswith("```python\ndef rmsnorm_forward(") and md.endswith("\n```")
+    with pytest.raises(ValueError, match="^objects"):
+        source_markdown()
