@@ -25,13 +25,20 @@
 # number depends on. Nothing here is re-implemented: the code shown is the library's own source.
 
 # %%
-import time
+import os
 
-import matplotlib.pyplot as plt
-import numpy as np
-from IPython.display import Markdown, display
+# The FP8 training experiment multiplies tiny matrices: BLAS threads only add synchronisation cost
+# (set before NumPy loads).
+os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
+os.environ.setdefault("OMP_NUM_THREADS", "1")
 
-from refimpl.accounting import (
+import time  # noqa: E402
+
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+from IPython.display import Markdown, display  # noqa: E402
+
+from refimpl.accounting import (  # noqa: E402
     DENSE_PRESETS,
     FP32_ADAM_PLAN,
     H800_PEAK_FLOPS,
@@ -51,19 +58,24 @@ from refimpl.accounting import (
     training_flops_per_token,
     training_memory_bytes,
 )
-from refimpl.display import show_source
-from refimpl.quant import (
+from refimpl.core import linear_backward, linear_forward  # noqa: E402
+from refimpl.display import show_source  # noqa: E402
+from refimpl.quant import (  # noqa: E402
     FP8_FORMATS,
+    FP8Gemm,
     dequantize_activation,
     dequantize_weight,
+    fp8_autocast,
     fp8_gemm,
     fp8_linear_backward,
     fp8_linear_forward,
     fp8_values,
     quantize_activation,
+    quantize_rows,
     quantize_weight,
     round_to_fp8,
 )
+from refimpl.recipes.fp8_train import fp8_train_run, relative_loss_error  # noqa: E402
 
 t_start = time.perf_counter()
 rng = np.random.default_rng(0)
@@ -233,7 +245,7 @@ assert 0.15 < exact_mfu["fp8"] < 0.25 and 0.35 < exact_mfu["bf16"] < 0.45      #
 # long they can be; every decoding step also reads all of it. Per token, DeepSeek 67B (GQA with 8
 # key/value heads, 95 layers) caches $2 \times 8 \times 128$ numbers per layer; the dense peers
 # also use GQA; V2 and V3 cache MLA's 512-dimensional latent plus a 64-dimensional rope key per
-# layer (chapter {doc}`03_mla`).
+# layer, $(D_c + D_r)\,L\,b$ bytes per token by {eq}`eq-mla-cache` (chapter {doc}`03_mla`).
 
 # %%
 rows = ["| model | KV cache per token (bf16) | at 128K context |", "|---|---:|---:|"]
@@ -270,6 +282,7 @@ bv2 = kv_cache_bytes_per_token(CONFIGS["deepseek-v2"], "bf16")
 print(f"V2 6-bit vs 67B bf16: {1 - b6 / b67:.1%} smaller;  V2 bf16 vs 67B bf16: {1 - bv2 / b67:.1%} smaller")
 assert round(100 * (1 - b6 / b67), 1) == 93.3 and round(100 * (1 - bv2 / b67), 1) == 82.2
 bv3 = kv_cache_bytes_per_token(v3, "bf16")
+assert bv3 == (v3.kv_lora_rank + v3.qk_rope_head_dim) * v3.num_hidden_layers * 2     # eq-mla-cache, b = 2
 for peer in DENSE_PRESETS:
     ratio = kv_cache_bytes_per_token(CONFIGS[peer], "bf16") / bv3
     print(f"{NAMES[peer]} caches {ratio:.2f}x V3's bytes per token")
@@ -435,8 +448,8 @@ assert np.all(blk <= tensor * 1.05)                               # block-wise n
 # error climbs toward 100%. Per-token scaling fails the same way here, since every token carries
 # the outlier channel. Block-wise scaling confines the damage to the one tile in eight that holds
 # the outlier channel; the other seven keep E4M3's precision, so the error is under half the
-# per-tensor error from $A pprox 5 	imes 10^4$ and at worst approaches
-# $\sqrt{1/8} pprox 35\%$, the share of the ordinary entries that sit in outlier tiles. Finer
+# per-tensor error from $A \approx 5 \times 10^4$ and at worst approaches
+# $\sqrt{1/8} \approx 35\%$, the share of the ordinary entries that sit in outlier tiles. Finer
 # scales also matter for another reason that this experiment, which computes each scale from the
 # exact current maximum, does not show: a per-tensor scale is often taken from the history of
 # maxima ("delayed scaling"), which a new, larger outlier saturates. V3 computes its tile scales online
@@ -487,15 +500,196 @@ print(f"input gradient vs the unquantised layer's: relative difference {rel:.1e}
 assert rel < 0.05
 
 # %% [markdown]
-# V3 reports that training with this recipe keeps the loss within 0.25% of a BF16 baseline
-# {cite}`deepseekai2024v3`; that claim concerns full-scale runs and is not reproduced here.
+# ## Training in FP8
+#
+# One FP8 GEMM is a kernel; training in FP8 runs every large product of a training step that
+# way. DeepSeek-V3's recipe (§3.3) {cite}`deepseekai2024v3`:
+#
+# * **In FP8 (E4M3):** all three GEMMs of every linear layer, the forward product (Fprop,
+#   $y = xW^\top$), the input gradient (Dgrad, $dx = dy\,W$) and the weight gradient (Wgrad,
+#   $dW = dy^\top x$), with scales computed online from the max-abs value of each 1×128 tile of
+#   activations and gradients and of each 128×128 block of weights, and partial sums promoted to
+#   FP32 every 128 elements.
+# * **In BF16 or FP32:** the embedding, the output head, the MoE gate, the normalisations and the
+#   attention operator; master weights and gradient accumulation in FP32, AdamW moments in BF16.
+#
+# With this recipe V3 reports a relative loss error against the same training in BF16 that stays
+# below 0.25% {cite}`deepseekai2024v3`.
+#
+# `refimpl.quant.fp8_autocast` applies the recipe to refimpl's NumPy model. Inside the `with`
+# block every `linear_forward` and every routed expert's GEMMs compute their three products with
+# `FP8Gemm`; the output head is named in `exclude` and stays in float32. The MoE gate, attention's
+# score and value products, the norms and the embedding lookup never pass through those two
+# places, so they stay in float32 too, as do the master weights, the gradients and both AdamW
+# moments (V3 keeps the moments in BF16; here they are not the point). The backward is a
+# straight-through estimator, quantisation counting as the identity, and its two GEMMs run on FP8
+# operands as well: Dgrad quantises $dy$ in tiles along the output axis and reuses the weight's
+# square blocks, and Wgrad, which sums over tokens, quantises $dy^\top$ and $x^\top$ in tiles
+# along the token axis.
+
+# %%
+show_source(FP8Gemm.fprop, FP8Gemm.dgrad, FP8Gemm.wgrad)
+
+# %% [markdown]
+# The hook changes nothing but the products. With 128-element tiles, the linear layer under
+# `fp8_autocast` returns exactly the block GEMM of the previous section, its backward is the
+# float64 product of the quantised gradient and the dequantised weight up to float32 accumulation,
+# and outside the block `linear_forward` is the plain float product again:
+
+# %%
+with fp8_autocast(tile=128):
+    y_hook, c_hook = linear_forward(xa, wa)
+assert np.array_equal(y_hook, y.astype(xa.dtype))                  # the FP8 GEMM above, bit for bit
+dx_hook, dw_hook, _ = linear_backward(dy, c_hook)
+dq, ds = quantize_rows(dy, 128)
+dy_hat = dq.astype(np.float64) * np.repeat(ds.astype(np.float64), 128, axis=1)
+assert np.allclose(dx_hook, dy_hat @ w_hat, rtol=1e-5, atol=1e-5 * np.abs(dy_hat @ w_hat).max())
+assert np.array_equal(linear_forward(xa, wa)[0], xa @ wa.T)         # off: the float layer again
+print(f"FP8 Dgrad vs the exact straight-through gradient dy·Ŵ: relative difference "
+      f"{np.linalg.norm(dx_hook - dy @ w_hat) / np.linalg.norm(dy @ w_hat):.1e}")
+
+# %% [markdown]
+# ### The experiment
+#
+# The tiny DeepSeek-V3 of chapter {doc}`05_tiny_v3` (MLA, a dense and an MoE layer, MTP) is trained
+# on column addition from the same initial weights, on the same batches, with the same optimizer,
+# once in float32 and once under `fp8_autocast`. Its widths are 16 to 128, smaller than V3's
+# 128-element tiles, so the tiles here are 32 wide (**a deliberate change from V3**; a width that 32
+# does not divide, such as the 16-dimensional KV latent, gets one shorter tile, padded with zeros).
+# Three more runs serve as yardsticks:
+#
+# * **BF16**, V3's own baseline: `bf16_autocast` rounds the operands of the same GEMMs to
+#   bfloat16 (8 significant bits; FP8's E4M3 has 4) and multiplies in float32;
+# * **float64** from the same start on the same batches: its gap to float32 is what ordinary
+#   float32 rounding does to the curves;
+# * **float32 with the batches in another order**: how far apart two equally valid runs end.
+#
+# Each final model is then evaluated on 64 freshly drawn problems. `fp8_train_run` is in
+# `refimpl.recipes`; `python -m refimpl fp8-train --steps 1000` runs it longer.
+
+# %%
+FP8_STEPS = 150
+fp8_run = fp8_train_run(steps=FP8_STEPS, seed=0, tile=32, progress=False)
+l32, l8, l16 = fp8_run["loss_fp32"], fp8_run["loss_fp8"], fp8_run["loss_bf16"]
+rel8, rel8_bf16 = fp8_run["relative_error"], fp8_run["relative_error_vs_bf16"]
+rel16, rel_ctl = fp8_run["bf16_relative_error"], fp8_run["control_relative_error"]
+
+kinds = {}
+for kind, m_, n_, k_ in fp8_run["gemms"]:
+    kinds[kind] = kinds.get(kind, 0) + 2 * m_ * n_ * k_
+cfg_t = fp8_run["config"]
+tokens = 16 * 64 + 16 * 63                                       # main head + MTP head positions per step
+head_flops = 3 * 2 * tokens * cfg_t.hidden_size * cfg_t.vocab_size   # its Fprop, Dgrad and Wgrad, in float32
+fp8_share = sum(kinds.values()) / (sum(kinds.values()) + head_flops)
+print(f"one step: {len(fp8_run['gemms'])} FP8 GEMMs, "
+      + ", ".join(f"{k} {v / 1e6:.0f} MFLOP" for k, v in kinds.items())
+      + f"; output head {head_flops / 1e6:.0f} MFLOP in float32 -> {fp8_share:.0%} of linear-layer FLOPs in FP8")
+assert set(kinds) == {"fprop", "dgrad", "wgrad"} and 0.8 < fp8_share < 1
+
+fig, (ax0, ax1) = plt.subplots(1, 2, figsize=(11, 3.9))
+steps_axis = np.arange(1, FP8_STEPS + 1)
+ax0.plot(steps_axis, l32, label="float32", lw=1.2)
+ax0.plot(steps_axis, l16, label="BF16 GEMMs", lw=1.0)
+ax0.plot(steps_axis, l8, label="FP8 GEMMs (E4M3, tile 32)", lw=1.0)
+ax0.set_xlabel("step")
+ax0.set_ylabel("training loss (next-token CE)")
+ax0.set_yscale("log")
+ax0.legend(frameon=False)
+ax1.semilogy(steps_axis, rel8_bf16, ".", ms=3, color="C2", label="FP8 vs BF16, per step")
+ax1.semilogy(steps_axis, relative_loss_error(l8, l16, window=10), color="C2", label="FP8 vs BF16, 10-step means")
+ax1.semilogy(steps_axis, relative_loss_error(l16, l32, window=10), color="C1", label="BF16 vs float32, 10-step means")
+ax1.semilogy(steps_axis, np.maximum(rel_ctl, 1e-9), color="0.5", lw=1, label="float32 vs float64, per step")
+ax1.axhline(0.0025, color="k", ls="--", lw=1, label="V3: FP8 vs BF16 < 0.25%")
+ax1.set_xlabel("step")
+ax1.set_ylabel("relative loss error")
+ax1.legend(frameon=False, fontsize=8)
+fig.tight_layout()
+plt.show()
+
+ev = fp8_run["eval_loss"]
+rows = ["| final model | loss on fresh problems, float forward | FP8 forward |", "|---|---:|---:|"]
+for name, v in ev.items():
+    rows.append(f"| {name} | {v['float']:.4f} | {v['fp8']:.4f} |")
+display(Markdown("\n".join(rows)))
+ev_ref = ev["fp32 weights"]["float"]
+gap = {name: v["float"] / ev_ref - 1 for name, v in ev.items()}
+gap_reading = ev["fp32 weights"]["fp8"] / ev_ref - 1
+print(f"relative loss error, FP8 vs BF16 (V3's measure): mean {rel8_bf16.mean():.2%} per step "
+      f"(max {rel8_bf16.max():.1%}); last 10 steps' means {fp8_run['final_relative_error_vs_bf16']:.2%}")
+print(f"vs float32: FP8 mean {rel8.mean():.2%}, BF16 mean {rel16.mean():.2%}; float64 mean {rel_ctl.mean():.3%}")
+print("fresh problems, vs the float32 model: " + ", ".join(f"{k} {v:+.2%}" for k, v in gap.items() if v)
+      + f"; the float32 model read with FP8 GEMMs {gap_reading:+.2%}")
+print("wall time: " + ", ".join(f"{k} {v:.0f} s" for k, v in fp8_run["seconds"].items()))
+assert (l8[0] - l8[-1]) > 0.9 * (l32[0] - l32[-1]) > 2          # all learn, by as much
+assert rel8.mean() > 20 * rel_ctl.mean() and rel16.mean() > 20 * rel_ctl.mean()   # not float32 rounding
+assert 0.0025 < fp8_run["final_relative_error_vs_bf16"] < 0.03 and 0.005 < rel8_bf16.mean() < 0.03  # ~1%
+assert 0.5 < rel8.mean() / rel16.mean() < 2                      # FP8 drifts from float32 about as far as BF16
+assert rel_ctl[:10].max() < 1e-6 and rel_ctl[-10:].max() > 100 * rel_ctl[:10].max()   # the float64 gap grows
+assert abs(gap_reading) < 0.005 and max(abs(v) for v in gap.values()) < 0.05
+
+# %% [markdown]
+# All four runs learn the task at the same pace. Measured as V3 measures it, against the BF16
+# run, the FP8 run's relative loss error averages about 1.3% per step, the means of the last ten
+# steps differ by about 0.65%, and single steps reach 6%: several times V3's 0.25%. But the BF16
+# run is just as far from float32 (about 1.6% per step on average, against 1.2% for FP8), although
+# it rounds sixteen times more finely. Only the float64 run stays close, 0.02% on average, and
+# even its gap grows from about $10^{-8}$ at the start to about $10^{-3}$ by the end: training
+# amplifies small differences, and BF16's and FP8's larger ones reach the percent level within a
+# few dozen steps. So on this model and budget the number measures how far two runs with different
+# arithmetic drift apart, not a cost that FP8 adds on top of BF16. The evaluation on
+# fresh problems tells the same story: reading the float32 model with FP8 GEMMs changes its loss by
+# only about 0.1%, while the final models of the runs differ by a few percent among themselves,
+# the BF16 one included. With a single seed and 150 steps of a model of about $10^5$ parameters,
+# still learning fast, that is as far as this experiment can see; V3's 0.25% concerns its own, far
+# larger models.
+#
+# **What the emulation captures:** the E4M3 grid exactly (every operand is rounded as the format
+# defines), online max-abs scales per 1×$N_c$ tile and $N_c$×$N_c$ block, FP32 promotion of each
+# tile's partial sum, FP8 operands in all three GEMMs, the straight-through backward, and which
+# operators stay in high precision. **What it does not:** any speed-up. FP8 values are stored in
+# float32 arrays and every quantisation is extra work, so on a CPU the FP8 run is several times
+# *slower* than the float32 one (the wall times above); on an H800 the gain comes from tensor
+# cores that multiply FP8 at twice the BF16 rate (the 1979 vs 989 TFLOP/s peaks assumed above) and
+# from moving half the bytes. Nor does it model the ~14-bit accumulation inside a tensor core's
+# 128-element partial sums, V3's other memory savings (the E5M6 cache before the attention output
+# projection, FP8-cached SwiGLU inputs, FP8 MoE dispatch, BF16 optimizer moments), BF16 anywhere
+# but the GEMM operands of the baseline, or 128-wide tiles, which the tiny model's widths do not
+# allow.
 #
 # ## Price per million tokens
 #
-# How DeepSeek-R1 {cite}`deepseekai2025r1` was priced against other reasoning models is a
-# question of vendors' list prices, which change over time and for which this book has no source
-# it can cite and check, so it does not quote them. What can be
-# computed is how hardware cost turns into a price per token. A GPU that rents for $p$ per hour
+# When DeepSeek-R1 {cite}`deepseekai2025r1` was released in January 2025, its API listed
+# \$0.55 per million input tokens (\$0.14 when the prompt prefix is already cached) and \$2.19 per
+# million output tokens, the reasoning tokens included {cite}`deepseek2025pricing`. OpenAI's o1,
+# the model R1 was compared with, listed \$15 per million input tokens (\$7.50 cached) and \$60 per
+# million output tokens {cite}`openai2024pricing`. List prices change, and these are the ones
+# published at the time, with their sources; the ratios below are computed from them.
+
+# %%
+LIST_PRICE = {  # USD per million tokens, as published (see the two citations above)
+    "DeepSeek-R1 (deepseek-reasoner)": {"input": 0.55, "cached input": 0.14, "output": 2.19},
+    "OpenAI o1": {"input": 15.00, "cached input": 7.50, "output": 60.00},
+}
+r1_price, o1_price = LIST_PRICE["DeepSeek-R1 (deepseek-reasoner)"], LIST_PRICE["OpenAI o1"]
+rows = ["| model | input | cached input | output |", "|---|---:|---:|---:|"]
+# (dollar signs escaped: the rendered markdown would otherwise read "$0.55 | $0.14" as math)
+rows += [f"| {m} | \\${p['input']:.2f} | \\${p['cached input']:.2f} | \\${p['output']:.2f} |"
+         for m, p in LIST_PRICE.items()]
+price_ratio = {k: o1_price[k] / r1_price[k] for k in r1_price}
+rows.append("| o1 / R1 | " + " | ".join(f"{price_ratio[k]:.1f}x" for k in ("input", "cached input", "output")) + " |")
+display(Markdown("\n".join(rows)))
+# A reasoning answer is mostly output tokens: 1,000 prompt tokens and 8,000 tokens of thought and answer
+job = {"input": 1_000, "output": 8_000}
+job_usd = {m: sum(p[k] * n for k, n in job.items()) / 1e6 for m, p in LIST_PRICE.items()}
+for m, usd in job_usd.items():
+    print(f"{m}: ${usd:.4f} for one answer with {job['input']:,} prompt and {job['output']:,} output tokens")
+assert 26 < price_ratio["output"] < 28 and 26 < price_ratio["input"] < 28
+assert 26 < job_usd["OpenAI o1"] / job_usd["DeepSeek-R1 (deepseek-reasoner)"] < 28
+
+# %% [markdown]
+# At list prices, o1 cost about 27 times as much as R1 per token, in and out. What the configs
+# *can* tell us is how hardware cost turns into a price per token, which says how much of that
+# gap an efficient architecture can explain. A GPU that rents for $p$ per hour
 # and produces $r$ tokens per hour costs $10^6 p / r$ per million tokens, and
 #
 # $$ r = \frac{3600 \cdot \text{peak} \cdot \text{MFU}}{\text{forward FLOPs per token}}. $$
@@ -511,7 +705,7 @@ assert rel < 0.05
 # %%
 HYPOTHETICAL = dict(usd_per_gpu_hour=2.0, peak=H800_PEAK_FLOPS["fp8"], mfu=0.10)
 contexts = (1024, 4096)
-rows = ["| model | context | forward GFLOP/token | tokens per GPU-hour | $ per million tokens (hypothetical) |",
+rows = ["| model | context | forward GFLOP/token | tokens per GPU-hour | USD per million tokens (hypothetical) |",
         "|---|---:|---:|---:|---:|"]
 usd_per_m = {}
 for name in ("deepseek-v3", "llama-3-70b-like", "qwen2.5-32b-like", "deepseek-67b"):
@@ -524,7 +718,7 @@ for name in ("deepseek-v3", "llama-3-70b-like", "qwen2.5-32b-like", "deepseek-67
         h = gpu_hours(1e6, f, peak_flops=HYPOTHETICAL["peak"], utilisation=HYPOTHETICAL["mfu"])
         assert np.isclose(training_cost(h, usd_per_gpu_hour=HYPOTHETICAL["usd_per_gpu_hour"])["usd"],
                           usd_per_m[name, ctx])
-        rows.append(f"| {NAMES[name]} | {ctx:,} | {f / 1e9:.1f} | {per_hour:,.0f} | ${usd_per_m[name, ctx]:.3f} |")
+        rows.append(f"| {NAMES[name]} | {ctx:,} | {f / 1e9:.1f} | {per_hour:,.0f} | \\${usd_per_m[name, ctx]:.3f} |")
 display(Markdown("\n".join(rows)))
 ratios = {ctx: usd_per_m["llama-3-70b-like", ctx] / usd_per_m["deepseek-v3", ctx] for ctx in contexts}
 for ctx, r in ratios.items():
@@ -548,6 +742,27 @@ assert v3_ctx["attention_context"] > 0.4 * v3_ctx["total"]
 # cache, which is where MLA's small cache pays off. The real price of a token is set by these
 # serving arrangements, and by the vendor's margin, not by arithmetic alone.
 #
+# Set side by side, the hypothetical compute cost and the list price:
+
+# %%
+for ctx in contexts:
+    usd = usd_per_m["deepseek-v3", ctx]
+    print(f"{ctx:>5,} tokens of context: hypothetical compute ${usd:.3f} per million tokens = "
+          f"{usd / r1_price['output']:.0%} of R1's output list price, {usd / o1_price['output']:.1%} of o1's")
+assert usd_per_m["deepseek-v3", 4096] < 0.25 * r1_price["output"]         # "under a fifth"
+assert o1_price["output"] > 100 * usd_per_m["deepseek-v3", 4096]          # "more than a hundred times"
+at_2pct = usd_per_m["deepseek-v3", 4096] * HYPOTHETICAL["mfu"] / 0.02     # cost scales as 1 / MFU
+print(f"at 2% MFU and 4K context: ${at_2pct:.2f} per million output tokens")
+assert 0.75 < at_2pct / r1_price["output"] < 1.0                          # "would approach R1's price"
+
+# %% [markdown]
+# Under these assumptions the compute of an output token is under a fifth of R1's list price for
+# it, so that price is not below cost by arithmetic, while o1's price is more than a hundred times
+# the same compute. The 27-fold gap between the two says more about margins and serving
+# arrangements than about FLOPs, and it cannot be settled from configs. Change `HYPOTHETICAL` (a
+# lower MFU, a higher rental) to see how sensitive the first conclusion is: at 2% MFU the compute
+# alone would approach R1's price.
+#
 # ## Summary
 #
 # * Parameters, FLOPs and cache bytes follow from the configs: V2 236B/21B, V3 671B/37B, and
@@ -556,9 +771,90 @@ assert v3_ctx["attention_context"] > 0.4 * v3_ctx["total"]
 #   of the FP8 peak or 40% of the BF16 peak, with the exact FLOPs at 4K context.
 # * The 93.3% KV-cache reduction is a 6-bit V2 cache against a bf16 67B cache; 82.2% by
 #   elements. V3's bf16 cache is 3.7–4.7× smaller than its dense GQA peers'.
-# * V3's BF16 AdamW moments make its training state 14 bytes per parameter instead of 16.
+# * V3's BF16 AdamW moments make its training state 14 bytes per parameter instead of 18.
+# * At list prices (January 2025 / December 2024), o1 cost about 27x R1 per token; under stated
+#   assumptions V3's compute per output token is under a fifth of R1's price.
 # * E4M3 has 127 non-negative values up to 448; with one scale per 1×128 tile an outlier spoils
 #   only its own tile, where a per-tensor scale flushes the rest of the tensor toward zero.
+# * Training the tiny V3 with all linear-layer GEMMs in E4M3 (tiles of 32) stays within about 1%
+#   per step of BF16 training, several times V3's 0.25%, but BF16 drifts as far from float32; the
+#   emulation reproduces FP8's numbers, not its speed.
 
 # %%
 print(f"chapter ran in {time.perf_counter() - t_start:.1f} s")
+
+# %% [markdown]
+# ## Exercises
+#
+# The solutions are hidden under each exercise; they run when the book is built and assert their
+# answers.
+#
+# 1. **What fits in a GPU.** With {eq}`eq-mla-cache`, compute how many tokens of bf16 KV cache fit
+#    in 40 GiB for DeepSeek-V3, and compare with the Llama-3-70B-like model's GQA cache
+#    ($2 H_k D_h L b$ bytes per token). Check both formulas against `kv_cache_bytes_per_token`.
+
+# %% tags=["hide-cell"]
+# Exercise 1
+budget = 40 * 2**30
+llama = CONFIGS["llama-3-70b-like"]
+v3_per_token = (v3.kv_lora_rank + v3.qk_rope_head_dim) * v3.num_hidden_layers * 2
+llama_per_token = 2 * llama.num_key_value_heads * (llama.hidden_size // llama.num_attention_heads) \
+    * llama.num_hidden_layers * 2
+assert v3_per_token == kv_cache_bytes_per_token(v3, "bf16") == 70_272
+assert llama_per_token == kv_cache_bytes_per_token(llama, "bf16") == 327_680
+fit = {"DeepSeek-V3": budget // v3_per_token, "Llama-3-70B-like": budget // llama_per_token}
+print({k: f"{v:,} tokens" for k, v in fit.items()})
+assert 4.6 < fit["DeepSeek-V3"] / fit["Llama-3-70B-like"] < 4.7
+
+# %% [markdown]
+# 2. **E5M2 and the outlier.** Repeat the per-tensor case of the outlier experiment with E5M2
+#    instead of E4M3 (`quantize_activation(..., fmt="e5m2")`) at $A = 10^6$. Which format keeps
+#    the ordinary entries, and what property of the format (its range, max / smallest normal)
+#    explains it? Why does V3 still choose E4M3?
+
+# %% tags=["hide-cell"]
+# Exercise 2
+x = base.copy()
+x[:, outlier_channel] = 1e6 * np.sign(base[:, outlier_channel])
+per_tensor_err = {}
+for fmt in ("e4m3", "e5m2"):
+    q, s = quantize_activation(x.reshape(1, -1), block=M * K, fmt=fmt)
+    x_hat = dequantize_activation(q, s, block=M * K).reshape(x.shape)
+    per_tensor_err[fmt] = np.linalg.norm((x_hat - x)[:, ordinary]) / np.linalg.norm(x[:, ordinary])
+dynamic_range = {fmt: FP8_FORMATS[fmt].max / FP8_FORMATS[fmt].min_normal for fmt in ("e4m3", "e5m2")}
+print(f"per-tensor error at A = 1e6: {per_tensor_err}; range max/min_normal: {dynamic_range}")
+# E5M2's normal range spans ~9.4e8, so 1e6 : 1 still fits; E4M3's spans only 28,672
+assert dynamic_range["e4m3"] < 1e6 < dynamic_range["e5m2"]
+assert per_tensor_err["e5m2"] < 0.1 < 0.9 < per_tensor_err["e4m3"]
+# ...but E5M2 rounds twice as coarsely, which is why V3 uses E4M3 everywhere and fine-grained scales for range
+assert per_tensor_err["e5m2"] > errors["block-wise (1×128)"][0]
+
+# %% [markdown]
+# 3. **The straight-through gradient.** Under `fp8_autocast(backward=False)`, a linear layer's
+#    backward should be the exact gradient of the surrogate $y = x\hat W_0^\top + \hat x_0 W^\top$,
+#    whose quantised operands are frozen at the point $(x_0, W_0)$. Confirm it with
+#    `refimpl.testing.check_grad`, then measure how far the FP8 Dgrad of `backward=True` departs
+#    from that gradient.
+
+# %% tags=["hide-cell"]
+# Exercise 3
+from refimpl.quant import quantize_blocks  # noqa: E402
+from refimpl.testing import check_grad  # noqa: E402
+
+x0, w0, t = rng.standard_normal((6, 12)), rng.standard_normal((10, 12)), 4
+with fp8_autocast(tile=t, backward=False):
+    _, c_ste = linear_forward(x0, w0)
+with fp8_autocast(tile=t):
+    _, c_fp8 = linear_forward(x0, w0)
+qb, sb = quantize_blocks(w0, t)
+w0_hat = (qb.astype(np.float64) * np.repeat(np.repeat(sb.astype(np.float64), t, 0), t, 1))[:10, :12]  # exact
+qr, sr = quantize_rows(x0, t)
+x0_hat = (qr.astype(np.float64) * np.repeat(sr.astype(np.float64), t, 1))[:, :12]
+err = check_grad(lambda x_, w_: (x_ @ w0_hat.T + x0_hat @ w_.T, lambda g: linear_backward(g, c_ste)[:2]), [x0, w0])
+print(f"STE backward vs finite differences of the surrogate: {err:.1e}")
+assert err < 1e-6
+g = rng.standard_normal((6, 10))
+dx_ste, dx_fp8 = linear_backward(g, c_ste)[0], linear_backward(g, c_fp8)[0]
+departure = np.linalg.norm(dx_fp8 - dx_ste) / np.linalg.norm(dx_ste)
+print(f"FP8 Dgrad vs the exact STE gradient: {departure:.1%} (one E4M3 rounding of dy)")
+assert 1e-3 < departure < 2.0**-4

@@ -23,6 +23,7 @@ import numpy as np
 from .._validate import check_int
 from ..backend import kernel, resolve_backend
 from ..core.activations import swiglu_backward, swiglu_forward
+from ..core.linear import active_gemm
 
 
 class DispatchPlan(NamedTuple):
@@ -126,6 +127,7 @@ class ExpertsCache(NamedTuple):
     offsets: np.ndarray    # (E + 1,)
     act: object            # SwiGLUCache over all rows: gate (A, I), up (A, I), sig (A, I)
     h: np.ndarray          # (A, I) silu(gate) * up
+    gemms: tuple | None = None  # low-precision GEMM providers of (gate, up, down), or None
 
 
 def experts_forward(xs, experts, offsets):
@@ -134,9 +136,15 @@ def experts_forward(xs, experts, offsets):
     .. math:: \mathrm{FFN}_e(u) = W_2^{(e)}\bigl(\mathrm{silu}(W_1^{(e)} u) \odot W_3^{(e)} u\bigr)
 
     ``experts`` holds the stacked HF projections ``gate_proj`` (E, I, D), ``up_proj`` (E, I, D),
-    ``down_proj`` (E, D, I). Shapes: xs (A, D), offsets (E + 1,) -> ys (A, D), ExpertsCache.
+    ``down_proj`` (E, D, I). Under a low-precision hook (:func:`refimpl.quant.fp8_autocast`, via
+    :func:`refimpl.core.linear.active_gemm` on each stacked array) the per-expert GEMMs, forward and
+    backward, go through the hook like any linear layer's.
+    Shapes: xs (A, D), offsets (E + 1,) -> ys (A, D), ExpertsCache.
     """
     wg, wu, wd = experts["gate_proj"], experts["up_proj"], experts["down_proj"]
+    gemms = tuple(active_gemm(w) for w in (wg, wu, wd))
+    if any(g is not None for g in gemms):
+        return _experts_forward_hooked(xs, experts, offsets, gemms)
     a, n_inter = xs.shape[0], wg.shape[1]
     gate = np.empty((a, n_inter), dtype=xs.dtype)                         # (A, I)
     up = np.empty((a, n_inter), dtype=xs.dtype)                           # (A, I)
@@ -153,7 +161,9 @@ def experts_forward(xs, experts, offsets):
 
 def experts_backward(dys, cache):
     """Gradients of :func:`experts_forward`: dxs (A, D) and the stacked weight gradients."""
-    xs, experts, offsets, act, h = cache
+    if cache.gemms is not None:
+        return _experts_backward_hooked(dys, cache)
+    xs, experts, offsets, act, h, _ = cache
     wg, wu, wd = experts["gate_proj"], experts["up_proj"], experts["down_proj"]
     blocks = [(e, offsets[e], offsets[e + 1]) for e in range(wg.shape[0]) if offsets[e + 1] > offsets[e]]
     dwg, dwu, dwd = np.empty_like(wg), np.empty_like(wu), np.empty_like(wd)  # (E, I, D) x2, (E, D, I)
@@ -173,6 +183,53 @@ def experts_backward(dys, cache):
         np.matmul(dup[r0:r1].T, xs[r0:r1], out=dwu[e])                    # (I, D)
         np.matmul(dgate[r0:r1], wg[e], out=dxs[r0:r1])                    # (n_e, D)
         dxs[r0:r1] += dup[r0:r1] @ wu[e]                                  # (n_e, D)
+    return dxs, {"gate_proj": dwg, "up_proj": dwu, "down_proj": dwd}
+
+
+def _gemm(gemm, kind, a, b):
+    """One product through a hook, or plainly when ``gemm`` is None (a projection not hooked)."""
+    if gemm is not None:
+        return getattr(gemm, kind)(a, b)
+    return {"fprop": lambda: a @ b.T, "dgrad": lambda: a @ b, "wgrad": lambda: a.T @ b}[kind]()
+
+
+def _experts_forward_hooked(xs, experts, offsets, gemms):
+    """:func:`experts_forward` with each expert's three GEMMs through the low-precision hook."""
+    wg, wu, wd = experts["gate_proj"], experts["up_proj"], experts["down_proj"]
+    gg, gu, gd = gemms
+    a, n_inter = xs.shape[0], wg.shape[1]
+    gate = np.empty((a, n_inter), dtype=xs.dtype)                         # (A, I)
+    up = np.empty((a, n_inter), dtype=xs.dtype)                           # (A, I)
+    blocks = [(e, offsets[e], offsets[e + 1]) for e in range(wg.shape[0]) if offsets[e + 1] > offsets[e]]
+    for e, r0, r1 in blocks:
+        gate[r0:r1] = _gemm(gg, "fprop", xs[r0:r1], wg[e])                # (n_e, I)
+        up[r0:r1] = _gemm(gu, "fprop", xs[r0:r1], wu[e])                  # (n_e, I)
+    h, act = swiglu_forward(gate, up)                                     # (A, I)
+    ys = np.empty((a, wd.shape[1]), dtype=xs.dtype)                       # (A, D)
+    for e, r0, r1 in blocks:
+        ys[r0:r1] = _gemm(gd, "fprop", h[r0:r1], wd[e])                   # (n_e, D)
+    return ys, ExpertsCache(xs, experts, offsets, act, h, gemms)
+
+
+def _experts_backward_hooked(dys, cache):
+    """:func:`experts_backward` with the Dgrad and Wgrad GEMMs through the cached hooks."""
+    xs, experts, offsets, act, h, (gg, gu, gd) = cache
+    wg, wu, wd = experts["gate_proj"], experts["up_proj"], experts["down_proj"]
+    blocks = [(e, offsets[e], offsets[e + 1]) for e in range(wg.shape[0]) if offsets[e + 1] > offsets[e]]
+    dwg, dwu, dwd = np.zeros_like(wg), np.zeros_like(wu), np.zeros_like(wd)  # (E, I, D) x2, (E, D, I)
+    dh = np.empty_like(h)                                                 # (A, I)
+    for e, r0, r1 in blocks:
+        # forward: ys_e = h_e @ wd[e].T
+        dh[r0:r1] = _gemm(gd, "dgrad", dys[r0:r1], wd[e])                 # (n_e, I)
+        dwd[e] = _gemm(gd, "wgrad", dys[r0:r1], h[r0:r1])                 # (D, I)
+    # forward: h = silu(gate) * up
+    dgate, dup = swiglu_backward(dh, act)                                 # (A, I)
+    dxs = np.empty_like(xs)                                               # (A, D)
+    for e, r0, r1 in blocks:
+        # forward: gate_e = xs_e @ wg[e].T,  up_e = xs_e @ wu[e].T
+        dwg[e] = _gemm(gg, "wgrad", dgate[r0:r1], xs[r0:r1])              # (I, D)
+        dwu[e] = _gemm(gu, "wgrad", dup[r0:r1], xs[r0:r1])                # (I, D)
+        dxs[r0:r1] = _gemm(gg, "dgrad", dgate[r0:r1], wg[e]) + _gemm(gu, "dgrad", dup[r0:r1], wu[e])  # (n_e, D)
     return dxs, {"gate_proj": dwg, "up_proj": dwu, "down_proj": dwd}
 
 

@@ -117,13 +117,13 @@ def _scales(amax, fmt, scale_fmt, eps=1e-4):
     return s
 
 
-def quantize_activation(x, block=128, fmt="e4m3", scale_fmt=None, backend=None):
+def quantize_activation(x, block=128, fmt="e4m3", scale_fmt=None, backend=None, *, eps=1e-4):
     r"""1×``block`` tile quantisation along the last axis (DeepSeek-V3 §3.3.2, Fig. 7a).
 
     .. math:: s = \max(\mathrm{amax}_\text{tile}, 10^{-4}) / 448,\qquad q = \mathrm{fp8}(x / s)
 
-    (the 1e-4 floor is that of DeepSeek's ``act_quant`` kernel; ``scale_fmt="ue8m0"`` rounds
-    scales up to powers of two as in DeepSeek-V3.1).
+    (the default ``eps`` = 1e-4 floor is that of DeepSeek's ``act_quant`` inference kernel;
+    ``scale_fmt="ue8m0"`` rounds scales up to powers of two as in DeepSeek-V3.1).
 
     Shapes: x (..., K) with K divisible by ``block`` -> q (..., K) on the FP8 grid (float32),
     s (..., K/block) float32.
@@ -135,7 +135,7 @@ def quantize_activation(x, block=128, fmt="e4m3", scale_fmt=None, backend=None):
     if k % block:
         raise ValueError(f"x: last axis ({k}) must be divisible by block ({block})")
     tiles = x.astype(np.float64).reshape(*x.shape[:-1], k // block, block)   # (..., K/b, b)
-    s = _scales(np.abs(tiles).max(axis=-1), fmt, scale_fmt)                  # (..., K/b)
+    s = _scales(np.abs(tiles).max(axis=-1), fmt, scale_fmt, eps)             # (..., K/b)
     q = round_to_fp8(tiles / s[..., None], fmt, backend=backend)             # (..., K/b, b)
     return q.reshape(x.shape).astype(np.float32), s.astype(np.float32)
 
@@ -149,7 +149,7 @@ def dequantize_activation(q, s, block=128):
     return (tiles * s[..., None]).reshape(q.shape)                      # (..., K)
 
 
-def quantize_weight(w, block=128, fmt="e4m3", scale_fmt=None, backend=None):
+def quantize_weight(w, block=128, fmt="e4m3", scale_fmt=None, backend=None, *, eps=1e-4):
     """``block``×``block`` weight quantisation (DeepSeek-V3 §3.3.2, Fig. 7a; checkpoint
     ``weight_scale_inv``). Edge blocks of shapes that ``block`` does not divide are partial, as in
     the released FP8 checkpoints.
@@ -164,7 +164,7 @@ def quantize_weight(w, block=128, fmt="e4m3", scale_fmt=None, backend=None):
     pad = np.zeros((nb * block, kb * block))                            # (Nb*b, Kb*b)
     pad[:n, :k] = w
     blocks = pad.reshape(nb, block, kb, block)                          # (Nb, b, Kb, b)
-    s = _scales(np.abs(blocks).max(axis=(1, 3)), fmt, scale_fmt)        # (Nb, Kb)
+    s = _scales(np.abs(blocks).max(axis=(1, 3)), fmt, scale_fmt, eps)   # (Nb, Kb)
     q = round_to_fp8(blocks / s[:, None, :, None], fmt, backend=backend)  # (Nb, b, Kb, b)
     return q.reshape(nb * block, kb * block)[:n, :k].astype(np.float32), s.astype(np.float32)
 
