@@ -7,6 +7,10 @@
   cispo / sapo, token- or sequence-level ratios, k1/k2/k3 KL) with hand-written gradients.
 * :mod:`~refimpl.rl.rewards` — rule-based rewards: accuracy, format, DAPO overlong shaping,
   language consistency, weighted sums.
+* :mod:`~refimpl.rl.rollout` — sampling with the KV cache, the loss's batch layout, held-out
+  evaluation, rejection sampling.
+* :mod:`~refimpl.rl.trainer` — the GRPO trainer (π_old/π_ref, DAPO dynamic sampling, metrics,
+  deterministic by seed) and supervised fine-tuning.
 
 Options carry TRL ``GRPOConfig`` names and TRL's single-process semantics; each docstring says
 where verl or Liger differ.
@@ -32,6 +36,16 @@ from .rewards import (
     overlong_penalty,
     tag_count_reward,
 )
+from .trainer import (
+    GRPOConfig,
+    RolloutBatch,
+    completion_logps,
+    evaluate,
+    grpo_objective,
+    grpo_train,
+    rejection_sample,
+    sft_train,
+)
 
 __all__ = [
     "LOSS_TYPES", "group_advantages", "process_advantages", "grpo_loss", "per_token_kl", "grpo_loss_from_logits",
@@ -39,4 +53,6 @@ __all__ = [
     "selective_log_softmax_forward", "selective_log_softmax_backward", "entropy_forward", "entropy_backward",
     "logps_entropy_forward", "logps_entropy_backward", "accuracy_reward", "format_reward", "extract_answer",
     "overlong_penalty", "language_consistency_reward", "combine_rewards", "exact_match", "tag_count_reward",
+    "GRPOConfig", "grpo_train", "evaluate", "sft_train", "rejection_sample", "RolloutBatch", "grpo_objective",
+    "completion_logps",
 ]

@@ -20,7 +20,7 @@ probability tensor is kept between forward and backward; the only temporaries ar
 (chunk, V) buffers. The log-sum is ``log1p`` of the non-maximal terms, so the log-prob of a
 near-certain token keeps its digits even in float32.
 
-Logits must be finite (no ``-inf`` vocabulary masks). Extreme logits (|z| ~ 1e4) stay finite.
+Logits must be finite (no ``-inf`` vocabulary masks). Extreme logits (``|z| ~ 1e4``) stay finite.
 """
 
 from __future__ import annotations
