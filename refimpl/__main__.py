@@ -16,8 +16,12 @@ import sys
 
 #: recipe name -> (module, function)
 RECIPES = {
+    "distill": ("refimpl.recipes.distill", "distill_run"),
+    "fp8-train": ("refimpl.recipes.fp8_train", "fp8_train_run"),
     "moe-balance": ("refimpl.recipes.moe_balance", "moe_balance_run"),
     "tiny-v3": ("refimpl.recipes.tiny_v3", "tiny_v3_run"),
+    "r1-zero": ("refimpl.recipes.r1", "r1_zero_run"),
+    "r1": ("refimpl.recipes.r1", "r1_run"),
 }
 
 
@@ -30,7 +34,9 @@ def _literal(text):
 
 def _summary(result):
     if isinstance(result, dict):
-        return {k: (type(v).__name__ if not isinstance(v, int | float | str) else v) for k, v in result.items()}
+        def flat(v):   # scalars, and dicts of scalars (e.g. an evaluation), are shown; the rest by type
+            return isinstance(v, int | float | str) or (isinstance(v, dict) and all(map(flat, v.values())))
+        return {k: (v if flat(v) else type(v).__name__) for k, v in result.items()}
     return result
 
 

@@ -11,9 +11,13 @@ al. 2023) lets ``H / Hk`` query heads share each of ``Hk`` key/value heads; mult
 
 The attention core :func:`sdpa_forward` is shared with MLA: MLA's naive path is MHA on decompressed
 keys and values, and its absorbed path is MQA with one 576-wide key head (DeepSeek-V2 App. C;
-the FlashMLA view). RoPE rotates adjacent channel pairs (:func:`refimpl.core.rope_forward`), the
-layout of DeepSeek's released weights; a rotate-half checkpoint (Llama) needs its q/k rows
-de-interleaved first.
+the FlashMLA view). RoPE rotates adjacent channel pairs ``(2i, 2i+1)``
+(:func:`refimpl.core.rope_forward`), the layout of DeepSeek's released weights. transformers'
+Llama / Qwen2 / Mistral rotate halves ``(i, i + Dh/2)`` with the same frequency ``i``, so a
+checkpoint of theirs loads by reordering each head's ``q_proj`` and ``k_proj`` rows to
+``[0, Dh/2, 1, Dh/2 + 1, ...]`` (the inverse of :func:`refimpl.core.deinterleave_perm`); scores,
+outputs and logits are then identical (``tests/model/test_dense_student.py`` checks a whole
+LlamaForCausalLM and Qwen2ForCausalLM this way).
 """
 
 from __future__ import annotations

@@ -6,10 +6,17 @@ multi-head latent attention and whose feed-forward network is a dense SwiGLU in 
 
 .. math:: u = h + \mathrm{MLA}(\mathrm{RMSNorm}(h)), \qquad h' = u + \mathrm{FFN}(\mathrm{RMSNorm}(u))
 
+The same layer with standard attention (:mod:`refimpl.attention.mha`: MHA/GQA/MQA with RoPE) in
+place of MLA is a Llama-style layer: that is what a config whose ``model_type`` is not a DeepSeek
+one (:func:`~refimpl.attention.uses_mla`) builds, e.g. the dense students of DeepSeek-R1 §2.4
+(Llama 3, Qwen2.5 without its q/k/v biases). Its inference path keeps a per-head
+:class:`~refimpl.attention.KVCache` instead of the latent one.
+
 Parameters carry the HF names of one ``model.layers.N`` entry (leaves without the ``.weight``
 suffix, as everywhere in refimpl)::
 
-    {"input_layernorm": (D,), "self_attn": {MLA weights}, "post_attention_layernorm": (D,),
+    {"input_layernorm": (D,), "self_attn": {MLA weights} or {"q_proj", "k_proj", "v_proj", "o_proj"},
+     "post_attention_layernorm": (D,),
      "mlp": {"gate_proj", "up_proj", "down_proj"}            # dense layer
          or {"gate": {...}, "experts": {...}, "shared_experts": {...}}}   # MoE layer (stacked experts)
 """
@@ -20,7 +27,19 @@ from typing import NamedTuple
 
 import numpy as np
 
-from ..attention import init_mla_params, mla_backward, mla_forward, mla_infer
+from ..attention import (
+    KVCache,
+    init_mha_params,
+    init_mla_params,
+    mha_backward,
+    mha_forward,
+    mha_infer,
+    mla_backward,
+    mla_forward,
+    mla_infer,
+    uses_mla,
+)
+from ..attention.mha import MHACache
 from ..core.activations import swiglu_mlp_backward, swiglu_mlp_forward
 from ..core.rmsnorm import rmsnorm_backward, rmsnorm_forward
 from ..moe import init_moe_params, moe_backward, moe_forward
@@ -28,21 +47,26 @@ from ..moe import init_moe_params, moe_backward, moe_forward
 
 class BlockCache(NamedTuple):
     norm1: object      # RMSNormCache of input_layernorm
-    attn: object       # MLACache
+    attn: object       # MLACache, or MHACache for a standard-attention layer
     norm2: object      # RMSNormCache of post_attention_layernorm
     ffn: object        # SwiGLUMLPCache (dense) or MoECache
     moe: bool          # which kind of FFN
 
 
 def init_block_params(config, layer, rng, dtype=np.float64):
-    """Random weights of layer ``layer`` (dense or MoE by :meth:`~refimpl.config.ModelConfig.is_moe_layer`)."""
+    """Random weights of layer ``layer`` (dense or MoE by :meth:`~refimpl.config.ModelConfig.is_moe_layer`;
+    MLA, or MHA/GQA when :func:`~refimpl.attention.uses_mla` is False)."""
     d, i, std = config.hidden_size, config.intermediate_size, config.initializer_range
     normal = lambda *s: (std * rng.standard_normal(s)).astype(dtype)
     if config.is_moe_layer(layer):
         mlp = init_moe_params(config, rng, dtype=dtype)
     else:
         mlp = {"gate_proj": normal(i, d), "up_proj": normal(i, d), "down_proj": normal(d, i)}  # (I, D), (D, I)
-    return {"input_layernorm": np.ones(d, dtype=dtype), "self_attn": init_mla_params(config, rng, dtype),
+    if not uses_mla(config) and config.attention_bias:
+        raise ValueError("config.attention_bias: the standard-attention layer has no projection biases "
+                         "(Llama-style); expected False")
+    attn = init_mla_params(config, rng, dtype) if uses_mla(config) else init_mha_params(config, rng, dtype=dtype)
+    return {"input_layernorm": np.ones(d, dtype=dtype), "self_attn": attn,
             "post_attention_layernorm": np.ones(d, dtype=dtype), "mlp": mlp}
 
 
@@ -57,7 +81,8 @@ def block_forward(x, params, config, layer, positions=None, *, backend=None):
     """
     eps = config.rms_norm_eps
     h1, c1 = rmsnorm_forward(x, params["input_layernorm"], eps)          # (B, T, D)
-    a, ca = mla_forward(h1, params["self_attn"], config, positions)      # (B, T, D)
+    attend = mla_forward if uses_mla(config) else mha_forward
+    a, ca = attend(h1, params["self_attn"], config, positions)           # (B, T, D)
     u = x + a                                                            # (B, T, D)
     h2, c2 = rmsnorm_forward(u, params["post_attention_layernorm"], eps)  # (B, T, D)
     moe = config.is_moe_layer(layer)
@@ -81,8 +106,9 @@ def block_backward(dy, cache, dscores=None):
         dh2, grads["mlp"] = swiglu_mlp_backward(dy, cache.ffn)           # (B, T, D)
     dx_n2, grads["post_attention_layernorm"] = rmsnorm_backward(dh2, cache.norm2)  # (B, T, D)
     du = dy + dx_n2                                                      # (B, T, D)
-    # forward: u = x + mla(rmsnorm(x))
-    dh1, grads["self_attn"] = mla_backward(du, cache.attn)               # (B, T, D)
+    # forward: u = x + attention(rmsnorm(x))   (MLA, or MHA/GQA)
+    attend_backward = mha_backward if isinstance(cache.attn, MHACache) else mla_backward
+    dh1, grads["self_attn"] = attend_backward(du, cache.attn)            # (B, T, D)
     dx_n1, grads["input_layernorm"] = rmsnorm_backward(dh1, cache.norm1)  # (B, T, D)
     dx = du + dx_n1                                                      # (B, T, D)
     order = ("input_layernorm", "self_attn", "post_attention_layernorm", "mlp")
@@ -91,13 +117,19 @@ def block_backward(dy, cache, dscores=None):
 
 def block_infer(x, params, config, layer, kv_cache, start_pos=0, *, impl="absorb", backend=None):
     """The same layer for inference: MLA against a latent cache (:func:`~refimpl.attention.mla_infer`),
-    which it fills in place at rows ``[start_pos, start_pos + T)``.
+    or standard attention against a per-head :class:`~refimpl.attention.KVCache`
+    (:func:`~refimpl.attention.mha_infer`; ``impl`` is then unused), filled in place at rows
+    ``[start_pos, start_pos + T)``.
 
-    Shapes: x (B, T, D), kv_cache.latent (B, Tmax, Dc + Dr) -> y (B, T, D).
+    Shapes: x (B, T, D), kv_cache.latent (B, Tmax, Dc + Dr) or kv_cache.k, .v (B, Hk, Tmax, Dh) -> y (B, T, D).
     """
     eps = config.rms_norm_eps
     h1, _ = rmsnorm_forward(x, params["input_layernorm"], eps)           # (B, T, D)
-    u = x + mla_infer(h1, params["self_attn"], config, kv_cache, start_pos, impl=impl)  # (B, T, D)
+    if isinstance(kv_cache, KVCache):
+        a = mha_infer(h1, params["self_attn"], config, kv_cache, start_pos)  # (B, T, D)
+    else:
+        a = mla_infer(h1, params["self_attn"], config, kv_cache, start_pos, impl=impl)  # (B, T, D)
+    u = x + a                                                            # (B, T, D)
     h2, _ = rmsnorm_forward(u, params["post_attention_layernorm"], eps)  # (B, T, D)
     if config.is_moe_layer(layer):
         f = moe_forward(h2, params["mlp"], config, backend=backend)[0]   # (B, T, D)

@@ -8,6 +8,11 @@ loss, §2.1.2 eq. 17-20, or V2's expert-level loss, §2.2.3 eq. 23-25) plus, for
 multi-token-prediction loss (§2.2, :mod:`refimpl.model.mtp`). Everything has a hand-written
 backward pass; :func:`loss_forward` / :func:`loss_backward` are the training pair.
 
+A config whose HF ``model_type`` is not a DeepSeek one (:func:`refimpl.attention.uses_mla` False)
+and that has no routed experts builds a dense Llama-style decoder with standard MHA/GQA attention
+instead, with the same functions (training, :func:`init_caches` / :func:`model_infer` decoding):
+the dense students of DeepSeek-R1 §2.4 (:func:`refimpl.recipes.distill.dense_student_config`).
+
 The parameter tree maps 1:1 onto hub tensor names (:func:`refimpl.model.checkpoint.param_names`)::
 
     {"model": {"embed_tokens": (V, D), "layers": [block params, ...], "norm": (D,)},
@@ -221,15 +226,20 @@ def loss_backward(cache, params=None, dloss=1.0):
 
 
 def init_caches(config, batch_size, max_len, dtype=np.float64, n_layers=None):
-    """One empty :class:`~refimpl.attention.LatentKVCache` per layer."""
-    from ..attention import init_latent_cache
+    """One empty cache per layer: :class:`~refimpl.attention.LatentKVCache` for MLA, or a per-head
+    :class:`~refimpl.attention.KVCache` (rotated keys and values of ``num_key_value_heads`` heads)
+    for a standard-attention config (:func:`~refimpl.attention.uses_mla` False)."""
+    from ..attention import init_kv_cache, init_latent_cache, uses_mla
     n = config.num_hidden_layers if n_layers is None else n_layers
+    if not uses_mla(config):
+        return [init_kv_cache(config, batch_size, max_len, dtype=dtype) for _ in range(n)]
     return [init_latent_cache(config, batch_size, max_len, dtype) for _ in range(n)]
 
 
 def model_infer(input_ids, params, config, caches, start_pos=0, *, impl="absorb", backend=None):
-    """Prefill / decode step with latent KV caches (filled in place): logits and final-normed hidden
-    of the new tokens at positions ``start_pos + arange(T)``.
+    """Prefill / decode step with the caches of :func:`init_caches` (filled in place; latent caches
+    for MLA, per-head KV caches for standard attention): logits and final-normed hidden of the new
+    tokens at positions ``start_pos + arange(T)``.
 
     Shapes: input_ids (B, T) -> logits (B, T, V), hidden (B, T, D).
     """
