@@ -106,7 +106,7 @@ def record(name, err):
 # $$
 # \bar x_k = \frac{\partial \phi}{\partial x_k}
 #          \approx \frac{\phi(x + \epsilon e_k) - \phi(x - \epsilon e_k)}{2\epsilon}.
-# $$
+# $$ (eq-central-difference)
 #
 # `refimpl.testing.check_grad` evaluates this central difference for (a random sample of) the
 # entries of every input, in float64 with $\epsilon = 10^{-6}$, and reports the worst relative
@@ -141,7 +141,7 @@ show_source(check_grad)
 #
 # $$
 # \bar x = \bar y\, W, \qquad \bar W = \bar y^\top x, \qquad \bar b = \textstyle\sum_n \bar y_n ,
-# $$
+# $$ (eq-linear-backward)
 #
 # where $n$ runs over all leading axes flattened into rows. The backward pass of one matrix product
 # is two matrix products of the same size, which is where the rule of thumb "training costs three
@@ -205,7 +205,7 @@ record("embedding", check_grad(embedding, [ids, table]))
 # $$
 # r = \Bigl(\tfrac1D \textstyle\sum_j x_j^2 + \epsilon\Bigr)^{-1/2}, \qquad
 # \hat x = r\,x, \qquad y = w \odot \hat x .
-# $$
+# $$ (eq-rmsnorm)
 #
 # The gain is easy: $\bar w = \sum_{\text{rows}} \bar y \odot \hat x$. For the input, write
 # $g = \bar y \odot w$ (the gradient arriving at $\hat x$). Every $x_k$ reaches the output twice,
@@ -214,7 +214,7 @@ record("embedding", check_grad(embedding, [ids, table]))
 # $$
 # \bar x_k = r\, g_k + \sum_j g_j x_j \frac{\partial r}{\partial x_k}
 #          = r\Bigl(g_k - \hat x_k \cdot \tfrac1D \textstyle\sum_j g_j \hat x_j\Bigr).
-# $$
+# $$ (eq-rmsnorm-backward)
 #
 # The second term is the one a hurried derivation forgets. It removes from $g$ its component
 # along $\hat x$: taking the dot product of $\bar x$ with $x$ and using
@@ -284,7 +284,7 @@ assert err > 1e-2
 # $$
 # \mathrm{FFN}(x) = \bigl(\operatorname{silu}(x W_1^\top) \odot x W_3^\top\bigr) W_2^\top,
 # \qquad \operatorname{silu}(g) = g\,\sigma(g),
-# $$
+# $$ (eq-swiglu)
 #
 # with $W_1, W_3, W_2$ stored as `gate_proj`, `up_proj`, `down_proj`. Since
 # $\sigma' = \sigma(1 - \sigma)$,
@@ -381,7 +381,7 @@ plt.show()
 # \text{softmax:}\quad \bar x_j = p_j\Bigl(\bar p_j - \textstyle\sum_i p_i \bar p_i\Bigr), \qquad
 # \text{log-softmax:}\quad \bar x_j = \bar\ell_j - p_j \textstyle\sum_i \bar\ell_i, \qquad
 # \text{log-sum-exp:}\quad \bar x_j = \bar s\, p_j .
-# $$
+# $$ (eq-softmax-backward)
 #
 # The log-softmax line follows from $\ell_i = x_i - \operatorname{lse}(x)$ and
 # $\partial \operatorname{lse} / \partial x_j = p_j$. Adding the same constant to every logit
@@ -471,7 +471,7 @@ assert err > 1e-2
 # \ell_t = \operatorname{lse}(z_t) - z_{t, y_t}, \qquad
 # L = \frac{1}{|\mathcal T|} \sum_{t \in \mathcal T} \ell_t, \qquad
 # \bar z_t = \frac{\bar L}{|\mathcal T|}\bigl(\operatorname{softmax}(z_t) - e_{y_t}\bigr),
-# $$
+# $$ (eq-cross-entropy)
 #
 # where $\mathcal T$ is the set of positions whose label is not `-100` (ignored positions get a
 # zero gradient). Fusing the loss and its gradient this way never forms the $N \times V$ matrix of
@@ -572,7 +572,7 @@ assert all_ignored == 0.0 and np.all(cross_entropy_backward(1.0, cache) == 0)
 # \begin{pmatrix} x_{2i} \\ x_{2i+1} \end{pmatrix},
 # \qquad
 # R(\alpha) = \begin{pmatrix} \cos\alpha & -\sin\alpha \\ \sin\alpha & \cos\alpha \end{pmatrix}.
-# $$
+# $$ (eq-rope)
 #
 # The map is linear in $x$, so its backward pass is its transpose, and a rotation's transpose is
 # the rotation the other way: $\bar x = a\,R(-p\theta_i)\,\bar y$. No cache beyond the cos/sin
@@ -581,7 +581,7 @@ assert all_ignored == 0.0 and np.all(cross_entropy_backward(1.0, cache) == 0)
 #
 # $$
 # \bigl\langle R(p\theta) q,\; R(s\theta) k \bigr\rangle = \bigl\langle q,\; R((s - p)\theta)\, k \bigr\rangle ,
-# $$
+# $$ (eq-rope-relative)
 #
 # so a query-key score depends on the two positions only through their distance.
 
@@ -670,7 +670,7 @@ assert err > 1e-2
 # $$
 # \theta'_i = \theta_i(1 - r_i) + \frac{\theta_i}{s}\, r_i, \qquad
 # r_i = \operatorname{clip}\Bigl(\frac{i - \text{low}}{\text{high} - \text{low}}, 0, 1\Bigr).
-# $$
+# $$ (eq-yarn)
 #
 # The ramp's ends are the pairs that make $\beta_\text{fast} = 32$ turns and
 # $\beta_\text{slow} = 1$ turn over the original 4096 tokens. For DeepSeek-V3's configuration
@@ -747,6 +747,11 @@ print(f"m = {m:.6f}; softmax scale = 192^-1/2 * m^2 = {softmax_scale(cfg.qk_head
 # most of them to about $10^{-10}$, the rounding floor of the checker itself. The three deliberate
 # bugs miss by factors of $10^5$ or more: there is no grey zone between a right and a wrong
 # gradient, which is what makes a single tolerance workable for the whole project.
+#
+# The next chapters build on these pairs: {doc}`03_mla` combines linear maps, RMSNorm, softmax and
+# RoPE with YaRN ({eq}`eq-yarn`) into latent attention, {doc}`04_moe` routes tokens to SwiGLU
+# experts ({eq}`eq-swiglu`), and {doc}`05_tiny_v3` trains a whole model on the cross-entropy of
+# {eq}`eq-cross-entropy`.
 
 # %%
 names = list(grad_errors) + list(bug_errors)
@@ -766,3 +771,105 @@ plt.show()
 assert max(grad_errors.values()) < GRAD_TOL < 1e-2 < min(bug_errors.values())
 print(f"{len(grad_errors)} gradient checks passed; {len(bug_errors)} bugs caught; "
       f"chapter ran in {time.perf_counter() - t_start:.1f} s")
+
+# %% [markdown]
+# ## Exercises
+#
+# Each solution is hidden below its exercise (click to show it); it runs when the book is built
+# and asserts its answer, so a wrong solution would stop the build.
+#
+# 1. **Gradients that sum to zero.** Adding the same constant to every logit changes neither the
+#    softmax nor the log-softmax, so by {eq}`eq-softmax-backward` the gradient of each with respect
+#    to its input must sum to zero along the softmax axis, whatever arrives from above. Check this
+#    with `softmax_backward` and `log_softmax_backward` for a random upstream gradient, and show
+#    that the log-sum-exp gradient sums to the upstream gradient instead.
+
+# %% tags=["hide-cell"]
+# Exercise 1
+x = rng.standard_normal((5, 7))
+up = rng.standard_normal((5, 7))
+for name, fwd, bwd in (("softmax", softmax_forward, softmax_backward),
+                       ("log-softmax", log_softmax_forward, log_softmax_backward)):
+    _, cache = fwd(x)
+    row_sums = bwd(up, cache).sum(axis=-1)
+    print(f"{name:12s} gradient row sums: max |sum| = {np.abs(row_sums).max():.1e}")
+    assert np.abs(row_sums).max() < 1e-13
+up_lse = rng.standard_normal(5)
+_, cache = logsumexp_forward(x)
+np.testing.assert_allclose(logsumexp_backward(up_lse, cache).sum(axis=-1), up_lse, rtol=1e-13)
+print("log-sum-exp gradient rows sum to the upstream gradient (the softmax weights sum to 1)")
+
+# %% [markdown]
+# 2. **SiLU from its output.** A memory-saving kernel keeps only $\sigma(g)$ and $y = g\,\sigma(g)$
+#    for the backward pass instead of $g$. Write the gradient of SiLU ({eq}`eq-swiglu`) in terms of
+#    $\sigma$ and $y$ alone, code it, and check it against `silu_backward` and with `check_grad`.
+
+# %% tags=["hide-cell"]
+# Exercise 2: silu'(g) = s + g s (1 - s) = s + y (1 - s), with s = sigmoid(g) and y = g s
+def silu_from_output(g):
+    s = sigmoid(g)
+    y = g * s
+
+    def backward(dy):
+        return (dy * (s + y * (1.0 - s)),)                  # uses s and y only, not g
+
+    return y, backward
+
+
+g = 4 * rng.standard_normal((6, 9))
+dy = rng.standard_normal(g.shape)
+_, silu_cache = silu_forward(g)
+np.testing.assert_allclose(silu_from_output(g)[1](dy)[0], silu_backward(dy, silu_cache), **tol("equiv64"))
+err = check_grad(silu_from_output, [g])
+print(f"SiLU backward from (sigma, y): matches silu_backward; gradient check {err:.1e}")
+assert err < GRAD_TOL
+
+# %% [markdown]
+# 3. **Relative positions.** Use `rope_forward` to verify {eq}`eq-rope-relative`: shifting the
+#    positions of a query and a key by the same amount leaves their dot product unchanged, while
+#    changing their distance does not. Then use the linearity of RoPE to explain why
+#    `rope_backward` needs no cache except the cos/sin tables.
+
+# %% tags=["hide-cell"]
+# Exercise 3
+inv = rope_inv_freq(16)
+q, k = rng.standard_normal(16), rng.standard_normal(16)
+
+
+def score(p, s):
+    return rope_forward(q, np.array(p), inv)[0] @ rope_forward(k, np.array(s), inv)[0]
+
+
+shifted = [score(3 + d, 10 + d) for d in (0, 100, 12345)]
+print("same distance, shifted positions:", np.round(shifted, 12))
+np.testing.assert_allclose(shifted, shifted[0], rtol=1e-9)
+assert abs(score(3, 10) - score(3, 11)) > 1e-3          # a different distance gives a different score
+# RoPE is y = R x with R orthogonal and independent of x, so the backward pass is R^T dy: only the
+# angles (cos/sin) are needed. Check the adjoint identity <R x, dy> = <x, R^T dy> for random x, dy,
+# and that R^T undoes R (a rotation's transpose is its inverse).
+x16, dy16 = rng.standard_normal(16), rng.standard_normal(16)
+y16, rot = rope_forward(x16, np.array(7), inv)
+assert abs(y16 @ dy16 - x16 @ rope_backward(dy16, rot)) < 1e-12
+np.testing.assert_allclose(rope_backward(y16, rot), x16, **tol("equiv64"))
+print("rope_backward is the transpose (and the inverse) of the rotation")
+
+# %% [markdown]
+# 4. **Cross-entropy's bounded gradient.** From {eq}`eq-cross-entropy`, every entry of the
+#    gradient of the mean cross-entropy lies in $[-1/|\mathcal T|, 1/|\mathcal T|]$, each row sums to
+#    zero, and ignored rows get zero. Check all three with logits of magnitude $10^4$ and a third of
+#    the labels set to `-100`.
+
+# %% tags=["hide-cell"]
+# Exercise 4
+n, v = 12, 50
+z = 1e4 * rng.standard_normal((n, v))
+labels = rng.integers(0, v, n)
+labels[::3] = -100
+_, ce_cache = cross_entropy_forward(z, labels)
+dz = cross_entropy_backward(1.0, ce_cache)
+n_valid = int((labels != -100).sum())
+assert np.all(np.isfinite(dz)) and np.abs(dz).max() <= 1 / n_valid + 1e-15
+assert np.abs(dz.sum(axis=-1)).max() < 1e-15
+assert np.all(dz[labels == -100] == 0)
+print(f"|T| = {n_valid}: max |dz| = {np.abs(dz).max():.4f} <= 1/|T| = {1 / n_valid:.4f}; rows sum to 0; "
+      "ignored rows are 0")

@@ -133,7 +133,7 @@ print("GQA(8 heads, 2 groups) == MHA with each group's K/V head repeated 4 times
 # $$
 # c^{KV}_t = W^{DKV} h_t \in \mathbb R^{D_c}, \qquad
 # k^C_{t,i} = W^{UK}_i c^{KV}_t, \qquad v^C_{t,i} = W^{UV}_i c^{KV}_t ,
-# $$
+# $$ (eq-mla-compress)
 #
 # so every head's key and value is a linear read-out of one shared latent of $D_c = 512$ numbers
 # (an RMSNorm sits on the latent). Only $c^{KV}_t$ needs caching: the per-head keys and values
@@ -168,12 +168,13 @@ assert np.linalg.matrix_rank(kv_all[0]) == tiny.kv_lora_rank
 # ## Why RoPE forces a decoupled rope key
 #
 # RoPE {cite}`su2021roformer` rotates a query at position $t$ by $R_t$ and a key at position $j$
-# by $R_j$, so their dot product depends on $j - t$ only. Suppose we rotated the compressed keys
+# by $R_j$, so their dot product depends on $j - t$ only ({eq}`eq-rope-relative` in
+# {doc}`02_backprop_by_hand`). Suppose we rotated the compressed keys
 # themselves, $k_j = R_j W^{UK} c_j$. The score would be
 #
 # $$
 # (R_t q)^\top R_j W^{UK} c_j = \bigl(W^{UK\top} R_j^\top R_t q\bigr)^\top c_j ,
-# $$
+# $$ (eq-mla-rope-conflict)
 #
 # and the vector multiplying $c_j$ now depends on the key's position $j$. There is no single
 # "absorbed" query to score all cached latents with; we would have to decompress every key again,
@@ -210,12 +211,13 @@ assert gap > 0.1
 #
 # $$
 # \mathrm{score}_{t,j,i} = s\,\bigl(q^C_{t,i} \cdot k^C_{j,i} + q^R_{t,i} \cdot k^R_j\bigr).
-# $$
+# $$ (eq-mla-score)
 #
 # The cache becomes $[c^{KV}_j; k^R_j]$: $512 + 64 = 576$ numbers per token per layer, with the
 # latent stored after its RMSNorm and the rope key after its rotation. $W^{DKV}$ and $W^{KR}$ are
 # one matrix in the checkpoint (`kv_a_proj_with_mqa`, 576 rows; "with MQA" because the rope key is
-# a single key head shared by every query head). With YaRN context extension the logit scale is
+# a single key head shared by every query head). With YaRN context extension ({eq}`eq-yarn`) the
+# logit scale is
 # $s = D_{qk}^{-1/2} m^2$ on the whole logit, nope and rope parts alike; for V3,
 # $m = 0.1 \ln 40 + 1$:
 
@@ -261,7 +263,7 @@ assert err < tol("gradcheck")["rtol"]
 # $$
 # q^C_{t,i} \cdot (W^{UK}_i c_j) = (W^{UK\top}_i q^C_{t,i}) \cdot c_j, \qquad
 # \sum_j p_{t,j,i}\, W^{UV}_i c_j = W^{UV}_i \sum_j p_{t,j,i}\, c_j .
-# $$
+# $$ (eq-mla-absorb)
 #
 # Each head's query is mapped into the latent space once per step, scores are taken against the
 # cached rows $[c_j; k^R_j]$ directly, the probabilities average the cached latents, and
@@ -311,8 +313,17 @@ print(f"W_UK {w_uk.shape}, W_UV {w_uv.shape}  (views of kv_b_proj {p['kv_b_proj'
 # %% [markdown]
 # ## Cache size per token, and the 93.3% figure
 #
-# DeepSeek-V2's Table 1 gives the cache per token and layer of each scheme. With $d_h = 128$,
-# $D_c = 4 d_h$ and $D_r = d_h / 2$, MLA's $D_c + D_r = 4.5\,d_h$ equals GQA with 2.25 groups:
+# MLA caches, for each token, the normalised latent $c^{KV}_t$ and the rotated rope key $k^R_t$ of
+# every layer. With $L$ layers and $b$ bytes per cached value, the latent KV cache costs
+#
+# $$
+# M_{\text{MLA}} = (D_c + D_r)\, L\, b \quad \text{bytes per token},
+# $$ (eq-mla-cache)
+#
+# against $2 H_k D_h L b$ for GQA with $H_k$ key/value heads (MHA: $H_k = H$; MQA: $H_k = 1$), and
+# it does not depend on the number of heads. DeepSeek-V2's Table 1 gives the cache per token and
+# layer of each scheme. With $d_h = 128$, $D_c = 4 d_h$ and $D_r = d_h / 2$, MLA's
+# $D_c + D_r = 4.5\,d_h$ equals GQA with 2.25 groups:
 
 # %%
 v2 = PRESETS["deepseek-v2"]
@@ -362,7 +373,7 @@ plt.show()
 
 # %% [markdown]
 # DeepSeek-V2's abstract says MLA "reduces the KV cache by 93.3%" compared with DeepSeek 67B. The
-# element counts alone do not give that number: V2 caches $576 \times 60 = 34\,560$ values per
+# element counts alone do not give that number: by {eq}`eq-mla-cache`, V2 caches $576 \times 60 = 34\,560$ values per
 # token, 67B caches $2 \times 8 \times 128 \times 95 = 194\,560$, a reduction of 82.2%. The figure
 # reconciles exactly once we include what §3.2.3 says about deployment: V2's cache is quantized to
 # "6 bits on average" per element, while 67B is counted in bf16. These are our assumptions, not
@@ -465,6 +476,80 @@ display(Markdown("\n".join(lines)))
 #   equals the naive computation to rounding error.
 # * The 93.3% cache reduction against DeepSeek 67B holds with a 6-bit quantised V2 cache against
 #   a bf16 67B cache; by element count alone it is 82.2%.
+#
+# {doc}`04_moe` turns to the other half of the block, the feed-forward layer; {doc}`05_tiny_v3`
+# decodes a whole model from this latent cache, and {doc}`09_cost` uses {eq}`eq-mla-cache` to
+# compare serving memory across the released configurations.
 
 # %%
 print(f"chapter ran in {time.perf_counter() - t_start:.1f} s")
+
+# %% [markdown]
+# ## Exercises
+#
+# The solutions are hidden under each exercise; they run when the book is built and assert their
+# answers.
+#
+# 1. **A long context.** With {eq}`eq-mla-cache`, work out by hand the bf16 cache of one
+#    128K-token (131 072) sequence of DeepSeek-V3 (61 layers), in GiB, and check it with
+#    `kv_cache_bytes`. How many such sequences fit in the 80 GB of one GPU's memory if nothing else
+#    were stored there?
+
+# %% tags=["hide-cell"]
+# Exercise 1: (Dc + Dr) * L * b per token, times the context
+per_token_v3 = (v3.kv_lora_rank + v3.qk_rope_head_dim) * v3.num_hidden_layers * 2    # bytes, bf16
+by_hand = per_token_v3 * 131_072
+assert by_hand == kv_cache_bytes(v3, 131_072)
+print(f"V3, one 128K sequence: {per_token_v3:,} bytes per token -> {by_hand / 2**30:.2f} GiB; "
+      f"{int(80e9 // by_hand)} sequences in 80 GB")
+assert int(80e9 // by_hand) == 8
+
+# %% [markdown]
+# 2. **MLA as GQA.** DeepSeek-V2's Table 1 says MLA's cache equals GQA's with 2.25 groups. How
+#    many times smaller is MLA's cache per token than MHA's for DeepSeek-V2 (128 heads) and for
+#    DeepSeek-V2-Lite (16 heads)? Why does the ratio depend on the number of heads?
+
+# %% tags=["hide-cell"]
+# Exercise 2: MHA caches 2 H Dh per layer, MLA Dc + Dr whatever H is, so the ratio grows with H
+for name in ("deepseek-v2", "deepseek-v2-lite"):
+    cfg = PRESETS[name]
+    ratio = kv_cache_elements_per_token(cfg, "mha") / kv_cache_elements_per_token(cfg, "mla")
+    print(f"{name:18s} H = {cfg.num_attention_heads:3d}: MHA / MLA = {ratio:.2f}")
+    assert np.isclose(ratio, 2 * cfg.num_attention_heads * 128 / 576)
+
+# %% [markdown]
+# 3. **Caching the decompressed keys.** A decoder that caches every head's decompressed key (nope
+#    and rope parts) and value, as DeepSeek's `attn_impl="naive"` does, stores
+#    $H(D_n + D_r + D_v)$ values per token and layer. Compute this for V3 and compare with
+#    `kv_cache_elements_per_token(v3, "mla_naive")` and with MLA's 576.
+
+# %% tags=["hide-cell"]
+# Exercise 3
+naive_per_layer = v3.num_attention_heads * (v3.qk_nope_head_dim + v3.qk_rope_head_dim + v3.v_head_dim)
+assert naive_per_layer == kv_cache_elements_per_token(v3, "mla_naive", per_layer=True) == 40_960
+print(f"decompressed per-head cache: {naive_per_layer:,} values per token and layer, "
+      f"{naive_per_layer / 576:.1f} times MLA's 576")
+
+# %% [markdown]
+# 4. **Absorption for one head.** Using `absorbed_weights` on the tiny configuration, check
+#    {eq}`eq-mla-absorb` numerically: for a random nope query $q^C_{t,i}$ of head $i$ and cached
+#    latents $c_j$, the scores $q^C_{t,i} \cdot (W^{UK}_i c_j)$ computed from decompressed keys
+#    equal $(W^{UK\top}_i q^C_{t,i}) \cdot c_j$, and the attention output through $W^{UV}_i$ is the
+#    same either way.
+
+# %% tags=["hide-cell"]
+# Exercise 4
+w_uk_all, w_uv_all = absorbed_weights(p, tiny)                    # (H, Dn, Dc), (H, Dv, Dc)
+head = 0
+c_lat = rng.standard_normal((10, tiny.kv_lora_rank))               # (S, Dc) cached latents
+q_nope = rng.standard_normal(tiny.qk_nope_head_dim)                # (Dn,)
+k_dec = c_lat @ w_uk_all[head].T                                   # (S, Dn) decompressed keys
+scores_naive = k_dec @ q_nope                                      # (S,)
+scores_absorbed = c_lat @ (w_uk_all[head].T @ q_nope)              # (S,): query mapped into latent space
+np.testing.assert_allclose(scores_absorbed, scores_naive, **EQ64)
+probs = np.exp(scores_naive - scores_naive.max())
+probs /= probs.sum()
+out_naive = probs @ (c_lat @ w_uv_all[head].T)                     # (Dv,) average of decompressed values
+out_absorbed = w_uv_all[head] @ (probs @ c_lat)                    # (Dv,) decompress the averaged latent once
+np.testing.assert_allclose(out_absorbed, out_naive, **EQ64)
+print("absorbed scores and outputs equal the decompressed ones to rounding error")

@@ -48,6 +48,7 @@ from refimpl.core import swiglu_mlp_forward
 from refimpl.display import show_source
 from refimpl.moe import (
     balance_backward,
+    bias_update,
     comm_balance_forward,
     count_parameters,
     device_balance_forward,
@@ -81,7 +82,8 @@ def table(header, rows):
 # %% [markdown]
 # ## 1. Dense FFN → coarse MoE → fine-grained + shared experts
 #
-# A dense SwiGLU FFN of width $I$ costs $3DI$ parameters, and every token uses all of them. A
+# A dense SwiGLU FFN ({eq}`eq-swiglu` in {doc}`02_backprop_by_hand`) of width $I$ costs $3DI$
+# parameters, and every token uses all of them. A
 # *coarse* MoE in the style of GShard, Switch and Mixtral
 # {cite}`lepikhin2021gshard,fedus2022switch,jiang2024mixtral` keeps $N$ copies of that FFN and
 # routes each token to $K = 2$ of them. Parameters grow $N$-fold, but the compute per token only
@@ -169,8 +171,16 @@ print("one expert, K=1  ==  dense SwiGLU FFN;   3 shared experts  ==  one MLP of
 # **V3** (§2.1.2, eq. 12–16) gives each expert an independent affinity $s_{i,t} = \sigma(u_t^\top
 # e_i)$. For *selection only* it adds a per-expert bias $b_i$ (`e_score_correction_bias`), which
 # load balancing adjusts. The gate values are the *unbiased* affinities of the chosen experts,
-# renormalised to sum to one and multiplied by 2.5. Both routers can also restrict each token to a
-# few expert groups (section 4). Here is the implementation:
+# renormalised to sum to one and multiplied by $\gamma = 2.5$ (`routed_scaling_factor`):
+#
+# $$
+# s_{i,t} = \sigma\bigl(u_t^\top e_i\bigr), \qquad
+# \mathcal{T}_t = \operatorname{TopK}\bigl(\{s_{j,t} + b_j\}_{j=1}^{E}, K\bigr), \qquad
+# g_{i,t} = \gamma\, \frac{s_{i,t}}{\sum_{j \in \mathcal{T}_t} s_{j,t}} \quad (i \in \mathcal{T}_t).
+# $$ (eq-moe-v3-gate)
+#
+# Both routers can also restrict each token to a few expert groups (section 4). Here is the
+# implementation:
 
 # %%
 show_source(gate_forward)
@@ -253,10 +263,23 @@ assert np.all(good.idx // 2 == (good.idx // 2)[:, :1]) and np.all(leaky.idx // 2
 # %% [markdown]
 # ## 3. Sparse dispatch and the backward pass
 #
-# Running all $E$ experts on every token and masking the unused outputs costs $E/K$ times too
-# much. A real layer *dispatches* instead. It sorts the $NK$ (token, slot) copies by expert id, so
-# each expert multiplies one contiguous block of rows with a single GEMM. It then *combines* the
-# outputs back into token order, weighted by the gate values. The bookkeeping is a plan:
+# For token $t$ with router input $u_t$, the layer's output is the sum of its $K_s$ shared experts
+# and of the $K$ routed experts chosen for it, each weighted by its gate value $g_{i,t}$
+# ({eq}`eq-moe-v3-gate` for V3; DeepSeek-V2 eqs. 20-22, DeepSeek-V3 eq. 12):
+#
+# $$
+# h'_t = u_t + \sum_{i=1}^{K_s} \mathrm{FFN}^{(s)}_i(u_t)
+#       + \sum_{i \in \mathcal{T}_t} g_{i,t}\, \mathrm{FFN}^{(r)}_i(u_t),
+# \qquad \mathcal{T}_t = \operatorname{TopK}\bigl(\{s_{j,t} + b_j\}_{j=1}^{E}, K\bigr),
+# $$ (eq-moe-dispatch)
+#
+# where $\mathcal{T}_t$ is the set of chosen experts (with $b_j = 0$ for V2, which has no bias)
+# and the residual $u_t$ is added by the block, not by `moe_forward`. Running all $E$ experts on
+# every token and masking the unused outputs costs $E/K$ times too much. A real layer
+# *dispatches* instead. It sorts the $NK$ (token, slot) copies by expert id, so each expert
+# multiplies one contiguous block of rows with a single GEMM. It then *combines* the outputs back
+# into token order, weighted by the gate values, which is the last sum of {eq}`eq-moe-dispatch`.
+# The bookkeeping is a plan:
 # `pos[n, k]` is the sorted row of token $n$'s $k$-th copy, and `offsets` delimits each expert's
 # block. Both directions are gathers indexed by `pos`, which is what lets the Numba twins run over
 # tokens in parallel without atomics.
@@ -476,6 +499,100 @@ assert 0.975 < moe_share < 0.985 and 0.05 < c["active"] / c["total"] < 0.06     
 # model. That ratio is what makes a 671B model affordable to serve. Keeping it efficient depends
 # on the engineering above: node-limited routing to bound the traffic, and balancing so that no GPU
 # idles while another is swamped.
+#
+# The next chapter, {doc}`05_tiny_v3`, puts this layer and the MLA of {doc}`03_mla` into a whole
+# model and trains it with the bias update of section 5; {doc}`09_cost` counts what the layer costs
+# at full scale.
 
 # %%
 print(f"chapter executed in {time.perf_counter() - t_start:.1f} s")
+
+# %% [markdown]
+# ## Exercises
+#
+# The solutions are hidden under each exercise; they run when the book is built and assert their
+# answers.
+#
+# 1. **Combinations.** DeepSeekMoE's paper starts from 16 experts with top-2 routing and splits
+#    each expert into 4. How many expert combinations can a token choose from before and after the
+#    split? How many does DeepSeek-V3 have (256 routed experts, top-8), and how many if its routing
+#    were restricted to 4 of 8 groups of 32 experts?
+
+# %% tags=["hide-cell"]
+# Exercise 1
+before, after = math.comb(16, 2), math.comb(64, 8)
+v3_all, v3_groups = math.comb(256, 8), math.comb(8, 4) * math.comb(4 * 32, 8)
+print(f"16 experts, top-2: {before:,}; 64 fine-grained, top-8: {after:,}")
+print(f"V3: {v3_all:.3e} combinations; an upper bound with 4 of 8 groups: {v3_groups:.3e}")
+assert (before, after) == (120, 4_426_165_368)
+assert v3_groups < v3_all          # group-limited routing only removes combinations
+
+# %% [markdown]
+# 2. **The bias only selects.** By {eq}`eq-moe-v3-gate`, V3's gate values depend on the bias $b$
+#    only through the set of chosen experts. Show with `gate_forward` that adding a small random
+#    bias changes no gate value of a token whose selection it does not change, and find a token
+#    whose selection it does change.
+
+# %% tags=["hide-cell"]
+# Exercise 2
+bias_small = 0.02 * rng.standard_normal(E)
+r_plain, _ = gate_forward(tokens, {"weight": w_gate, "e_score_correction_bias": np.zeros(E)}, v3)
+r_biased, _ = gate_forward(tokens, {"weight": w_gate, "e_score_correction_bias": bias_small}, v3)
+same = np.all(np.sort(r_plain.idx, 1) == np.sort(r_biased.idx, 1), axis=1)
+order = np.argsort(r_plain.idx, 1), np.argsort(r_biased.idx, 1)
+w_plain = np.take_along_axis(r_plain.weights, order[0], 1)
+w_biased = np.take_along_axis(r_biased.weights, order[1], 1)
+np.testing.assert_allclose(w_biased[same], w_plain[same], rtol=1e-14)
+print(f"{same.sum()} of {len(same)} tokens keep their experts and their gate values exactly; "
+      f"{(~same).sum()} change experts")
+assert 0 < (~same).sum() < len(same)
+
+# %% [markdown]
+# 3. **The combine, by hand.** Compute {eq}`eq-moe-dispatch` for one token of the section 3 layer
+#    without the dispatch machinery: run each chosen expert (`swiglu_mlp_forward` on that expert's
+#    slice of `params["experts"]`) and the shared expert on the token, weight the routed outputs by
+#    the gate values, and compare with `moe_forward`.
+
+# %% tags=["hide-cell"]
+# Exercise 3
+x3 = rng.standard_normal((3, tiny.hidden_size))
+y3, _, info3 = moe_forward(x3, params, tiny)
+t = 1
+by_hand = swiglu_mlp_forward(x3[t], params["shared_experts"])[0] if tiny.n_shared_experts else 0.0
+for e_id, g in zip(info3["idx"][t], info3["weights"][t], strict=True):
+    expert = {name: w[e_id] for name, w in params["experts"].items()}
+    by_hand = by_hand + g * swiglu_mlp_forward(x3[t], expert)[0]
+np.testing.assert_allclose(by_hand, y3[t], **tol("equiv64"))
+print(f"token {t}: experts {info3['idx'][t].tolist()}, gates {np.round(info3['weights'][t], 3).tolist()}; "
+      "the sum by hand equals moe_forward")
+
+# %% [markdown]
+# 4. **The size of the bias step.** Route 4096 random tokens through a 16-expert, top-2 V3 router
+#    whose first expert's centroid is aligned with the tokens' mean, so that every token picks it,
+#    and apply `bias_update` for 12 steps (the router itself is frozen), once with $\gamma = 0.1$
+#    and once with $\gamma = 0.01$. How does the favoured expert's load evolve in each case, and
+#    why can a sign-based update not settle exactly?
+
+# %% tags=["hide-cell"]
+# Exercise 4
+cfg4 = v3.replace(n_routed_experts=16, num_experts_per_tok=2, n_group=1, topk_group=1)
+common = rng.standard_normal(D)
+toks4 = rng.standard_normal((4096, D)) + common
+w4 = rng.standard_normal((16, D)) / np.sqrt(D)
+w4[0] = common / np.linalg.norm(common)
+loads = {}
+for gamma in (0.1, 0.01):
+    b4, loads[gamma] = np.zeros(16), []
+    for _ in range(12):
+        r4, _ = gate_forward(toks4, {"weight": w4, "e_score_correction_bias": b4}, cfg4)
+        load = np.bincount(r4.idx.ravel(), minlength=16)
+        loads[gamma].append(int(load[0]))
+        b4 = bias_update(b4, load, gamma)                  # b_i -= gamma * sign(load_i - mean)
+    print(f"gamma = {gamma}: tokens on the favoured expert per step {loads[gamma]}")
+# gamma = 0.1 removes the imbalance within a few steps, then overshoots: the bias moves by +-gamma whatever
+# the size of the imbalance, so the expert's load swings between too few and too many tokens.
+big, small = loads[0.1], loads[0.01]
+assert min(big) < 0.05 * 4096 / 8 and any(b > a for a, b in zip(big, big[1:], strict=False))
+# gamma = 0.01 moves steadily in the right direction, but after 12 steps is still far from balance;
+# V3 uses gamma = 0.001 over many thousands of steps while the router's weights also learn.
+assert all(b <= a for a, b in zip(small, small[1:], strict=False)) and small[-1] > 4096 / 8

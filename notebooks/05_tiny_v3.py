@@ -42,7 +42,7 @@ import time  # noqa: E402
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
-from refimpl import load_pretrained  # noqa: E402
+from refimpl import ModelConfig, load_pretrained  # noqa: E402
 from refimpl.attention import kv_cache_elements_per_token  # noqa: E402
 from refimpl.display import show_source  # noqa: E402
 from refimpl.model import (  # noqa: E402
@@ -60,7 +60,7 @@ from refimpl.model import (  # noqa: E402
 from refimpl.model.mtp import mtp_draft_step  # noqa: E402
 from refimpl.moe import count_parameters  # noqa: E402
 from refimpl.recipes.tiny_v3 import answer_accuracy, tiny_v3_config, tiny_v3_run  # noqa: E402
-from refimpl.tasks import TOKENIZER, make_dataset  # noqa: E402
+from refimpl.tasks import TOKENIZER, make_dataset, reference_completion  # noqa: E402
 from refimpl.testing import check_grad  # noqa: E402
 from refimpl.tree import tree_map  # noqa: E402
 
@@ -68,8 +68,17 @@ from refimpl.tree import tree_map  # noqa: E402
 # ## Assembling the decoder
 #
 # A DeepSeek-V3 layer is pre-norm: RMSNorm, MLA, residual; RMSNorm, feed-forward, residual
-# (V3 §2.1). The feed-forward network is a dense SwiGLU in the first `first_k_dense_replace`
-# layers (3 in V3) and DeepSeekMoE in the others. The embedding is not scaled and not tied to the
+# (V3 §2.1):
+#
+# $$
+# u^{(\ell)} = h^{(\ell-1)} + \mathrm{MLA}\bigl(\mathrm{RMSNorm}(h^{(\ell-1)})\bigr), \qquad
+# h^{(\ell)} = u^{(\ell)} + \mathrm{FFN}^{(\ell)}\bigl(\mathrm{RMSNorm}(u^{(\ell)})\bigr).
+# $$ (eq-decoder-block)
+#
+# The attention is the MLA of {doc}`03_mla`, whose cache per token is {eq}`eq-mla-cache`. The
+# feed-forward network is a dense SwiGLU ({eq}`eq-swiglu`) in the first `first_k_dense_replace`
+# layers (3 in V3) and the DeepSeekMoE layer of {doc}`04_moe`, {eq}`eq-moe-dispatch`, in the
+# others. The embedding is not scaled and not tied to the
 # output head. Our tiny model has one dense layer and one MoE layer with 8 routed experts (top-2,
 # routed within 1 of 2 groups, V3's sigmoid router with a balancing bias) and one shared expert.
 
@@ -97,11 +106,19 @@ assert len(hub) == len(set(hub)) and "model.layers.1.mlp.experts.7.down_proj.wei
 # %% [markdown]
 # ## The backward pass of the whole model
 #
-# The training loss is the next-token cross-entropy, plus V3's sequence-wise balance loss
-# (eq. 17–20, weight `aux_loss_alpha`) and the MTP loss (§2.2, weight λ = 0.3). Its gradient with
-# respect to every parameter is assembled from the layers' hand-written backward passes in reverse
-# order. A finite-difference check in float64, on a smaller copy of the model, tests all of it at
-# once: a few randomly chosen entries of every one of the ~70 parameter tensors.
+# The training loss is the next-token cross-entropy ({eq}`eq-cross-entropy`), plus V3's
+# sequence-wise balance loss (eq. 17–20, weight `aux_loss_alpha`) and the MTP loss (§2.2, eq. 25),
+# the mean of the $D$ depths' cross-entropies weighted by $\lambda = 0.3$:
+#
+# $$
+# \mathcal{L} = \mathcal{L}_{\text{LM}} + \sum_{\ell \in \text{MoE}} \mathcal{L}^{(\ell)}_{\text{Bal}}
+#   + \frac{\lambda}{D} \sum_{k=1}^{D} \mathcal{L}^{k}_{\text{MTP}} .
+# $$ (eq-v3-loss)
+#
+# Its gradient with respect to every parameter is assembled from the layers' hand-written
+# backward passes in reverse order. A finite-difference check in float64, on a smaller copy of the
+# model, tests all of it at once: a few randomly chosen entries of every one of the ~70 parameter
+# tensors.
 
 # %%
 show_source(model_backward)
@@ -165,9 +182,9 @@ assert h["max_vio"][-100:].mean() < h["max_vio"][:20].mean()
 # ## Generating with the latent cache
 #
 # Generation prefills the prompt once, then decodes one token per step. Each MLA layer caches only
-# the normalised latent $c^{KV}$ and the rotated rope key $k^R$ per token, and decodes with the
-# absorbed weights (V2 §2.1.2). Prompts of different lengths are grouped by length, so no padding
-# enters the attention. The answers are checked exactly.
+# the normalised latent $c^{KV}$ and the rotated rope key $k^R$ per token ({eq}`eq-mla-cache`), and
+# decodes with the absorbed weights ({eq}`eq-mla-absorb`, V2 §2.1.2). Prompts of different lengths
+# are grouped by length, so no padding enters the attention. The answers are checked exactly.
 
 # %%
 acc, texts = answer_accuracy(state.params, run["config"], task, n=64)
@@ -231,3 +248,73 @@ with tempfile.TemporaryDirectory() as d:
 params64 = tree_map(lambda a: a.astype(np.float64), state.params)
 assert np.allclose(logits, model_forward(prompts, params64, run["config"])[0], rtol=1e-10, atol=1e-10)
 print(m, logits.dtype, logits.shape)
+
+# %% [markdown]
+# The same model, scaled up to V3's configuration, is what the later chapters train with
+# reinforcement learning and distil, and what {doc}`09_cost` prices.
+#
+# ## Exercises
+#
+# The solutions are hidden under each exercise; they run when the book is built and assert their
+# answers.
+#
+# 1. **The tiny model's cache.** Use {eq}`eq-mla-cache` to compute the values cached per token by
+#    the trained model (all layers), check it with `kv_cache_elements_per_token`, and compare with
+#    what MHA with the same heads and head dimension $D_n + D_r$ would cache.
+
+# %% tags=["hide-cell"]
+# Exercise 1
+cfg = run["config"]
+mla_by_hand = (cfg.kv_lora_rank + cfg.qk_rope_head_dim) * cfg.num_hidden_layers
+mha_same_heads = 2 * cfg.num_attention_heads * (cfg.qk_nope_head_dim + cfg.qk_rope_head_dim) * cfg.num_hidden_layers
+assert mla_by_hand == kv_cache_elements_per_token(cfg, "mla")
+print(f"MLA: {mla_by_hand} values per token; MHA with the same heads: {mha_same_heads} "
+      f"({mha_same_heads / mla_by_hand:.1f}x)")
+assert mha_same_heads > mla_by_hand
+
+# %% [markdown]
+# 2. **Where the parameters are.** With `count_parameters`, find the share of the tiny model's
+#    parameters that sit in the MoE layer's routed experts, and its active parameters per token.
+#    Compare both with DeepSeek-V3.
+
+# %% tags=["hide-cell"]
+# Exercise 2
+tiny_c, v3_c = count_parameters(cfg), count_parameters(ModelConfig.preset("deepseek-v3"))
+for name, c in (("tiny", tiny_c), ("DeepSeek-V3", v3_c)):
+    print(f"{name:12s} routed experts hold {c['moe_routed'] / c['total']:.0%} of {c['total']:,} parameters; "
+          f"active per token {c['active'] / c['total']:.1%}")
+assert v3_c["moe_routed"] / v3_c["total"] > tiny_c["moe_routed"] / tiny_c["total"]
+assert v3_c["active"] / v3_c["total"] < tiny_c["active"] / tiny_c["total"]
+
+# %% [markdown]
+# 3. **Two tokens per forward.** In speculative decoding with the MTP draft, every main-model
+#    forward yields its own next token, plus the draft token when that was accepted. Check this
+#    accounting against the `info` of one `speculative_generate` call: the tokens produced equal
+#    the main forwards (after the prefill) plus the accepted drafts.
+
+# %% tags=["hide-cell"]
+# Exercise 3: the first main forward is the prefill, which also yields the first token
+e = make_dataset(task, 1, np.random.default_rng(11))[0]
+p = TOKENIZER.encode(e.prompt, add_bos=True)[None]
+toks, info = speculative_generate(state.params, cfg, p, 20)
+produced = toks.shape[1] - p.shape[1]
+print(f"{produced} tokens from {info['main_forwards']} main forwards (prefill included) and "
+      f"{info['accepted']} accepted of {info['drafted']} drafts")
+assert info["drafted"] == info["main_forwards"] - 1            # every forward after the prefill checks a draft
+# each forward yields one token, each accepted draft one more; the last pair may overshoot by one
+assert info["main_forwards"] + info["accepted"] - produced in (0, 1)
+
+# %% [markdown]
+# 4. **Turning MTP off.** With {eq}`eq-v3-loss`, the MTP term is a separate summand. Evaluate the
+#    training loss of the trained model on a batch with `mtp_lambda=0.3` and with `mtp_lambda=0`
+#    and check that the difference is exactly the MTP loss that `loss_forward` reports.
+
+# %% tags=["hide-cell"]
+# Exercise 4
+texts = [x.prompt + reference_completion(task, x) for x in make_dataset(task, 200, np.random.default_rng(3))]
+length = max(set(map(len, texts)), key=[len(t) for t in texts].count)    # the commonest length: no padding
+batch = np.stack([TOKENIZER.encode(t, add_bos=True) for t in texts if len(t) == length][:4])
+with_mtp, _, info_mtp = loss_forward(batch, state.params, cfg, mtp_lambda=0.3)
+without, _, _ = loss_forward(batch, state.params, cfg, mtp_lambda=0.0)
+print(f"loss with MTP {float(with_mtp):.5f}, without {float(without):.5f}, MTP term {float(info_mtp['mtp_loss']):.5f}")
+np.testing.assert_allclose(float(with_mtp) - float(without), float(info_mtp["mtp_loss"]), rtol=1e-5)  # float32 sums

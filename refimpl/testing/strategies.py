@@ -44,7 +44,7 @@ def logits_and_targets(draw, max_rows=8, max_vocab=16, dtype=np.float64, scale=N
     """(logits (N, V), targets (N,)) with some targets set to ``ignore_index``.
 
     ``scale`` multiplies standard-normal logits; by default it is drawn from {1, 30, 1e4} so that
-    extreme logits (|z| ~ 1e4) are exercised.
+    extreme logits (``|z| ~ 1e4``) are exercised.
     """
     n = draw(st.integers(1, max_rows))
     v = draw(st.integers(2, max_vocab))
