@@ -1,0 +1,343 @@
+# ---
+# jupyter:
+#   jupytext:
+#     text_representation:
+#       extension: .py
+#       format_name: percent
+#       format_version: '1.3'
+#       jupytext_version: 1.19.6
+#   kernelspec:
+#     display_name: Python 3 (ipykernel)
+#     language: python
+#     name: python3
+# ---
+
+# %% [markdown]
+# # The R1 recipe
+#
+# R1-Zero ({doc}`06_grpo`) showed that reinforcement learning with rule-based rewards alone can
+# teach a pretrained model to reason. It also had problems that made it a poor assistant: its
+# reasoning was hard to read, and it mixed languages within one answer (DeepSeek-R1 §2.2.4,
+# {cite}`deepseekai2025r1`). DeepSeek-R1 keeps GRPO and the rule-based rewards, and wraps them in
+# a pipeline of four stages that starts with a small supervised *cold start*.
+#
+# This chapter:
+#
+# 1. walks through the four stages as the R1 paper describes them;
+# 2. shows the language-consistency reward that R1 added against language mixing;
+# 3. runs the pipeline in miniature on the tiny DeepSeek-V3 policy of {doc}`05_tiny_v3`, and
+#    compares it with R1-Zero on the same reinforcement-learning budget;
+# 4. lists what carries over from the miniature to the real thing, and what does not.
+#
+# Everything below calls `refimpl.rl` and `refimpl.recipes.r1`; code shown is the library's real
+# source.
+
+# %%
+import os
+
+# The arrays here are small: BLAS threads only add synchronisation cost (set before NumPy loads).
+os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+
+import time  # noqa: E402
+
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+from IPython.display import Markdown, display  # noqa: E402
+
+from refimpl.display import show_source  # noqa: E402
+from refimpl.recipes.r1 import TASK, r1_run, r1_zero_run  # noqa: E402
+from refimpl.rl import (  # noqa: E402
+    accuracy_reward,
+    combine_rewards,
+    evaluate,
+    format_reward,
+    group_advantages,
+    language_consistency_reward,
+    rejection_sample,
+)
+from refimpl.tasks import AdditionTask, Example, reference_completion  # noqa: E402
+
+t_start = time.perf_counter()
+
+
+def table(header, rows):
+    """A markdown table from a header and rows of already-formatted cells."""
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(str(c) for c in r) + " |" for r in rows]
+    display(Markdown("\n".join(lines)))
+
+
+# %% [markdown]
+# ## 1. Four stages
+#
+# R1's pipeline (DeepSeek-R1 §2.3) answers two questions the R1-Zero run left open: can a little
+# high-quality data, given before RL, make reasoning better or RL converge faster? And how do we
+# get a model whose chains of thought are clear and which is also good at everything else?
+#
+# 1. **Cold start** (§2.3.1). A few thousand long chain-of-thought examples, collected by
+#    prompting with long worked examples, by asking models for detailed answers with reflection
+#    and verification, and from R1-Zero outputs rewritten in a readable form and refined by human
+#    annotators. Every example follows one readable pattern: the reasoning, then a summary of it.
+#    DeepSeek-V3-Base is fine-tuned on them before any RL. Compared with R1-Zero this fixes the
+#    output format from the start, and the paper reports better results from it.
+# 2. **Reasoning-oriented RL** (§2.3.2). The same large-scale GRPO as R1-Zero, on math, code,
+#    science and logic problems with verifiable answers. To stop language mixing, a
+#    **language-consistency reward**, the proportion of target-language words in the chain of
+#    thought, is added to the accuracy reward. The paper's ablation finds that it costs a little
+#    accuracy but makes the output more readable.
+# 3. **Rejection sampling and SFT** (§2.3.3). When that RL run converges, its checkpoint is sampled
+#    many times per prompt, and only correct answers are kept (some judged by DeepSeek-V3 as a
+#    generative reward model), with mixed-language, long-paragraph and code-block outputs
+#    filtered out: about 600k reasoning samples. About 200k non-reasoning samples (writing,
+#    factual QA, self-cognition, translation) come from DeepSeek-V3's SFT pipeline. The *base*
+#    model, DeepSeek-V3-Base, not the RL checkpoint, is then fine-tuned on these ~800k samples for
+#    two epochs.
+# 4. **RL for all scenarios** (§2.3.4). A second RL stage on that model: rule-based rewards for
+#    reasoning prompts as before, and reward models of human preference for general prompts
+#    (helpfulness judged on the final summary only, harmlessness on the whole response).
+#
+# Stage 3 is where the knowledge moves: the RL checkpoint is used only as a *data generator*, and
+# rejection sampling turns its best behaviour into a plain supervised dataset. The same ~800k
+# samples are what the distilled models are fine-tuned on ({doc}`08_distill`).
+#
+# ## 2. The language-consistency reward
+#
+# R1 rewards the fraction of the chain of thought written in the target language. refimpl's hook,
+# `language_consistency_reward`, measures the text inside `<think>` against an allowed alphabet,
+# by characters or by words. In the toy tasks the "target language" is arithmetic: digits and
+# the signs `+ = ,`. A completion whose reasoning drifts into words scores lower, whether or not
+# its answer is right; the total reward is the sum of the rule-based rewards.
+
+# %%
+task = AdditionTask(min_digits=1, max_digits=3)
+ex = Example("58+67=", task.solve("58+67="))
+samples = [
+    reference_completion(task, ex),                                      # pure arithmetic
+    "<think>8+7=15,5+6+1=12</think><answer>125</answer>",                # same, written out
+    "<think>8+7=15 carry one,5+6+1=12</think><answer>125</answer>",      # words mixed in
+    "<think>eight plus seven is fifteen</think><answer>125</answer>",    # all words
+    "<think>8+7=15 carry one,5+6=11</think><answer>115</answer>",        # mixed and wrong
+]
+alphabet = "0123456789+=,"
+acc = accuracy_reward(samples, [ex.answer] * len(samples), check=task.check)
+fmt = format_reward(samples)
+lang_w = language_consistency_reward(samples, alphabet=alphabet, unit="word")
+lang_c = language_consistency_reward(samples, alphabet=alphabet, unit="char")
+total = combine_rewards(np.stack([acc, fmt, lang_w], axis=1))
+table(["completion", "accuracy", "format", "language (words)", "language (chars)", "total"],
+      [(f"`{s}`", a, f, f"{w:.2f}", f"{c:.2f}", f"{t:.2f}")
+       for s, a, f, w, c, t in zip(samples, acc, fmt, lang_w, lang_c, total, strict=True)])
+assert lang_w[0] == lang_w[1] == 1 and lang_w[3] == 0 and 0 < lang_w[2] < 1
+assert total[0] > total[2] > total[4] and total[2] > total[3]
+adv, _ = group_advantages(total, len(samples))
+print("advantages inside this group:", adv.round(3))
+assert adv[0] > 0 and adv[3] < 0 and adv[4] < 0 and np.isclose(adv[2], 0.0)
+
+# %% [markdown]
+# The mixed completion with the right answer lands exactly on the group's mean: the language
+# reward has taken back what the accuracy reward gave it. R1's ablation found a similar trade:
+# slightly lower accuracy, more readable reasoning.
+#
+# ## 3. The recipe in miniature
+#
+# `refimpl.recipes.r1.r1_run` runs three of the four stages on the same tiny policy and the same
+# pretrained base as the R1-Zero run of {doc}`06_grpo` (the careless writers' corpus: carries
+# dropped two times in three, a share of broken formats):
+#
+# 1. **cold start**: supervised fine-tuning of the base on 300 reference traces of training
+#    problems, every carry written, in the R1 format;
+# 2. **reasoning RL**: GRPO with the R1-Zero settings (rewards, loss, batch, learning rate), for
+#    fewer steps;
+# 3. **rejection sampling + SFT**: 4 samples for each of 256 fresh problems from the RL
+#    checkpoint, the right and well-formatted ones kept (distinct completions only), and a short
+#    SFT on them.
+#
+# Two deviations from the paper, both to stay small: stage 3 continues from the RL checkpoint
+# instead of retraining the base model, and there is no stage 4 (there are no general prompts and
+# no preference reward models here). Both runs are loaded from `notebooks/_cache` when
+# {doc}`06_grpo` has already computed them.
+
+# %%
+t0 = time.perf_counter()
+r1 = r1_run(cache_dir="_cache", progress=False)
+zero = r1_zero_run(cache_dir="_cache", progress=False)
+print(f"both runs ready in {time.perf_counter() - t0:.0f} s "
+      f"({'cached' if r1['cached'] else 'computed'} R1, {'cached' if zero['cached'] else 'computed'} R1-Zero)")
+st = r1["stages"]
+rows = [("base model", "", f"{r1['eval_before']['accuracy']:.1%}", f"{r1['eval_before']['format']:.1%}",
+         f"{r1['eval_before']['mean_length']:.1f}", "")]
+for name, label in (("cold_start", "1. cold-start SFT"), ("rl", "2. reasoning RL (GRPO)"),
+                    ("rejection_sft", "3. rejection sampling + SFT")):
+    e = st[name]["eval"]
+    size = {"cold_start": f"{st[name].get('n_examples', '')} traces",
+            "rl": f"{len(st['rl']['history'])} steps",
+            "rejection_sft": f"{st[name].get('n_examples', '')} kept of {st[name].get('n_sampled', '')}"}[name]
+    rows.append((label, size, f"{e['accuracy']:.1%}", f"{e['format']:.1%}", f"{e['mean_length']:.1f}",
+                 f"{st[name]['seconds']:.0f}"))
+ez = zero["eval_after"]
+rows.append(("R1-Zero (GRPO from the base)", f"{len(zero['history'])} steps", f"{ez['accuracy']:.1%}",
+             f"{ez['format']:.1%}", f"{ez['mean_length']:.1f}", f"{zero['seconds']['rl']:.0f}"))
+table(["stage", "data / steps", "held-out accuracy", "format", "mean length", "seconds"], rows)
+assert st["cold_start"]["eval"]["accuracy"] > r1["eval_before"]["accuracy"] + 0.2
+assert st["cold_start"]["eval"]["format"] >= 0.95 and len(r1["history"]) < len(zero["history"])
+assert r1["grpo_config"].replace(steps=zero["grpo_config"].steps) == zero["grpo_config"]   # same GRPO settings
+
+# %% [markdown]
+# A few hundred reference traces are enough to change the base model's habit: after the cold
+# start it writes the carries and the format, before any RL step. That is the point of the
+# cold start, compressed: R1's thousands of readable examples gave its RL stage a start that was
+# already readable and already better.
+#
+# **RL steps to a given accuracy.** Both GRPO runs evaluate the same 128 held-out problems every
+# few steps. On one figure, with the step axis counting RL steps only:
+
+# %%
+def eval_curve(res):
+    return np.array([e["step"] for e in res["evals"]]), np.array([e["accuracy"] for e in res["evals"]])
+
+
+def steps_to(res, target):
+    """First evaluated RL step whose held-out accuracy reached ``target`` (None if never)."""
+    s, a = eval_curve(res)
+    hit = np.flatnonzero(a >= target)
+    return int(s[hit[0]]) if hit.size else None
+
+
+fig, ax = plt.subplots(1, 2, figsize=(11, 3.4))
+for res, name in ((zero, "R1-Zero: base → GRPO"), (r1, "R1: base → cold start → GRPO")):
+    s, a = eval_curve(res)
+    ax[0].plot(s, a, marker="o", label=name)
+    ax[1].plot([m["step"] for m in res["history"]], [m["reward"] for m in res["history"]], label=name)
+ax[0].axhline(r1["eval_after"]["accuracy"], color="grey", ls=":", label="R1 after rejection-sampling SFT")
+ax[0].set_ylim(0, 1.02), ax[0].set_title("held-out accuracy (greedy)"), ax[0].legend(fontsize=8)
+ax[1].set_title("reward of the training samples (τ = 1)"), ax[1].legend(fontsize=8)
+for a in ax:
+    a.set_xlabel("GRPO step")
+plt.tight_layout()
+plt.show()
+targets = (0.6, 0.8, 0.9, 0.95)
+table(["held-out accuracy ≥", "R1-Zero: RL steps", "R1: RL steps"],
+      [(f"{t:.0%}", steps_to(zero, t), steps_to(r1, t)) for t in targets])
+for t in targets:
+    z_, r_ = steps_to(zero, t), steps_to(r1, t)
+    assert r_ is not None and (z_ is None or r_ <= z_)        # R1 gets there in no more RL steps
+k = int(eval_curve(r1)[0][-1])                                  # R1's RL budget
+acc_at = {name: dict(zip(*eval_curve(res), strict=True))[k] for name, res in (("R1-Zero", zero), ("R1", r1))}
+print(f"after {k} RL steps: R1-Zero {acc_at['R1-Zero']:.1%}, R1 {acc_at['R1']:.1%}; "
+      f"R1 after its rejection-sampling SFT {r1['eval_after']['accuracy']:.1%}")
+assert r1["eval_after"]["accuracy"] >= zero["eval_after"]["accuracy"] - 0.02
+assert abs(acc_at["R1"] - acc_at["R1-Zero"]) <= 0.05            # same RL budget, similar end point
+assert r1["eval_after"]["accuracy"] >= st["rl"]["eval"]["accuracy"]   # rejection-sampling SFT: no loss
+
+# %% [markdown]
+# The cold start is a head start: R1's RL stage begins where R1-Zero arrives only after several
+# steps, and reaches each accuracy threshold in fewer RL steps (in none at all for the lower
+# ones). With the same number of RL steps both runs end close to each other, because this task is
+# easy once the carry is written; the cold start buys time, not a better end point. Rejection
+# sampling and the final SFT then sharpen the RL policy a little further, at the cost of one more
+# supervised stage. In R1 the cold start also made the outputs readable, which rule-based rewards
+# alone never asked for.
+
+# %% [markdown]
+# **Rejection sampling.** The RL checkpoint is now only a data generator. `rejection_sample`
+# samples it on fresh training problems and keeps the distinct completions that are right *and*
+# well formatted:
+
+# %%
+show_source(rejection_sample)
+
+# %% [markdown]
+# What fraction of its samples does it accept? We sample the RL checkpoint four times at
+# $\tau = 1$ on 64 held-out problems:
+
+# %%
+rl_params, config = r1["stage_params"]["rl"], r1["config"]
+draws = [evaluate(rl_params, config, TASK, n=64, temperature=1.0, seed=s)["samples"] for s in range(4)]
+ok = np.array([[d["correct"] and d["formatted"] for d in draw] for draw in draws])   # (4, 64)
+per_sample, per_problem = ok.mean(), ok.any(axis=0).mean()
+rs = st["rejection_sft"]
+print(f"accepted: {per_sample:.1%} of samples; {per_problem:.1%} of problems have at least one of 4 accepted")
+print(f"the recipe's run: {rs['n_examples']} distinct accepted completions from {rs['n_sampled']} samples "
+      f"(256 problems × 4)")
+print("accepted examples:", *[f"{p}{c}" for p, c in rs["examples"][:3]], sep="\n   ")
+assert per_sample > 0.5 and per_problem >= per_sample
+assert 0 < rs["n_examples"] < 1.5 * rs["n_sampled"] / 4          # about one distinct trace per problem
+
+# %% [markdown]
+# Most problems yield an accepted completion, but few yield more than one *distinct* one: the
+# right trace of an addition is unique, so the four right samples of a problem collapse to one
+# training example. R1's reasoning data is different in kind (many correct chains of thought per
+# problem, filtered further for readability), but the principle is the same: rejection sampling
+# turns the RL policy's successes into a plain supervised dataset that can be trained into any
+# model, the base model in R1 and smaller models in distillation.
+#
+# ## 4. What carries over, and what does not
+#
+# **Carries over.** The mechanics are the real ones: group-relative advantages, the clipped
+# token-level loss with its exact normalisers, rule-based accuracy and format rewards, a cold
+# start that fixes the format and the habit of writing the useful steps before RL begins, and
+# rejection sampling as the bridge from RL back to supervised data. The qualitative results match
+# the paper's: RL alone lifts a base model that only sometimes reasons well, and a small cold
+# start gets to the same accuracy in fewer RL steps.
+#
+# **Does not carry over.** The miniature's "reasoning" is a fixed algorithm that the base model
+# already knows and applies carelessly; RL here *selects* a behaviour present in the pretraining
+# data. R1-Zero's most striking results, chains of thought that grow to thousands of tokens,
+# reflection and re-checking that were never demonstrated (the "aha moment", R1 §2.2.4), need a
+# far more capable base model and long training, and cannot appear in a 100k-parameter model
+# adding numbers. Readability and language mixing are simulated by a corrupted corpus rather than
+# arising from RL. Stage 4 (RL for all scenarios, with preference reward models for helpfulness
+# and harmlessness) and the ~200k non-reasoning SFT samples have no counterpart here, and the
+# sizes differ by many orders of magnitude: thousands of cold-start examples and ~800k SFT
+# samples in R1, against 300 and a few hundred here.
+
+# %% [markdown]
+# ## Exercises
+#
+# 1. After the cold start, every completion is well formatted. Show that the format reward then
+#    changes no advantage: for a group whose completions all have format 1 and accuracies
+#    $[1, 0, 1, 1]$, the advantages of the R1 reward (accuracy + 0.5 format) equal those of
+#    accuracy alone. When is that no longer true?
+
+# %% tags=["hide-cell"]
+acc = np.array([1.0, 0.0, 1.0, 1.0])
+a_total, _ = group_advantages(combine_rewards(np.stack([acc, np.ones(4)], axis=1), [1.0, 0.5]), 4)
+a_acc, _ = group_advantages(acc, 4)
+assert np.allclose(a_total, a_acc)                              # a constant shift cancels in r - mean
+fmt = np.array([1.0, 1.0, 0.0, 1.0])                            # one broken format in the group
+a_mixed, _ = group_advantages(combine_rewards(np.stack([acc, fmt], axis=1), [1.0, 0.5]), 4)
+assert not np.allclose(a_mixed, a_acc)                          # it matters once the format varies
+print(a_acc.round(3), a_mixed.round(3))
+
+# %% [markdown]
+# 2. Suppose each sample of a policy is accepted independently with probability $p$. What
+#    fraction of problems yields at least one accepted sample out of $G = 4$? Compare the
+#    prediction, with $p$ the measured per-sample acceptance rate above, with the measured
+#    fraction, and explain why the prediction is an upper bound when problems differ in
+#    difficulty.
+
+# %% tags=["hide-cell"]
+G = 4
+predicted = 1 - (1 - per_sample) ** G
+# 1 - (1 - p)^G is concave in p, so averaging it over problems of different p (the measurement)
+# gives at most its value at the average p (Jensen's inequality): problems are not alike, and
+# the hard ones fail all their samples together
+print(f"independent samples: {predicted:.2%} of problems; measured: {per_problem:.2%}")
+assert per_problem <= predicted + 0.05                         # up to sampling noise on 64 problems
+
+# %% [markdown]
+# 3. Compute by hand the word-level language-consistency reward of
+#    `<think>7+5=12 carry 1,4+8+1=13 so</think><answer>132</answer>` with the arithmetic alphabet
+#    `0123456789+=,`, then check it with `language_consistency_reward`.
+
+# %% tags=["hide-cell"]
+text = "<think>7+5=12 carry 1,4+8+1=13 so</think><answer>132</answer>"
+words = ["7+5=12", "carry", "1,4+8+1=13", "so"]                 # the words inside <think>
+by_hand = sum(all(ch in alphabet for ch in w) for w in words) / len(words)
+got = language_consistency_reward([text], alphabet=alphabet, unit="word")[0]
+assert by_hand == got == 0.5
+print(f"{got:.2f}")
+
+# %%
+print(f"chapter executed in {time.perf_counter() - t_start:.0f} s")
