@@ -36,6 +36,7 @@
 
 # %%
 import json
+import os
 import subprocess
 import sys
 import tempfile
@@ -43,6 +44,7 @@ import time
 from pathlib import Path
 
 import matplotlib.pyplot as plt
+import numba
 import numpy as np
 from IPython.display import Markdown, display
 
@@ -75,8 +77,11 @@ show_source(bench_ce._case)
 
 # %%
 out = Path(tempfile.mkdtemp(prefix="refimpl-bench-"))
+# every variant gets the same thread count: the usable cores, capped by Numba's pool (NUMBA_NUM_THREADS)
+threads = min(numba.config.NUMBA_NUM_THREADS, len(os.sched_getaffinity(0)))
 t0 = time.perf_counter()
-proc = subprocess.run([sys.executable, "-m", "benchmarks.run", "--quick", "--out-dir", str(out)],
+proc = subprocess.run([sys.executable, "-m", "benchmarks.run", "--quick", "--threads", str(threads),
+                       "--out-dir", str(out)],
                       cwd=ROOT, capture_output=True, text=True)
 bench_seconds = time.perf_counter() - t0
 print(f"benchmark run: {bench_seconds:.0f} s, exit status {proc.returncode}")

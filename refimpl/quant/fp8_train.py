@@ -236,8 +236,10 @@ def fp8_autocast(tile=128, fmt="e4m3", *, scale_fmt=None, exclude=(), backward=T
         :math:`N_c`: activations and gradients get one scale per ``1×tile`` tile along the
         contraction axis, weights one per ``tile×tile`` block. V3 uses 128; a model whose widths
         are smaller needs a smaller tile (the tiny models of this project use 32).
-    fmt : "e4m3" (V3, all three GEMMs) or "e5m2".
-    scale_fmt : None (float32 scales, V3) or "ue8m0" (power-of-two scales, DeepSeek-V3.1).
+    fmt : {"e4m3", "e5m2"}
+        The FP8 format of every operand ("e4m3": V3, all three GEMMs).
+    scale_fmt : {None, "ue8m0"}
+        None: float32 scales (V3); "ue8m0": power-of-two scales (DeepSeek-V3.1).
     exclude : sequence of arrays
         Weights to keep in high precision, compared by identity: pass ``params["lm_head"]`` for V3's
         high-precision output head (also used by MTP, which shares it).
@@ -247,10 +249,14 @@ def fp8_autocast(tile=128, fmt="e4m3", *, scale_fmt=None, exclude=(), backward=T
     log : list, optional
         If given, every GEMM appends ``(kind, m, n, k)``: an (m×k)·(k×n) product of kind
         ``"fprop"``, ``"dgrad"`` or ``"wgrad"``.
-    backend : passed to :func:`~refimpl.quant.fp8.round_to_fp8` (None: numpy for small tiles).
+    backend : str, optional
+        Passed to :func:`~refimpl.quant.fp8.round_to_fp8` (None: numpy for small tiles).
 
-    Yields the :class:`FP8Gemm`. Outside the block (and when it is never entered) every function
-    computes exactly what it computes without this module; nesting restores the outer setting.
+    Yields
+    ------
+    FP8Gemm
+        The active GEMM. Outside the block (and when it is never entered) every function computes
+        exactly what it computes without this module; nesting restores the outer setting.
     """
     gemm = FP8Gemm(tile, fmt, scale_fmt=scale_fmt, exclude=exclude, backward=backward, log=log, backend=backend)
     with use_gemm(gemm):

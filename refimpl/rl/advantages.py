@@ -159,7 +159,7 @@ def process_advantages(step_rewards, step_mask, num_generations, *, scale_reward
     .. math:: \hat A_{i,t} = \sum_{j:\ \mathrm{index}(j) \ge t} \tilde r_i^{\mathrm{index}(j)}
 
     The paper fixes neither the std's ddof nor :math:`\epsilon`; refimpl uses the outcome
-    convention (ddof=1, ``std_eps``=1e-4). A group with fewer than two step rewards, or whose step
+    convention (ddof=1, ``std_eps = 1e-4``). A group with fewer than two step rewards, or whose step
     rewards are all equal, gets zeros. Tokens after a completion's last step get 0.
 
     Shapes: step_rewards (B, T) float, step_mask (B, T) bool (True at step-end tokens; rewards

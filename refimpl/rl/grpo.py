@@ -12,14 +12,11 @@ and the loss is a weighted sum :math:`J = \sum_{i,t} W_{i,t} L_{i,t}` whose weig
 what the ``loss_type`` variants disagree about. All option names and semantics are TRL's
 ``GRPOTrainer`` / ``GRPOConfig`` (one process, no gradient accumulation):
 
-==========  ====================================================  =================================
-loss_type   :math:`W_{i,t}` (``m`` = mask, ``n_i`` = its row sum)  source
-==========  ====================================================  =================================
-grpo, sapo  :math:`m_{i,t} / (B\,\max(n_i,1))`                     DeepSeekMath eq. 3 (1/G, 1/|o_i|)
-bnpo        :math:`m_{i,t} / \max(N,1)`, N = Σ m                   TRL (not the BNPO paper)
-dr_grpo     :math:`m_{i,t} / (B\,L_{max})`                         Dr. GRPO §3.1
-dapo, cispo :math:`m_{i,t} / \max(N_{items},1)`                    DAPO §3.3 (token-level)
-==========  ====================================================  =================================
+* ``grpo``, ``sapo``: :math:`W_{i,t} = m_{i,t} / (B\,\max(n_i,1))`, with ``m`` the mask and
+  :math:`n_i` its row sum (DeepSeekMath eq. 3: 1/G, then 1/|o_i|);
+* ``bnpo``: :math:`W_{i,t} = m_{i,t} / \max(N,1)`, :math:`N = \sum m` (TRL's, not the BNPO paper's);
+* ``dr_grpo``: :math:`W_{i,t} = m_{i,t} / (B\,L_{max})` (Dr. GRPO §3.1);
+* ``dapo``, ``cispo``: :math:`W_{i,t} = m_{i,t} / \max(N_{items},1)` (DAPO §3.3, token-level).
 
 :math:`N_{items}` is TRL's ``num_items_in_batch``: the active tokens of the whole generation batch.
 It defaults to this batch's N (so ``dapo`` equals ``bnpo`` here); pass it when splitting a batch
@@ -175,8 +172,9 @@ def grpo_loss(logps, old_logps, ref_logps, advantages, mask, *, loss_type="dapo"
         :math:`\hat A`, constants. (B, T) allows per-token (process) advantages.
     mask : ndarray (B, T), bool or 0/1
         Completion-token mask; masked entries never affect the loss or the gradient.
-    loss_type, epsilon, epsilon_high, delta, beta, importance_sampling_level, max_completion_length,
-    num_items_in_batch, sapo_temperature_pos, sapo_temperature_neg
+    loss_type, epsilon, epsilon_high, delta, beta, importance_sampling_level : TRL options
+        See the module docstring.
+    max_completion_length, num_items_in_batch, sapo_temperature_pos, sapo_temperature_neg : TRL options
         TRL's ``GRPOConfig`` options (``epsilon_high`` defaults to ``epsilon``; ``delta`` is
         INTELLECT-2's upper bound on the unclipped ratio). ``max_completion_length`` is required
         for ``dr_grpo``. ``num_items_in_batch`` overrides the ``dapo``/``cispo`` token count.
