@@ -13,7 +13,7 @@ what the ``loss_type`` variants disagree about. All option names and semantics a
 ``GRPOTrainer`` / ``GRPOConfig`` (one process, no gradient accumulation):
 
 * ``grpo``, ``sapo``: :math:`W_{i,t} = m_{i,t} / (B\,\max(n_i,1))`, with ``m`` the mask and
-  :math:`n_i` its row sum (DeepSeekMath eq. 3: 1/G, then 1/|o_i|);
+  :math:`n_i` its row sum (DeepSeekMath eq. 3: :math:`1/G`, then :math:`1/\lvert o_i\rvert`);
 * ``bnpo``: :math:`W_{i,t} = m_{i,t} / \max(N,1)`, :math:`N = \sum m` (TRL's, not the BNPO paper's);
 * ``dr_grpo``: :math:`W_{i,t} = m_{i,t} / (B\,L_{max})` (Dr. GRPO §3.1);
 * ``dapo``, ``cispo``: :math:`W_{i,t} = m_{i,t} / \max(N_{items},1)` (DAPO §3.3, token-level).
