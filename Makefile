@@ -74,4 +74,4 @@ bench: $(VENV)/.test-installed $(ORACLE_DEP)
 oracle: $(VENV)/.oracle-installed
 
 clean:
-	rm -rf book/_build .pytest_cache .hypothesis
+	rm -rf book/_build .pytest_cache .hypothesis notebooks/_cache
