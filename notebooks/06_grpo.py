@@ -51,6 +51,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 from IPython.display import Markdown, display  # noqa: E402
 
+from refimpl.core import log_softmax_forward, softmax_forward  # noqa: E402
 from refimpl.display import show_source  # noqa: E402
 from refimpl.recipes.r1 import r1_zero_run  # noqa: E402
 from refimpl.rl import (  # noqa: E402
@@ -129,7 +130,7 @@ def table(header, rows):
 rng = np.random.default_rng(0)
 V, G, TRIALS, RIGHT = 8, 8, 4000, 3
 z = rng.standard_normal(V)                                              # (V,) the policy's logits
-pi = np.exp(z - z.max()) / np.exp(z - z.max()).sum()                    # (V,)
+pi = softmax_forward(z)[0]                                              # (V,)
 true_grad = pi[RIGHT] * (np.eye(V)[RIGHT] - pi)                         # (V,) d E[r] / dz, exact
 print(f"probability of the right answer: {pi[RIGHT]:.3f}")
 assert 0.07 < pi[RIGHT] < 0.09
@@ -430,7 +431,7 @@ rng = np.random.default_rng(1)
 Vk, N_SAMPLES = 50, 100_000
 z_pol = rng.standard_normal(Vk)
 u = rng.standard_normal(Vk)
-logsm = lambda v: v - v.max() - np.log(np.exp(v - v.max()).sum())  # noqa: E731
+logsm = lambda v: log_softmax_forward(v)[0]                         # noqa: E731
 scales = np.array([0.05, 0.1, 0.2, 0.4, 0.7, 1.0, 1.5])
 kl_stats = {k: ([], []) for k in ("k1", "k2", "k3")}
 true_kl = []

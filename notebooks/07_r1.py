@@ -46,7 +46,7 @@ import numpy as np  # noqa: E402
 from IPython.display import Markdown, display  # noqa: E402
 
 from refimpl.display import show_source  # noqa: E402
-from refimpl.recipes.r1 import TASK, r1_run, r1_zero_run  # noqa: E402
+from refimpl.recipes.r1 import TASK, r1_run, r1_zero_run, steps_to_accuracy  # noqa: E402
 from refimpl.rl import (  # noqa: E402
     accuracy_reward,
     combine_rewards,
@@ -190,18 +190,12 @@ assert r1["grpo_config"].replace(steps=zero["grpo_config"].steps) == zero["grpo_
 # already readable and already better.
 #
 # **RL steps to a given accuracy.** Both GRPO runs evaluate the same 128 held-out problems every
-# few steps. On one figure, with the step axis counting RL steps only:
+# few steps. On one figure, with the step axis counting RL steps only, and in a table of the first
+# evaluated step at which each run reached a threshold (`refimpl.recipes.r1.steps_to_accuracy`):
 
 # %%
 def eval_curve(res):
     return np.array([e["step"] for e in res["evals"]]), np.array([e["accuracy"] for e in res["evals"]])
-
-
-def steps_to(res, target):
-    """First evaluated RL step whose held-out accuracy reached ``target`` (None if never)."""
-    s, a = eval_curve(res)
-    hit = np.flatnonzero(a >= target)
-    return int(s[hit[0]]) if hit.size else None
 
 
 fig, ax = plt.subplots(1, 2, figsize=(11, 3.4))
@@ -218,9 +212,9 @@ plt.tight_layout()
 plt.show()
 targets = (0.6, 0.8, 0.9, 0.95)
 table(["held-out accuracy ≥", "R1-Zero: RL steps", "R1: RL steps"],
-      [(f"{t:.0%}", steps_to(zero, t), steps_to(r1, t)) for t in targets])
+      [(f"{t:.0%}", steps_to_accuracy(zero, t), steps_to_accuracy(r1, t)) for t in targets])
 for t in targets:
-    z_, r_ = steps_to(zero, t), steps_to(r1, t)
+    z_, r_ = steps_to_accuracy(zero, t), steps_to_accuracy(r1, t)
     assert r_ is not None and (z_ is None or r_ <= z_)        # R1 gets there in no more RL steps
 k = int(eval_curve(r1)[0][-1])                                  # R1's RL budget
 acc_at = {name: dict(zip(*eval_curve(res), strict=True))[k] for name, res in (("R1-Zero", zero), ("R1", r1))}

@@ -33,9 +33,9 @@ from dataclasses import dataclass
 import numpy as np
 
 from ..model.generate import generate
-from ..model.train import TrainConfig, init_state, train
 from ..model.transformer import IGNORE_INDEX, model_backward, model_forward, shift_labels
 from ..optim import adamw_init, adamw_update, clip_grad_norm, warmup_cosine_lr
+from ..rl.trainer import sft_train
 from ..tasks import TOKENIZER, make_dataset, pad_sequences, reference_completion
 from ..tree import tree_map
 from .losses import generalized_jsd_loss
@@ -77,6 +77,10 @@ class GKDConfig:
             raise ValueError(f"temperature: expected a number >= 0 (0 = greedy), got {self.temperature!r}")
         if not self.loss_temperature > 0:
             raise ValueError(f"loss_temperature: expected a positive number, got {self.loss_temperature!r}")
+        if not 0.0 < self.top_p <= 1.0:
+            raise ValueError(f"top_p: expected a number in (0, 1], got {self.top_p!r}")
+        if not self.lr > 0:
+            raise ValueError(f"lr: expected a positive number, got {self.lr!r}")
         for name in ("steps", "batch_size", "max_new_tokens"):
             v = getattr(self, name)
             if not isinstance(v, int) or v < 1:
@@ -102,21 +106,20 @@ def encode_pairs(pairs, *, add_eos=True):
         p = TOKENIZER.encode(prompt, add_bos=True)
         c = TOKENIZER.encode(completion, add_eos=add_eos)
         rows.append(np.concatenate([p, c]))
-        targets.append(np.concatenate([np.zeros(len(p), bool), np.ones(len(c), bool)]))
-    ids, _ = pad_sequences(rows, pad_id=TOKENIZER.pad_id)                 # (B, T)
-    target, _ = pad_sequences([t.astype(np.int64) for t in targets])      # (B, T)
-    return ids, np.where(target.astype(bool), ids, IGNORE_INDEX)          # (B, T) each
+        targets.append(np.arange(len(p) + len(c)) >= len(p))
+    return _pack(rows, targets)
 
 
 def _rows_from_tokens(prompts, outs):
     """ids/labels from tokenized prompts and generate()'s outputs (completion tokens, cut after <eos>)."""
-    rows, targets = [], []
-    for p, o in zip(prompts, outs, strict=True):
-        rows.append(o)
-        targets.append(np.arange(len(o)) >= len(p))
+    return _pack(outs, [np.arange(len(o)) >= len(p) for p, o in zip(prompts, outs, strict=True)])
+
+
+def _pack(rows, targets):
+    """Right-padded ids and labels: the token where ``targets`` is True, -100 elsewhere and on the padding."""
     ids, _ = pad_sequences(rows, pad_id=TOKENIZER.pad_id)                 # (B, T)
     target, _ = pad_sequences([t.astype(np.int64) for t in targets])      # (B, T)
-    return ids, np.where(target.astype(bool), ids, IGNORE_INDEX)
+    return ids, np.where(target.astype(bool), ids, IGNORE_INDEX)          # (B, T) each
 
 
 def gkd_loss(student_params, student_config, teacher_params, teacher_config, input_ids, labels, *, beta=0.5,
@@ -135,6 +138,8 @@ def gkd_loss(student_params, student_config, teacher_params, teacher_config, inp
     Shapes: input_ids, labels (B, T) int64.
     """
     _check_pair(student_config, teacher_config)
+    if np.shape(labels) != np.shape(input_ids):
+        raise ValueError(f"labels: expected the shape of input_ids {np.shape(input_ids)}, got {np.shape(labels)}")
     s_logits, cache, _ = model_forward(input_ids, student_params, student_config, backend=backend)  # (B, T, V)
     t_logits = model_forward(input_ids, teacher_params, teacher_config, backend=backend)[0]          # (B, T, V)
     shifted = shift_labels(np.asarray(labels, dtype=np.int64))                                      # (B, T)
@@ -270,8 +275,10 @@ def teacher_generations(teacher_params, teacher_config, task, n_prompts, *, num_
     if temperature == 0 and num_samples != 1:
         raise ValueError(f"num_samples: greedy decoding (temperature=0) gives one completion per prompt, "
                          f"got {num_samples}")
-    if not isinstance(num_samples, int) or num_samples < 1:
-        raise ValueError(f"num_samples: expected a positive integer, got {num_samples!r}")
+    for name, v in (("n_prompts", n_prompts), ("num_samples", num_samples), ("batch_size", batch_size),
+                    ("max_new_tokens", max_new_tokens)):
+        if not isinstance(v, int) or v < 1:
+            raise ValueError(f"{name}: expected a positive integer, got {v!r}")
     rng = np.random.default_rng(seed)
     examples = make_dataset(task, n_prompts, rng)
     rows = [e for e in examples for _ in range(num_samples)]
@@ -309,7 +316,8 @@ def sequence_kd_train(student_params, student_config, data, *, steps=200, batch_
     DeepSeek-R1 §2.4, no RL). ``data``: ``(prompt, completion)`` strings (e.g.
     :func:`teacher_generations`' ``data``); each step draws ``batch_size`` rows with replacement
     and takes an AdamW step (warmup + cosine to ``min_lr``, default ``lr / 10``) through
-    :func:`refimpl.model.train.train`.
+    :func:`refimpl.model.train.train`. It is R1's SFT stage, :func:`refimpl.rl.trainer.sft_train`,
+    on teacher data (with a 5% warmup by default).
 
     Returns ``dict(params, history, tokens, seconds)`` (``history``: per-metric lists,
     :data:`refimpl.model.train.HISTORY`; ``tokens``: real tokens trained on, forward and backward;
@@ -318,21 +326,9 @@ def sequence_kd_train(student_params, student_config, data, *, steps=200, batch_
     data = list(data)
     if not data:
         raise ValueError("data: expected at least one (prompt, completion) pair (did rejection drop everything?)")
-    ids, labels = encode_pairs(data)                                      # (N, T) each
-
-    lengths = (ids != TOKENIZER.pad_id).sum(axis=1)                      # (N,) real tokens per row
-    tokens = [0]
-
-    def batch_fn(rng, step):
-        pick = rng.integers(0, len(ids), batch_size)
-        width = int(lengths[pick].max())
-        tokens[0] += int(lengths[pick].sum())
-        return ids[pick, :width], labels[pick, :width]                  # trimmed to the longest row
-
     warm = max(steps // 20, 1) if warmup_steps is None else warmup_steps
-    tc = TrainConfig(steps=steps, lr=lr, min_lr=lr / 10 if min_lr is None else min_lr, warmup_steps=warm,
-                     weight_decay=weight_decay, max_grad_norm=max_grad_norm, bias_update_speed=0.0, mtp_lambda=0.0,
-                     balance="none", backend=backend)
     t0 = time.perf_counter()
-    state = train(init_state(student_params, seed), student_config, batch_fn, tc, progress=progress)
-    return {"params": state.params, "history": state.history, "tokens": tokens[0], "seconds": time.perf_counter() - t0}
+    out = sft_train(student_params, student_config, data, steps=steps, batch_size=batch_size, lr=lr, min_lr=min_lr,
+                    warmup_steps=warm, weight_decay=weight_decay, max_grad_norm=max_grad_norm, seed=seed,
+                    progress=progress, backend=backend)
+    return {**out, "seconds": time.perf_counter() - t0}

@@ -28,7 +28,6 @@ from typing import NamedTuple
 import numpy as np
 
 from ..attention import (
-    KVCache,
     init_mha_params,
     init_mla_params,
     mha_backward,
@@ -125,10 +124,10 @@ def block_infer(x, params, config, layer, kv_cache, start_pos=0, *, impl="absorb
     """
     eps = config.rms_norm_eps
     h1, _ = rmsnorm_forward(x, params["input_layernorm"], eps)           # (B, T, D)
-    if isinstance(kv_cache, KVCache):
-        a = mha_infer(h1, params["self_attn"], config, kv_cache, start_pos)  # (B, T, D)
-    else:
+    if uses_mla(config):                 # by the config, as block_forward: a wrong cache is a TypeError
         a = mla_infer(h1, params["self_attn"], config, kv_cache, start_pos, impl=impl)  # (B, T, D)
+    else:
+        a = mha_infer(h1, params["self_attn"], config, kv_cache, start_pos)  # (B, T, D)
     u = x + a                                                            # (B, T, D)
     h2, _ = rmsnorm_forward(u, params["post_attention_layernorm"], eps)  # (B, T, D)
     if config.is_moe_layer(layer):

@@ -34,7 +34,11 @@ from ..model.transformer import init_params
 from ..rl.trainer import evaluate, grpo_train, sft_train
 from ..tasks import TOKENIZER, eval_set
 from ..tree import tree_map
-from . import r1
+from . import _cache, r1
+
+#: refimpl sources the student's base depends on (hashed into its cache key): the R1 recipe's
+#: (model, attention, training, corpus) and this module, where :func:`student_base` lives.
+STUDENT_SOURCES = (*r1.SOURCES, "recipes/distill.py")
 
 
 def dense_student_config(vocab_size=TOKENIZER.vocab_size, hidden_size=48, intermediate_size=128,
@@ -86,19 +90,19 @@ def student_base(config, steps, seed=0, *, n_corpus=4000, batch_size=32, lr=3e-3
     token of :func:`refimpl.recipes.r1.base_corpus`, the same noisy corpus, same optimiser settings).
 
     Returns ``dict(params, history, seconds, cached)``; cached in ``cache_dir`` under a key hashing the
-    arguments, the student config and the sources the R1 recipe hashes.
+    arguments, the student config and :data:`STUDENT_SOURCES` (:mod:`refimpl.recipes._cache`).
     """
     args = dict(config=config.to_dict(), steps=steps, seed=seed, n_corpus=n_corpus, batch_size=batch_size, lr=lr)
-    key = r1._key("distill_student_base", args)
-    if cache_dir is not None and (hit := r1._load(cache_dir, key, config, ["params"])) is not None:
+    key = _cache.cache_key("distill_student_base", args, STUDENT_SOURCES)
+    if cache_dir is not None and (hit := _cache.load(cache_dir, key, config, ["params"])) is not None:
         return {"params": hit[0]["params"], **hit[1], "cached": True}
     t0 = time.perf_counter()
     out = sft_train(init_params(config, np.random.default_rng(seed), np.float32), config,
                     r1.base_corpus(n_corpus, seed), steps=steps, batch_size=batch_size, lr=lr,
                     warmup_steps=min(20, steps), seed=seed, progress=progress)
-    meta = r1._plain({"history": out["history"], "seconds": time.perf_counter() - t0})
+    meta = _cache.plain({"history": out["history"], "seconds": time.perf_counter() - t0})
     if cache_dir is not None:
-        r1._save(cache_dir, key, {"params": out["params"]}, meta)
+        _cache.save(cache_dir, key, {"params": out["params"]}, meta)
     return {"params": out["params"], **meta, "cached": False}
 
 

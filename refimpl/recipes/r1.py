@@ -57,10 +57,7 @@ chapter and the distillation chapter reuses the R1 teacher (:func:`r1_teacher`).
 from __future__ import annotations
 
 import dataclasses
-import hashlib
-import json
 import time
-from pathlib import Path
 
 import numpy as np
 
@@ -68,7 +65,7 @@ from ..config import ModelConfig
 from ..model.transformer import init_params
 from ..rl.trainer import GRPOConfig, evaluate, grpo_train, rejection_sample, sft_train
 from ..tasks import AdditionTask, Example, format_completion, make_dataset, reference_completion
-from ..tree import tree_flatten, tree_paths
+from . import _cache
 from .tiny_v3 import tiny_v3_config
 
 TASK = AdditionTask(min_digits=2, max_digits=3)
@@ -144,51 +141,12 @@ def base_corpus(n=4000, seed=0, *, p_carry=0.35, p_broken_format=0.3) -> list[st
 # Cache
 # ----------------------------------------------------------------------------------------------
 
-def _source_hash() -> str:
-    root = Path(__file__).resolve().parents[1]
-    h = hashlib.sha256()
-    for entry in SOURCES:
-        path = root / entry
-        files = sorted(path.rglob("*.py")) if path.is_dir() else [path]
-        for f in files:
-            h.update(str(f.relative_to(root)).encode())
-            h.update(f.read_bytes())
-    return h.hexdigest()
-
-
 def _key(name, args) -> str:
-    blob = json.dumps({"name": name, "args": args, "src": _source_hash()}, sort_keys=True, default=str)
-    return f"{name}-{hashlib.sha256(blob.encode()).hexdigest()[:16]}"
+    """The cache key of a stage of these recipes (:func:`refimpl.recipes._cache.cache_key` over :data:`SOURCES`)."""
+    return _cache.cache_key(name, args, SOURCES)
 
 
-def _save(cache_dir, key, trees, meta):
-    d = Path(cache_dir) / key
-    d.mkdir(parents=True, exist_ok=True)
-    arrays = {f"{name}/{p}": a for name, tree in trees.items()
-              for p, a in zip(tree_paths(tree), tree_flatten(tree)[0], strict=True)}
-    tmp = d / "params.tmp.npz"
-    with open(tmp, "wb") as f:
-        np.savez(f, **arrays)
-    tmp.replace(d / "params.npz")
-    (d / "meta.json").write_text(json.dumps(meta))
-
-
-def _load(cache_dir, key, config, names):
-    d = Path(cache_dir) / key
-    if not ((d / "meta.json").exists() and (d / "params.npz").exists()):
-        return None
-    template = init_params(config, np.random.default_rng(0), np.float32)
-    leaves, rebuild = tree_flatten(template)
-    trees = {}
-    with np.load(d / "params.npz", allow_pickle=False) as z:
-        for name in names:
-            trees[name] = rebuild([z[f"{name}/{p}"] for p in tree_paths(template)])
-    return trees, json.loads((d / "meta.json").read_text())
-
-
-def _plain(obj):
-    """JSON round trip: the result has the same structure whether computed or loaded from the cache."""
-    return json.loads(json.dumps(obj))
+_save, _load, _plain = _cache.save, _cache.load, _cache.plain
 
 
 # ----------------------------------------------------------------------------------------------
@@ -231,12 +189,6 @@ def _strip(ev):
 def r1_zero_grpo_config(steps=30, seed=0, **overrides) -> GRPOConfig:
     """The recipes' :class:`~refimpl.rl.trainer.GRPOConfig`: :data:`GRPO_DEFAULTS` plus ``overrides``."""
     return GRPOConfig(**{**GRPO_DEFAULTS, "steps": steps, "seed": seed, **overrides})
-
-
-def _gc_from(d):
-    d = dict(d)
-    d["betas"], d["reward_weights"] = tuple(d["betas"]), tuple(d["reward_weights"])
-    return GRPOConfig(**d)
 
 
 def r1_zero_run(steps=30, seed=0, progress=True, cache_dir=None, *, base_steps=2000, eval_every=5, **overrides):

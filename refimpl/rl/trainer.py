@@ -42,7 +42,7 @@ import numpy as np
 
 from ..model.train import TrainConfig, init_state, train
 from ..model.transformer import model_backward, model_forward
-from ..optim import adamw_init, adamw_update, clip_grad_norm
+from ..optim import adamw_init, adamw_update, clip_grad_norm, default_decay_mask
 from ..tasks import EVAL_SIZE, TOKENIZER, eval_set
 from ..tree import tree_map
 from .advantages import SCALE_REWARDS, group_advantages
@@ -146,6 +146,8 @@ class GRPOConfig:
         number("entropy_coef", 0.0)
         if self.epsilon_high is not None:
             number("epsilon_high", 0.0)
+        if self.delta is not None:
+            number("delta", 0.0, strict=True)
         if self.loss_type not in LOSS_TYPES:
             raise ValueError(f"loss_type: expected one of {LOSS_TYPES}, got {self.loss_type!r}")
         if self.importance_sampling_level not in IS_LEVELS:
@@ -256,11 +258,17 @@ def grpo_objective(params, config, batch, advantages, old_logps, ref_logps, gc):
     return loss, grads, info
 
 
+def _rl_decay_mask(path, p):
+    """AdamW's decay mask during RL: the default one, minus the MTP modules, which RL leaves untouched."""
+    return default_decay_mask(path, p) and not path.startswith("mtp.")
+
+
 def _update(params, opt, config, batch, adv, old, ref, gc, lr):
     """One AdamW update on a rollout batch: loss and gradients, clip, step."""
     loss, grads, info = grpo_objective(params, config, batch, adv, old, ref, gc)
     grads, norm = clip_grad_norm(grads, gc.max_grad_norm)
-    params, opt = adamw_update(params, grads, opt, lr=lr, betas=tuple(gc.betas), weight_decay=gc.weight_decay)
+    params, opt = adamw_update(params, grads, opt, lr=lr, betas=tuple(gc.betas), weight_decay=gc.weight_decay,
+                               decay_mask=_rl_decay_mask)
     info.update(loss=float(loss), grad_norm=norm)
     return params, opt, info
 
@@ -383,7 +391,7 @@ def _sft_rows(data):
 
 
 def sft_train(params, config, data, *, steps=100, batch_size=32, lr=1e-3, min_lr=None, warmup_steps=0,
-              weight_decay=0.0, seed=0, progress=True, backend="numpy"):
+              weight_decay=0.0, max_grad_norm=1.0, seed=0, progress=True, backend="numpy"):
     """Supervised fine-tuning by next-token cross-entropy (the cold-start and rejection-sampling SFT
     stages of DeepSeek-R1 §2.3.1, §2.3.3; also the base model's pretraining).
 
@@ -394,8 +402,8 @@ def sft_train(params, config, data, *, steps=100, batch_size=32, lr=1e-3, min_lr
     (linear warmup, cosine decay to ``min_lr``, default ``lr / 10``) through
     :func:`refimpl.model.train.train` (V3's balance loss and bias update included).
 
-    Returns ``dict(params, history)`` (``history``: per-metric lists, see
-    :data:`refimpl.model.train.HISTORY`).
+    Returns ``dict(params, history, tokens)`` (``history``: per-metric lists, see
+    :data:`refimpl.model.train.HISTORY`; ``tokens``: real tokens trained on, for compute accounting).
     """
     _check_policy(params, config)
     rows, targets = _sft_rows(data)
@@ -415,12 +423,15 @@ def sft_train(params, config, data, *, steps=100, batch_size=32, lr=1e-3, min_lr
         ids[i, :len(r)] = r
         labels[i, :len(r)] = np.where(t, r, -100)
 
+    tokens = [0]
+
     def batch_fn(rng, step):
         pick = rng.integers(0, len(rows), batch_size)                   # (b,)
         width = int(lens[pick].max())
+        tokens[0] += int(lens[pick].sum())
         return ids[pick, :width], labels[pick, :width]
 
     tc = TrainConfig(steps=steps, lr=lr, min_lr=lr / 10 if min_lr is None else min_lr, warmup_steps=warmup_steps,
-                     weight_decay=weight_decay, backend=backend)
+                     weight_decay=weight_decay, max_grad_norm=max_grad_norm, backend=backend)
     state = train(init_state(params, seed), config, batch_fn, tc, progress=progress)
-    return {"params": state.params, "history": state.history}
+    return {"params": state.params, "history": state.history, "tokens": tokens[0]}

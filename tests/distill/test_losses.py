@@ -39,6 +39,14 @@ def test_gradcheck(name, data, inputs, reduction, temperature):
 def test_gradcheck_sequence_kd(inputs, reduction, temperature):
     s, _, labels = inputs
     labels = np.zeros(s.shape[:-1], dtype=np.int64) if labels is None else labels
+    # A label the student already predicts with probability 1 - 1e-6 has loss and gradient ~1e-6,
+    # computed as logsumexp(z) - z_label ~ 10 - 10: the rounding noise of that cancellation, divided
+    # by the finite-difference step, exceeds 1e-6 of the gradient (seen: 2.7e-6 at q = 1 - 1.4e-6),
+    # while the analytic gradient is exact. Keep every valid row away from saturation.
+    q = core.softmax_forward(s / temperature)[0]
+    valid = labels != -100
+    picked = np.take_along_axis(q, np.where(valid, labels, 0)[..., None], -1)[..., 0]
+    assume(np.all(picked[valid] < 1 - 1e-4))
     def f(x):
         loss, _ = d.sequence_kd_loss(x, labels, temperature=temperature, reduction=reduction)
         return loss, lambda dy: (d.sequence_kd_loss(x, labels, temperature=temperature, reduction=reduction,

@@ -17,6 +17,7 @@ from refimpl.distill.pipelines import (
 )
 from refimpl.model import init_params, model_forward, shift_labels
 from refimpl.recipes.distill import dense_student_config
+from refimpl.rl.trainer import sft_train
 from refimpl.tasks import TOKENIZER, AdditionTask, reference_completion
 from refimpl.testing import check_grad, tol
 from refimpl.tree import tree_flatten
@@ -179,15 +180,49 @@ def test_sequence_kd_fits_the_teacher_text(models):
     assert out["history"]["loss"][-1] < 0.5 * out["history"]["loss"][0]
 
 
+def test_gkd_moves_the_student_towards_the_teacher(models):
+    """Off-policy GKD on a fixed batch: the JSD to the teacher on that batch falls (the gradient's sign is
+    right through the optimiser, not only by finite differences)."""
+    sp, sc, tp, tc = models
+    data = [("1+2=", "<think>1+2=3</think><answer>3</answer>"), ("4+4=", "<think>4+4=8</think><answer>8</answer>")]
+    ids, labels = encode_pairs(data)
+    before = float(gkd_loss(sp, sc, tp, tc, ids, labels)[0])
+    cfg = GKDConfig(lmbda=0.0, steps=30, batch_size=2, lr=1e-2)
+    out = gkd_train(sp, sc, tp, tc, TASK, cfg, data=data, progress=False)
+    after = float(gkd_loss(out["params"], sc, tp, tc, ids, labels)[0])
+    assert after < 0.5 * before
+
+
+def test_sequence_kd_is_the_r1_recipes_sft(models):
+    """On a dense student, sequence-level KD is exactly R1's SFT stage (refimpl.rl.trainer.sft_train) on the
+    teacher's text: same rows, same batches, same optimiser; it only adds the token count for FLOPs."""
+    sp, sc, _, _ = models
+    data = pipelines.default_data(TASK, 12)
+    ours = sequence_kd_train(sp, sc, data, steps=6, batch_size=3, lr=3e-3, seed=4, progress=False)
+    ref = sft_train(sp, sc, data, steps=6, batch_size=3, lr=3e-3, warmup_steps=1, seed=4, progress=False)
+    assert ours["history"] == ref["history"]
+    assert all(np.array_equal(x, y) for x, y in zip(tree_flatten(ours["params"])[0], tree_flatten(ref["params"])[0],
+                                                    strict=True))
+    lengths = (encode_pairs(data)[0] != TOKENIZER.pad_id).sum(axis=1)
+    rng = np.random.default_rng(4)                  # train() draws the batches from default_rng(seed)
+    assert ours["tokens"] == sum(int(lengths[rng.integers(0, len(data), 3)].sum()) for _ in range(6))
+
+
 def test_bad_input(models):
     sp, sc, tp, tc = models
     ids, labels = _batch(np.random.default_rng(0))
     with pytest.raises(ValueError, match="vocab_size"):
         gkd_loss(sp, sc, tp, tc.replace(vocab_size=V + 1), ids, labels)
-    for bad in (dict(lmbda=1.5), dict(beta=-0.1), dict(loss_temperature=0.0), dict(steps=0)):
+    with pytest.raises(ValueError, match="labels"):
+        gkd_loss(sp, sc, tp, tc, ids, labels[0])
+    for bad in (dict(lmbda=1.5), dict(beta=-0.1), dict(loss_temperature=0.0), dict(steps=0), dict(top_p=0.0),
+                dict(top_p=1.5), dict(lr=0.0)):
         with pytest.raises(ValueError, match=next(iter(bad))):
             GKDConfig(**bad)
     with pytest.raises(TypeError, match="cfg"):
         gkd_train(sp, sc, tp, tc, TASK, {"lmbda": 0.5})
     with pytest.raises(ValueError, match="num_samples"):
         teacher_generations(tp, tc, TASK, 2, num_samples=2, temperature=0.0, progress=False)
+    for bad in (dict(n_prompts=0), dict(batch_size=0), dict(max_new_tokens=0), dict(num_samples=0, temperature=1.0)):
+        with pytest.raises(ValueError, match=next(iter(bad))):
+            teacher_generations(tp, tc, TASK, **{"n_prompts": 2, **bad}, progress=False)

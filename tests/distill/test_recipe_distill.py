@@ -3,8 +3,10 @@
 import numpy as np
 import pytest
 
+from refimpl.accounting import parameter_counts
 from refimpl.distill import pipelines
 from refimpl.model import init_params
+from refimpl.recipes import _cache, r1
 from refimpl.recipes import distill as recipe
 from refimpl.tasks import AdditionTask
 from refimpl.tree import tree_flatten
@@ -43,3 +45,27 @@ def test_distill_run_matches_student_compute_and_is_deterministic(random_teacher
                                                         tree_flatten(b["params"][name])[0], strict=True))
     with pytest.raises(ValueError, match="budget"):
         recipe.distill_run(budget=0, progress=False)
+
+
+def test_student_base_is_cached_by_its_arguments(tmp_path):
+    """A second call loads the stored result (same parameters and history); other arguments miss the cache."""
+    cfg = recipe.dense_student_config(hidden_size=8, intermediate_size=16)
+    kw = dict(n_corpus=20, batch_size=4, cache_dir=tmp_path, progress=False)
+    first, again = recipe.student_base(cfg, 2, **kw), recipe.student_base(cfg, 2, **kw)
+    assert not first["cached"] and again["cached"]
+    assert again["history"] == first["history"]
+    assert all(np.array_equal(x, y) for x, y in zip(tree_flatten(first["params"])[0],
+                                                    tree_flatten(again["params"])[0], strict=True))
+    assert not recipe.student_base(cfg, 3, **kw)["cached"]
+    assert len(list(tmp_path.iterdir())) == 2
+    assert "recipes/distill.py" in recipe.STUDENT_SOURCES          # student_base's own code is in the key
+    with pytest.raises(ValueError, match="sources"):
+        _cache.source_hash(["no_such_module.py"])
+
+
+def test_parameter_counts_in_the_docstring():
+    """The module docstring's sizes: dense student ~57k parameters, R1 teacher ~106k (~65k active)."""
+    student, teacher = parameter_counts(recipe.dense_student_config()), parameter_counts(r1.r1_model_config())
+    assert round(student["total"], -3) == 57_000 and student["active"] == student["total"] - student[
+        "components"]["embedding"]["total"]                                  # dense: all but the embedding lookup
+    assert round(teacher["total"], -3) == 106_000 and round(teacher["active"], -3) == 65_000

@@ -14,6 +14,7 @@ from hypothesis import strategies as st
 
 from refimpl import core
 from refimpl.attention import KVCache, kv_cache_elements_per_token, uses_mla
+from refimpl.config import ModelConfig
 from refimpl.model import (
     init_caches,
     init_params,
@@ -58,6 +59,17 @@ def test_config_is_dense_standard_attention():
         init_params(student(attention_bias=True), np.random.default_rng(0))
     with pytest.raises(ValueError, match="model_type"):
         dense_student_config(model_type="deepseek_v3")
+
+
+def test_decoding_with_the_other_kind_of_cache_is_a_type_error():
+    """The attention is chosen by the config (as in training), so a cache of the other kind is named."""
+    ids = np.zeros((1, 3), np.int64)
+    dense, mla = student(), ModelConfig.preset("tiny")
+    with pytest.raises(TypeError, match="cache: expected a KVCache"):
+        model_infer(ids, init_params(dense, np.random.default_rng(0)), dense, init_caches(mla, 1, 4), 0)
+    with pytest.raises(TypeError, match="cache: expected a LatentKVCache"):
+        model_infer(ids, init_params(mla, np.random.default_rng(0)), mla,
+                    init_caches(dense, 1, 4, n_layers=mla.num_hidden_layers), 0)
 
 
 @settings(max_examples=4)

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from refimpl.__main__ import RECIPES, main
-from refimpl.recipes import r1
+from refimpl.recipes import _cache, r1
 from refimpl.rl import format_reward
 from refimpl.rl.rewards import extract_answer
 from refimpl.tasks import Example, make_dataset, reference_completion
@@ -69,11 +69,24 @@ def test_r1_tiny_run_has_three_stages_and_caches(tmp_path):
     assert r1.steps_to_accuracy(a, -1.0) == 0 and r1.steps_to_accuracy(a, 2.0) is None
 
 
+def test_steps_to_accuracy_is_the_first_evaluation_at_target():
+    res = {"evals": [{"step": 0, "accuracy": 0.4}, {"step": 5, "accuracy": 0.9}, {"step": 10, "accuracy": 0.8},
+                     {"step": 15, "accuracy": 0.95}]}
+    assert [r1.steps_to_accuracy(res, t) for t in (0.4, 0.5, 0.9, 0.92, 0.95, 0.96)] == [0, 5, 5, 15, 15, None]
+
+
 def test_cache_key_depends_on_arguments_and_sources(monkeypatch):
     k = r1._key("x", {"a": 1})
     assert k == r1._key("x", {"a": 1}) and k != r1._key("x", {"a": 2})
-    monkeypatch.setattr(r1, "_source_hash", lambda: "edited")
+    monkeypatch.setattr(_cache, "source_hash", lambda sources: "edited")
     assert r1._key("x", {"a": 1}) != k
+
+
+def test_cache_source_hash_follows_the_files(tmp_path):
+    h = _cache.source_hash(r1.SOURCES)
+    assert h == _cache.source_hash(r1.SOURCES) and h != _cache.source_hash(r1.SOURCES[:-1])
+    with pytest.raises(ValueError, match="sources"):
+        _cache.source_hash(["no_such_module.py"])
 
 
 def test_unknown_override_is_an_error():

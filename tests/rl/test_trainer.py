@@ -5,6 +5,8 @@ import dataclasses
 
 import numpy as np
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
 from refimpl.config import ModelConfig
 from refimpl.model import init_params, model_forward
@@ -21,6 +23,7 @@ from refimpl.rl.trainer import (
 )
 from refimpl.tasks import TOKENIZER, AdditionTask, eval_set
 from refimpl.testing import check_grad, tol
+from refimpl.testing import strategies as rst
 
 TASK = AdditionTask(1, 2)
 EOS = TOKENIZER.eos_id
@@ -136,6 +139,29 @@ def test_rollout_batch_layout():
     assert np.isclose(np.sum(batch.gather(x) * y), np.sum(x * batch.scatter(y, x.shape)))
 
 
+@given(rng=rst.seeds(), B=st.integers(1, 5), L=st.integers(1, 6), masked=st.booleans())
+def test_rollout_batch_gather_scatter_are_adjoint(rng, B, L, masked):
+    """For any prompt and completion lengths: every real completion token t of row i is predicted by
+    position p_i + t - 1 (which holds token t - 1), no two real tokens share a position, and
+    <gather(x), y> = <x, scatter(y)> (the trainer's backward through the layout)."""
+    gc = small_gc(max_completion_length=L, mask_truncated_completions=masked)
+    V = TOKENIZER.vocab_size
+    prompts = [np.r_[TOKENIZER.bos_id, rng.integers(3, V, int(rng.integers(0, 4)))] for _ in range(B)]
+    comps = [rng.integers(3, V, int(rng.integers(1, L + 1))) for _ in range(B)]
+    for c in comps[::2]:
+        c[-1] = EOS                                                     # ended rows are never masked
+    batch = RolloutBatch(prompts, comps, gc)
+    for i, (p, c) in enumerate(zip(prompts, comps, strict=True)):
+        pos = batch.pos[i, :len(c)]
+        np.testing.assert_array_equal(pos, len(p) - 1 + np.arange(len(c)))
+        np.testing.assert_array_equal(batch.ids[i, pos + 1], c)
+        cut = masked and len(c) == L and c[-1] != EOS
+        assert len(set(pos)) == len(c) and batch.mask[i].sum() == (0 if cut else len(c))
+    x = rng.standard_normal((*batch.ids.shape, 2))
+    y = rng.standard_normal((*batch.comp.shape, 2)) * batch.mask[..., None]
+    assert np.isclose(np.sum(batch.gather(x) * y), np.sum(x * batch.scatter(y, x.shape)))
+
+
 # ----------------------------------------------------------------------------------------------
 # The training loop
 # ----------------------------------------------------------------------------------------------
@@ -203,6 +229,22 @@ def test_dynamic_sampling_drops_flat_groups(monkeypatch):
     assert any((r.max(1) == r.min(1)).any() for r in seen)
 
 
+def test_rl_leaves_mtp_and_router_bias_untouched(monkeypatch):
+    """As the trainer's docstring says: with weight decay on, RL updates the trunk's matrices but
+    neither the MTP modules (no RL gradient, and no decay) nor the router's correction bias."""
+    from refimpl.tree import tree_paths
+    text_rewards(monkeypatch)
+    cfg = tiny_config(num_nextn_predict_layers=1)
+    p0 = init_params(cfg, np.random.default_rng(11), np.float32)
+    res = grpo_train(p0, cfg, TASK, small_gc(steps=1, weight_decay=0.1), progress=False, eval_every=0)
+    changed = {k for k, x, y in zip(tree_paths(p0), _leaves(p0), _leaves(res["params"]), strict=True)
+               if not np.array_equal(x, y)}
+    fixed = [k for k in tree_paths(p0) if k.startswith("mtp.") or k.endswith("e_score_correction_bias")]
+    assert any(k.startswith("mtp.") for k in fixed) and any(k.endswith("bias") for k in fixed)
+    assert not changed & set(fixed)
+    assert "lm_head" in changed and any(k.startswith("model.layers.") for k in changed)
+
+
 def test_callback_can_stop_the_run():
     cfg = tiny_config()
     p0 = init_params(cfg, np.random.default_rng(6), np.float32)
@@ -216,15 +258,37 @@ def test_callback_can_stop_the_run():
 # Evaluation, SFT, rejection sampling
 # ----------------------------------------------------------------------------------------------
 
-def test_evaluate_is_greedy_and_consistent():
+def test_evaluate_is_greedy_and_consistent(monkeypatch):
+    """evaluate decodes greedily (each token the argmax of a full, uncached forward pass), and its
+    metrics are exactly the means over the completions it sampled."""
     cfg = tiny_config()
-    p = init_params(cfg, np.random.default_rng(7), np.float32)
+    p = init_params(cfg, np.random.default_rng(25), np.float32)      # a seed whose completions stop early
+    sampled = []
+    real = rollout._sample_completions
+
+    def spy(*args):
+        ids, comps = real(*args)
+        sampled.append(comps)
+        return ids, comps
+    monkeypatch.setattr(rollout, "_sample_completions", spy)
     a = evaluate(p, cfg, TASK, n=6, max_new_tokens=5)
     b = evaluate(p, cfg, TASK, n=6, max_new_tokens=5)
     assert a == b
     assert [s["prompt"] for s in a["samples"]] == [e.prompt for e in eval_set(TASK)[:6]]
     assert a["accuracy"] == np.mean([s["correct"] for s in a["samples"]])
-    assert 1 <= a["mean_length"] <= 5
+    assert a["format"] == np.mean([s["formatted"] for s in a["samples"]])
+    comps = sampled[0]
+    assert any(c[-1] == EOS for c in comps) and any(len(c) == 5 for c in comps)   # both stop reasons occur
+    assert a["mean_length"] == np.mean([len(c) for c in comps])            # <eos> counted
+    for s, c in zip(a["samples"], comps, strict=True):
+        row = list(TOKENIZER.encode(s["prompt"], add_bos=True))
+        for _ in range(5):                                              # greedy, no KV cache
+            row.append(int(np.argmax(model_forward(np.array([row]), p, cfg)[0][0, -1])))
+            if row[-1] == EOS:
+                break
+        np.testing.assert_array_equal(c, row[len(row) - len(c):])
+        assert len(row) - len(c) == len(TOKENIZER.encode(s["prompt"], add_bos=True))
+        assert s["completion"] == rollout._completion_text(c)
 
 
 def test_sft_learns_completions_only():
@@ -268,7 +332,7 @@ def test_rejection_sampling_keeps_correct_formatted_distinct(monkeypatch):
     (dict(top_p=0.0), "top_p"), (dict(temperature=0.0), "temperature"), (dict(num_iterations=0), "num_iterations"),
     (dict(importance_sampling_level="seq"), "importance_sampling_level"), (dict(kl_estimator="k4"), "kl_estimator"),
     (dict(soft_punish_cache=100), "soft_punish_cache"), (dict(epsilon=-0.1), "epsilon"),
-    (dict(backend="cuda"), "backend"), (dict(prompts_per_step=0), "prompts_per_step"),
+    (dict(backend="cuda"), "backend"), (dict(prompts_per_step=0), "prompts_per_step"), (dict(delta=0.0), "delta"),
 ])
 def test_bad_config(changes, name):
     with pytest.raises(ValueError, match=name):
