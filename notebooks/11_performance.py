@@ -181,7 +181,7 @@ assert len(twin) >= 3, "every benchmark with a Numba twin should have run"
 # * **Where the work is a few large matrix products** (the MLA prefill, the expert GEMMs), both
 #   variants call the same BLAS and a twin has little to win; those cases have no twin.
 # * **PyTorch is the bar for the fused losses.** Its CPU kernels are vectorised C++; a ratio below 1
-#   against torch is a known gap, recorded in the project's issue notes, not hidden here.
+#   against torch is a known gap, shown here rather than hidden.
 # * **Small shapes exaggerate overheads.** A call of tens of microseconds weighs Python dispatch and
 #   thread start-up as much as arithmetic.
 #
@@ -191,9 +191,8 @@ assert len(twin) >= 3, "every benchmark with a Numba twin should have run"
 # %%
 report = (out / "results.md").read_text().splitlines()
 print("\n".join(line for line in report[:12] if not line.startswith("#")))
-cpu_ms = {b["name"]: b["variants"]["refimpl-numpy"].get("user_s_per_call") for b in benches
-          if "refimpl-numpy" in b["variants"]}
-assert all(v is None or v >= 0 for v in cpu_ms.values())
+missing = [b["name"] for b in benches if f"## {b['name']}" not in report]
+assert not missing, f"the report has no section for {missing}"
 
 # %% [markdown]
 # To reproduce at the full shapes on your machine:
@@ -215,16 +214,25 @@ with_twin = [b for b in benches if "refimpl-numba vs refimpl-numpy" in b["ratios
 best = max(with_twin, key=lambda b: b["ratios"]["refimpl-numba vs refimpl-numpy"])
 r = best["ratios"]["refimpl-numba vs refimpl-numpy"]
 tn, tb = best["variants"]["refimpl-numpy"]["best_s"], best["variants"]["refimpl-numba"]["best_s"]
-print(best["name"], f"{r:.2f}x")
-assert np.isclose(r, tn / tb) and (r <= 1 or tb < tn)
+print(best["name"], f"{r:.2f}x:", "the Numba twin is faster" if tb < tn else "no twin was faster at these shapes")
+assert np.isclose(r, tn / tb)                     # the ratio is t(numpy) / t(numba), so > 1 means numba is faster
 
 # %% [markdown]
-# 2. **Ratios are consistent.** For a benchmark with all three variants, the three speed-ups are not
+# 2. **Ratios are consistent.** Check that every speed-up `a vs b` in the results is t(b)/t(a) from
+#    the best times. For a benchmark with all three variants, the three speed-ups are then not
 #    independent: show that (numba vs numpy) x (numpy vs torch) = (numba vs torch).
 
 # %% tags=["hide-cell"]
+n_ratios = 0
+for b in benches:
+    for pair_name, ratio in b["ratios"].items():
+        a, c = pair_name.split(" vs ")
+        assert np.isclose(ratio, b["variants"][c]["best_s"] / b["variants"][a]["best_s"]), (b["name"], pair_name)
+        n_ratios += 1
+assert n_ratios >= len(twin)                      # at least the Numba-vs-NumPy ratio of every benchmark with a twin
 full = [b for b in benches if all(p in b["ratios"] for p in pairs)]
 for b in full:
     rr = b["ratios"]
     assert np.isclose(rr[pairs[0]] * rr[pairs[2]], rr[pairs[1]]), b["name"]
-print(f"checked {len(full)} benchmarks with all three variants" if full else "torch absent: nothing to check")
+print(f"{n_ratios} ratios equal their best-time quotients; the product holds for {len(full)} benchmarks with all "
+      "three variants" + ("" if full else " (torch is not installed)"))

@@ -98,11 +98,11 @@ def copy_mathjax_and_check(app, exc):
                            sheet.relative_to(out), url)
 
 
-def module_names(name: str, recursive: bool = True, exclude: str | None = None) -> list[str]:
+def module_names(name: str, exclude: str | None = None) -> list[str]:
     """``name`` and, for a package, all its submodules (sorted), minus those matching ``exclude``."""
     module = importlib.import_module(name)
     names = [name]
-    if recursive and hasattr(module, "__path__"):
+    if hasattr(module, "__path__"):
         names += sorted(m.name for m in pkgutil.walk_packages(module.__path__, name + "."))
     if exclude:
         names = [n for n in names if not re.fullmatch(exclude, n)]
@@ -110,25 +110,21 @@ def module_names(name: str, recursive: bool = True, exclude: str | None = None) 
 
 
 class AutoModules(SphinxDirective):
-    """``refimpl-automodules`` PKG ...: an ``automodule`` for each package given and every submodule.
+    """``refimpl-automodules`` PKG: an ``automodule`` for the package and every submodule.
 
     The submodules are found by import, so a module added to the package appears in the API
     reference without editing the page. A package is documented by its docstring and what its
     ``__init__`` itself defines (``:ignore-module-all:``: the names it re-exports are documented
-    once, in the module that defines them). Options: ``:no-recurse:`` (just the modules named) and
-    ``:exclude:`` (a regular expression on full module names) and ``:sections:`` (one section per
-    top-level module or subpackage, ``refimpl.core``, ``refimpl.moe``, ..., listed in the page's
-    table of contents).
+    once, in the module that defines them). Options: ``:exclude:`` (a regular expression on full
+    module names) and ``:sections:`` (one section per top-level module or subpackage,
+    ``refimpl.core``, ``refimpl.moe``, ..., listed in the page's table of contents).
     """
 
     required_arguments = 1
-    optional_arguments = 50
-    option_spec = {"no-recurse": directives.flag, "exclude": directives.unchanged, "sections": directives.flag}
+    option_spec = {"exclude": directives.unchanged, "sections": directives.flag}
 
     def run(self):
-        names = []
-        for arg in self.arguments:
-            names += module_names(arg, "no-recurse" not in self.options, self.options.get("exclude"))
+        names = module_names(self.arguments[0], self.options.get("exclude"))
         if "sections" not in self.options:
             return self._automodules(names)
         groups: dict[str, list[str]] = {}
@@ -147,7 +143,7 @@ class AutoModules(SphinxDirective):
         lines = []
         for name in names:
             lines += [f".. automodule:: {name}", "   :members:", "   :ignore-module-all:", ""]
-        content = StringList(lines, source=f"<refimpl-automodules {' '.join(self.arguments)}>")
+        content = StringList(lines, source=f"<refimpl-automodules {self.arguments[0]}>")
         container = nodes.container()
         nested_parse_with_titles(self.state, content, container)
         return container.children
