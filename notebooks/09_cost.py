@@ -542,7 +542,7 @@ with fp8_autocast(tile=128):
 assert np.array_equal(y_hook, y.astype(xa.dtype))                  # the FP8 GEMM above, bit for bit
 dx_hook, dw_hook, _ = linear_backward(dy, c_hook)
 dq, ds = quantize_rows(dy, 128)
-dy_hat = dq.astype(np.float64) * np.repeat(ds.astype(np.float64), 128, axis=1)
+dy_hat = dequantize_activation(dq.astype(np.float64), ds.astype(np.float64), 128)   # exact in float64
 assert np.allclose(dx_hook, dy_hat @ w_hat, rtol=1e-5, atol=1e-5 * np.abs(dy_hat @ w_hat).max())
 assert np.array_equal(linear_forward(xa, wa)[0], xa @ wa.T)         # off: the float layer again
 print(f"FP8 Dgrad vs the exact straight-through gradient dy·Ŵ: relative difference "
@@ -847,9 +847,9 @@ with fp8_autocast(tile=t, backward=False):
 with fp8_autocast(tile=t):
     _, c_fp8 = linear_forward(x0, w0)
 qb, sb = quantize_blocks(w0, t)
-w0_hat = (qb.astype(np.float64) * np.repeat(np.repeat(sb.astype(np.float64), t, 0), t, 1))[:10, :12]  # exact
+w0_hat = dequantize_weight(qb.astype(np.float64), sb.astype(np.float64), t)[:10, :12]   # exact in float64
 qr, sr = quantize_rows(x0, t)
-x0_hat = (qr.astype(np.float64) * np.repeat(sr.astype(np.float64), t, 1))[:, :12]
+x0_hat = dequantize_activation(qr.astype(np.float64), sr.astype(np.float64), t)[:, :12]
 err = check_grad(lambda x_, w_: (x_ @ w0_hat.T + x0_hat @ w_.T, lambda g: linear_backward(g, c_ste)[:2]), [x0, w0])
 print(f"STE backward vs finite differences of the surrogate: {err:.1e}")
 assert err < 1e-6

@@ -44,6 +44,7 @@ os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 import json  # noqa: E402
 import shutil  # noqa: E402
+import sys  # noqa: E402
 import tempfile  # noqa: E402
 from pathlib import Path  # noqa: E402
 
@@ -312,16 +313,12 @@ display(Markdown("\n".join(table)))
 show_source(globalize_loss_cache)
 
 # %%
-from refimpl.model.train import TrainConfig, init_state, train  # noqa: E402
-from refimpl.model.transformer import init_params  # noqa: E402
-from refimpl.parallel.worker import train_case  # noqa: E402
+from refimpl.model.train import train  # noqa: E402
+from refimpl.parallel.worker import train_start  # noqa: E402
 from refimpl.tree import tree_flatten, tree_paths  # noqa: E402
 
 r = launch(2, "train", "--steps", 3, "--batch", 4, "--length", 32)
-config, batch_fn = train_case(4, 32)
-tc = TrainConfig(steps=3, lr=3e-3, warmup_steps=1, bias_update_speed=1e-2)
-ref = train(init_state(init_params(config, np.random.default_rng(0), np.float64), seed=0), config, batch_fn, tc,
-            progress=False)
+ref = train(*train_start(3, 4, 32), progress=False)    # the same start and settings, in one process
 worst = max(float(np.max(np.abs(r[f"p.{p}"] - a)))
             for p, a in zip(tree_paths(ref.params), tree_flatten(ref.params)[0], strict=True))
 hist = json.loads(bytes(r["history"]).decode())
@@ -341,23 +338,13 @@ assert worst < 1e-10 and float(r["replica_spread"]) == 0.0
 # measures load imbalance and time-slicing, not communication.
 
 # %%
-LAYER = ["--routing", "v3", "--experts", 16, "--k", 4, "--n-group", 4, "--topk-group", 2, "--hidden", 256,
-         "--inter", 128]
-cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-timing = {}
-for n in (1, 2, 4):
-    res = run_mpi(n, ["-m", "refimpl.parallel.worker", "bench", "--tokens-total", 1024, "--repeats", 3, *LAYER],
-                  timeout=300)
-    assert res.returncode == 0, res.stderr
-    timing[n] = json.loads(res.stdout.strip().splitlines()[-1])
-lines = ["| ranks | fwd+bwd (ms) | speed-up | all-to-all (ms) | all-to-all share | waiting (ms) | |",
-         "|---|---|---|---|---|---|---|"]
-for n, t in timing.items():
-    lines.append(f"| {n} | {t['best_s'] * 1e3:.1f} | {timing[1]['best_s'] / t['best_s']:.2f}x | "
-                 f"{t['a2a_s'] * 1e3:.1f} | "
-                 f"{t['a2a_s'] / t['best_s']:.0%} | {t['wait_s'] * 1e3:.1f} | "
-                 f"{'oversubscribed' if n > cores else ''} |")
-display(Markdown(f"1024 tokens, float32, E=16, K=4, D=256, I=128, {cores} cores\n\n" + "\n".join(lines)))
+import refimpl  # noqa: E402
+
+sys.path.insert(0, str(Path(refimpl.__file__).resolve().parents[1]))   # the repository, for benchmarks/
+import benchmarks.bench_parallel as bench_parallel  # noqa: E402
+
+timing = bench_parallel.run(tokens=1024, ranks=(1, 2, 4), repeats=3, log=lambda line: None)
+display(Markdown(bench_parallel.table(timing)))
 shutil.rmtree(WORK)          # the runs' .npz files
 
 # %% [markdown]

@@ -75,12 +75,11 @@ def _update_biases(params, config, info, gamma):
     return params
 
 
-def train_step(state, config, batch, tc):
-    """One optimisation step on ``batch = (input_ids, labels or None)``; returns the new state."""
-    ids, labels = batch
-    loss, cache, info = loss_forward(ids, state.params, config, labels, balance=tc.balance, mtp_lambda=tc.mtp_lambda,
-                                     backend=tc.backend)
-    grads = loss_backward(cache, state.params)
+def apply_gradients(state, config, grads, info, losses, tc):
+    """The optimiser half of a step: clip, warmup + cosine learning rate, AdamW, V3's bias update
+    from ``info["load"]`` (and ``"mtp_load"``), and the history row; ``losses`` = (loss, lm_loss,
+    balance_loss, mtp_loss). Shared by :func:`train_step` and the data-parallel step
+    (:func:`refimpl.parallel.dp_train_step`), which passes global gradients, loads and losses."""
     grads, norm = clip_grad_norm(grads, tc.max_grad_norm)
     lr = warmup_cosine_lr(state.step, lr=tc.lr, warmup_steps=tc.warmup_steps, total_steps=tc.steps,
                           min_lr=tc.min_lr)
@@ -89,10 +88,20 @@ def train_step(state, config, batch, tc):
     params = _update_biases(params, config, info, tc.bias_update_speed)
     vio = float(np.mean([max_violation(ld) for ld in info["load"]])) if info["load"] else 0.0
     hist = {k: list(v) for k, v in state.history.items()}
-    for k, v in (("loss", float(loss)), ("lm_loss", info["lm_loss"]), ("balance_loss", info["balance_loss"]),
-                 ("mtp_loss", info["mtp_loss"]), ("grad_norm", norm), ("lr", lr), ("max_vio", vio)):
+    for k, v in zip(("loss", "lm_loss", "balance_loss", "mtp_loss", "grad_norm", "lr", "max_vio"),
+                    (*map(float, losses), norm, lr, vio), strict=True):
         hist[k].append(v)
     return TrainState(params, opt, state.step + 1, state.rng, hist)
+
+
+def train_step(state, config, batch, tc):
+    """One optimisation step on ``batch = (input_ids, labels or None)``; returns the new state."""
+    ids, labels = batch
+    loss, cache, info = loss_forward(ids, state.params, config, labels, balance=tc.balance, mtp_lambda=tc.mtp_lambda,
+                                     backend=tc.backend)
+    grads = loss_backward(cache, state.params)
+    losses = (loss, info["lm_loss"], info["balance_loss"], info["mtp_loss"])
+    return apply_gradients(state, config, grads, info, losses, tc)
 
 
 def train(state, config, batch_fn, tc, *, checkpoint_path=None, checkpoint_every=0, stop_at=None, progress=True):

@@ -23,10 +23,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from ..model.train import TrainState, _update_biases
+from ..model.train import apply_gradients
 from ..model.transformer import loss_backward, loss_forward
-from ..moe import max_violation
-from ..optim import adamw_update, clip_grad_norm, warmup_cosine_lr
 from ..tree import tree_flatten
 
 
@@ -99,21 +97,10 @@ def dp_train_step(state, config, batch, tc, comm):
     parts = comm.allreduce_sum(parts) / np.maximum(total[:parts.size], 1)
     lm, bal = float(parts[0]), float(parts[1])
     mtp = float(tc.mtp_lambda / len(parts[2:]) * parts[2:].sum()) if len(parts) > 2 else 0.0
-    grads, norm = clip_grad_norm(grads, tc.max_grad_norm)
-    lr = warmup_cosine_lr(state.step, lr=tc.lr, warmup_steps=tc.warmup_steps, total_steps=tc.steps,
-                          min_lr=tc.min_lr)
-    params, opt = adamw_update(state.params, grads, state.opt, lr=lr, betas=tc.betas,
-                               weight_decay=tc.weight_decay)
     # V3's bias update from the load over the global batch
-    load = [comm.allreduce_sum(ld) for ld in info["load"]]
-    ginfo = {"load": load, "mtp_load": [comm.allreduce_sum(ld) for ld in info.get("mtp_load", [])]}
-    params = _update_biases(params, config, ginfo, tc.bias_update_speed)
-    vio = float(np.mean([max_violation(ld) for ld in load])) if load else 0.0
-    hist = {k: list(v) for k, v in state.history.items()}
-    for k, v in (("loss", lm + bal + mtp), ("lm_loss", lm), ("balance_loss", bal), ("mtp_loss", mtp),
-                 ("grad_norm", norm), ("lr", lr), ("max_vio", vio)):
-        hist[k].append(v)
-    return TrainState(params, opt, state.step + 1, state.rng, hist)
+    ginfo = {"load": [comm.allreduce_sum(ld) for ld in info["load"]],
+             "mtp_load": [comm.allreduce_sum(ld) for ld in info.get("mtp_load", [])]}
+    return apply_gradients(state, config, grads, ginfo, (lm + bal + mtp, lm, bal, mtp), tc)
 
 
 def dp_train(state, config, batch_fn, tc, comm, *, stop_at=None):

@@ -80,7 +80,12 @@ class EPCache(NamedTuple):
 
 def shard_experts(experts, rank, size):
     """Rank ``rank``'s contiguous block of stacked experts: each ``(E, ...)`` array -> ``(E/size, ...)``."""
-    e = experts["gate_proj"].shape[0]
+    if not isinstance(experts, dict) or "gate_proj" not in experts:
+        raise ValueError("experts: expected the dict of stacked expert arrays (gate_proj (E, I, D), ...)")
+    e = np.shape(experts["gate_proj"])[0]
+    for name, v in (("size", size), ("rank", rank)):
+        if isinstance(v, bool) or not isinstance(v, int | np.integer):
+            raise TypeError(f"{name}: expected an integer, got {type(v).__name__}")
     if size < 1 or e % size:
         raise ValueError(f"size: expected a divisor of the {e} experts, got {size}")
     if not 0 <= rank < size:

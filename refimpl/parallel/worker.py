@@ -114,13 +114,9 @@ def task_layer(args):
 
 
 def task_train(args):
-    from ..model.train import TrainConfig, init_state
-    from ..model.transformer import init_params
     from .data_parallel import dp_train
     comm = _comm(args)
-    config, batch_fn = train_case(args.batch, args.length)
-    tc = TrainConfig(steps=args.steps, lr=3e-3, warmup_steps=1, bias_update_speed=1e-2)
-    state = init_state(init_params(config, np.random.default_rng(args.seed), np.float64), seed=args.seed)
+    state, config, batch_fn, tc = train_start(args.steps, args.batch, args.length, seed=args.seed)
     state = dp_train(state, config, batch_fn, tc, comm)
     from ..tree import tree_flatten, tree_paths
     leaves = tree_flatten(state.params)[0]
@@ -138,6 +134,21 @@ def train_case(batch, length):
     from ..tasks import AdditionTask
     config = tiny_v3_config(max_position_embeddings=max(length, 8))
     return config, addition_batches(AdditionTask(min_digits=1, max_digits=2), batch, n_train=64, length=length)
+
+
+def train_start(steps, batch, length, *, seed=0):
+    """Everything the ``train`` task starts from: ``(state, config, batch_fn, tc)``.
+
+    The initial float64 state of :func:`train_case`'s model and the :class:`~refimpl.model.train.TrainConfig`
+    of ``steps`` steps, so that a single process (tests, the expert-parallelism chapter) reruns exactly
+    what the ranks ran with :func:`refimpl.model.train.train`.
+    """
+    from ..model.train import TrainConfig, init_state
+    from ..model.transformer import init_params
+    config, batch_fn = train_case(batch, length)
+    tc = TrainConfig(steps=steps, lr=3e-3, warmup_steps=1, bias_update_speed=1e-2)
+    state = init_state(init_params(config, np.random.default_rng(seed), np.float64), seed=seed)
+    return state, config, batch_fn, tc
 
 
 def task_bad(args):

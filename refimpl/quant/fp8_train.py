@@ -48,7 +48,7 @@ import numpy as np
 
 from ..backend import resolve_backend
 from ..core.linear import GEMM_OVERRIDE
-from .fp8 import FP8_FORMATS, quantize_activation, quantize_weight
+from .fp8 import FP8_FORMATS, fp8_gemm, quantize_activation, quantize_weight
 
 #: Scale floor for training (only to keep an all-zero tile finite): amax / 448 of any float32 value.
 TRAIN_SCALE_FLOOR = 2.0**-100
@@ -170,8 +170,9 @@ class FP8Gemm(GemmProvider):
     """The three GEMMs of a linear layer in block-scaled FP8 (the provider :func:`fp8_autocast` installs).
 
     ``fprop(x, w) = x @ w.T``, ``dgrad(dy, w) = dy @ w``, ``wgrad(dy, x) = dy.T @ x``, each on 2-D
-    arrays, each returning float32 (the accumulator's precision). See the module docstring for the
-    recipe and :func:`fp8_autocast` for the options.
+    arrays, each returning float32 (the accumulator's precision). Fprop and Dgrad are the block GEMM
+    :func:`~refimpl.quant.fp8.fp8_gemm` (a weight's blocks on one side); Wgrad, tiles on both sides,
+    is :func:`scaled_gemm`. See the module docstring for the recipe and :func:`fp8_autocast` for the options.
     """
 
     def __init__(self, tile=128, fmt="e4m3", *, scale_fmt=None, exclude=(), backward=True, log=None, backend=None):
@@ -201,7 +202,7 @@ class FP8Gemm(GemmProvider):
         self._record("fprop", x.shape[0], n, x.shape[1])
         xq, xs = self._rows(x)                                          # (M, Kp), (M, Kp/t)
         wq, ws = self._blocks(w)                                        # (Np, Kp), (Np/t, Kp/t)
-        return scaled_gemm(xq, xs, wq[:n], np.repeat(ws, t, axis=0)[:n], t)   # (M, N)
+        return fp8_gemm(xq, xs, wq[:n], ws, t)                          # (M, N)
 
     def dgrad(self, dy, w):
         """Input gradient ``dy @ w``: dy in tiles along N, w's blocks transposed. (M, N), (N, K) -> (M, K)."""
@@ -212,7 +213,7 @@ class FP8Gemm(GemmProvider):
             w_hat = _dequantize_rows(wq, np.repeat(ws, t, axis=0), t, k)[:w.shape[0]]  # (N, K)
             return (dy.astype(np.float64) @ w_hat).astype(np.float32)   # (M, K) STE of the surrogate
         dq, ds = self._rows(dy)                                         # (M, Np), (M, Np/t)
-        return scaled_gemm(dq, ds, wq.T[:k], np.repeat(ws.T, t, axis=0)[:k], t)   # (M, K)
+        return fp8_gemm(dq, ds, wq.T[:k], ws.T, t)                      # (M, K) a block's scale serves w.T
 
     def wgrad(self, dy, x):
         """Weight gradient ``dy.T @ x``, contracting over tokens: both in tiles along M. -> (N, K)."""

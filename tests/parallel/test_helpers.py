@@ -5,13 +5,23 @@ import subprocess
 import sys
 
 import numpy as np
+import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from refimpl.config import ModelConfig
 from refimpl.model.transformer import loss_backward, loss_forward
-from refimpl.parallel import cross_node_bytes, fingerprint, globalize_loss_cache, intra_node_bytes, local_rows
+from refimpl.parallel import (
+    cross_node_bytes,
+    fingerprint,
+    globalize_loss_cache,
+    intra_node_bytes,
+    local_rows,
+    shard_experts,
+    shard_params,
+)
 from refimpl.parallel.data_parallel import _counts
+from refimpl.parallel.worker import make_layer_case
 from refimpl.recipes.tiny_v3 import tiny_v3_config
 from refimpl.testing import strategies as rst
 from refimpl.testing.tolerances import tol
@@ -87,3 +97,31 @@ def test_package_imports_and_reports_unavailable_without_mpi4py():
             "else:\n    raise SystemExit(1)\n")
     res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert res.returncode == 0, res.stderr
+
+
+@given(st.sampled_from([1, 2, 4, 8]))
+def test_shards_are_contiguous_blocks_that_rebuild_the_experts(size):
+    cfg, params, _, _ = make_layer_case("v3", tokens=[2], experts=8)
+    shards = [shard_params(params, r, size) for r in range(size)]
+    for name, w in params["experts"].items():
+        parts = [sh["experts"][name] for sh in shards]
+        assert all(p.shape == (8 // size,) + w.shape[1:] and p.flags.c_contiguous for p in parts)
+        np.testing.assert_array_equal(np.concatenate(parts), w)          # rank r holds [r E/R, (r+1) E/R)
+    assert all(sh["gate"] is params["gate"] and sh["shared_experts"] is params["shared_experts"] for sh in shards)
+    assert params["experts"]["gate_proj"].shape[0] == cfg.n_routed_experts   # the input is left whole
+
+
+@pytest.mark.parametrize("args,exc,start", [
+    ((3, 2), ValueError, "rank: expected 0 <= rank < 2"),
+    ((-1, 2), ValueError, "rank: expected 0 <= rank < 2"),
+    ((0, 3), ValueError, "size: expected a divisor of the 8 experts"),
+    ((0, 0), ValueError, "size: expected a divisor"),
+    ((0, 2.0), TypeError, "size: expected an integer"),
+    ((True, 2), TypeError, "rank: expected an integer"),
+])
+def test_shard_experts_rejects_bad_rank_and_size(args, exc, start):
+    _, params, _, _ = make_layer_case("v3", tokens=[2], experts=8)
+    with pytest.raises(exc, match="^" + start):
+        shard_experts(params["experts"], *args)
+    with pytest.raises(ValueError, match="^experts: expected the dict"):
+        shard_experts([params["experts"]["gate_proj"]], 0, 1)

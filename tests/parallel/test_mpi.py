@@ -14,7 +14,7 @@ import pytest
 
 from refimpl.moe import all_to_all_stats, moe_backward, moe_forward, node_limited_comparison
 from refimpl.parallel import cross_node_bytes, intra_node_bytes, local_rows, mpi_available, run_mpi
-from refimpl.parallel.worker import layer_dscores, make_layer_case, train_case
+from refimpl.parallel.worker import layer_dscores, make_layer_case, train_start
 from refimpl.testing.tolerances import tol
 
 pytestmark = pytest.mark.skipif(not mpi_available(), reason="mpi4py/mpiexec not installed (the 'mpi' extra)")
@@ -144,18 +144,15 @@ def test_node_limited_routing_caps_measured_cross_node_bytes(tmp_path):
 
 @pytest.mark.parametrize("ranks", [2, 4])
 def test_data_parallel_training_equals_one_process(tmp_path, ranks):
-    from refimpl.model.train import TrainConfig, init_state, train
-    from refimpl.model.transformer import init_params
+    from refimpl.model.train import train
     from refimpl.tree import tree_flatten, tree_paths
     steps, batch, length = 3, 4, 32
     out = tmp_path / "dp.npz"
     launch(ranks, "train", "--steps", steps, "--batch", batch, "--length", length, out=str(out))
     r = load(out)
     assert float(r["replica_spread"]) == 0.0                               # replicas bitwise identical
-    config, batch_fn = train_case(batch, length)
-    tc = TrainConfig(steps=steps, lr=3e-3, warmup_steps=1, bias_update_speed=1e-2)
-    state = train(init_state(init_params(config, np.random.default_rng(0), np.float64), seed=0), config, batch_fn,
-                  tc, progress=False)
+    state, config, batch_fn, tc = train_start(steps, batch, length)
+    state = train(state, config, batch_fn, tc, progress=False)
     # the batches mask prompts and padding, so ranks hold different numbers of targets: a mean of
     # per-rank means would differ from the global mean; the bias moved, so the global load was used
     _, labels = batch_fn(np.random.default_rng(0), 0)
