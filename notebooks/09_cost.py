@@ -16,7 +16,7 @@
 # # What it costs
 #
 # The story that made DeepSeek famous is cost. DeepSeek-V3 reports that its whole training run
-# took 2.788M H800 GPU-hours, $5.576M at an assumed $2 per GPU-hour, for a model of 671B
+# took 2.788M H800 GPU-hours, USD 5.576M at an assumed USD 2 per GPU-hour, for a model of 671B
 # parameters of which only 37B are active for each token {cite}`deepseekai2024v3`; DeepSeek-V2
 # before it reported a KV cache 93.3% smaller than that of the dense DeepSeek 67B
 # {cite}`deepseekai2024v2,deepseekai2024llm`; and V3 trained most of its matrix products in
@@ -186,8 +186,8 @@ assert 1.12 < SUMMARY["deepseek-v3"]["training_exact"] / SUMMARY["deepseek-v3"][
 # heads of 192-dimensional queries and keys make the scores expensive relative to the few active
 # parameters. For V3 it adds about 14% to $6N$.
 #
-# **The $5.576M.** DeepSeek-V3's Table 1 gives 2.664M H800 GPU-hours of pre-training, 0.119M of
-# context extension and 0.005M of post-training, and prices them at an assumed rental of $2 per
+# **The USD 5.576M.** DeepSeek-V3's Table 1 gives 2.664M H800 GPU-hours of pre-training, 0.119M of
+# context extension and 0.005M of post-training, and prices them at an assumed rental of USD 2 per
 # GPU-hour {cite}`deepseekai2024v3`. This figure is the final run only; the paper says it
 # excludes the cost of prior research and ablation experiments. On the 2,048 GPUs of V3's cluster it is about
 # eight weeks.
@@ -695,7 +695,7 @@ assert 26 < job_usd["OpenAI o1"] / job_usd["DeepSeek-R1 (deepseek-reasoner)"] < 
 # $$ r = \frac{3600 \cdot \text{peak} \cdot \text{MFU}}{\text{forward FLOPs per token}}. $$
 #
 # **Hypothetical example.** The numbers below are *illustrative assumptions*, not measurements
-# or published figures: $2 per GPU-hour (V3's own assumed rental), the H800's FP8 peak, an MFU of
+# or published figures: USD 2 per GPU-hour (V3's own assumed rental), the H800's FP8 peak, an MFU of
 # 10% while decoding (decoding is bound by memory bandwidth, so utilisation is far lower than in
 # training), at contexts of 1K and 4K tokens, with MLA decoding in its absorbed form against the
 # latent cache (the dense models attend to their GQA caches). Because the FLOPs per token are
@@ -767,7 +767,7 @@ assert 0.75 < at_2pct / r1_price["output"] < 1.0                          # "wou
 #
 # * Parameters, FLOPs and cache bytes follow from the configs: V2 236B/21B, V3 671B/37B, and
 #   V2-Lite 15.7B/2.4B (the 2.45B truncated), as published.
-# * V3's $5.576M is 2.788M GPU-hours × an assumed $2; solving for the utilisation gives about 20%
+# * V3's USD 5.576M is 2.788M GPU-hours × an assumed USD 2; solving for the utilisation gives about 20%
 #   of the FP8 peak or 40% of the BF16 peak, with the exact FLOPs at 4K context.
 # * The 93.3% KV-cache reduction is a 6-bit V2 cache against a bf16 67B cache; 82.2% by
 #   elements. V3's bf16 cache is 3.7–4.7× smaller than its dense GQA peers'.
