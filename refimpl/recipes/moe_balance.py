@@ -76,7 +76,7 @@ def moe_balance_run(steps=300, *, modes=MODES, n_experts=16, top_k=2, hidden=16,
     "maxvio": (steps,), "loss": (steps,) MSE, "bias": (E,) final correction bias}}}``.
     Every mode starts from the same parameters and sees the same batches.
     """
-    from tqdm.auto import tqdm
+    from tqdm import tqdm  # plain text: tqdm.auto warns (TqdmWarning) in a kernel without ipywidgets
 
     for m in modes:
         if m not in MODES:
