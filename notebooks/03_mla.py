@@ -121,12 +121,34 @@ np.testing.assert_allclose(y_gqa, y_mha, **EQ64)
 print("GQA(8 heads, 2 groups) == MHA with each group's K/V head repeated 4 times:",
       f"max |diff| = {np.abs(y_gqa - y_mha).max():.1e}")
 
+# %% tags=["remove-cell"]
+# A diagram drawn by refimpl.diagrams from the config it shows; glued into the figure below.
+from myst_nb import glue
+
+from refimpl.diagrams import mla_diagram
+
+glue("diagram-mla", mla_diagram("deepseek-v3"), display=False)
+plt.close("all")
+
 # %% [markdown]
 # The price of sharing is quality: DeepSeek-V2 reports that GQA and MQA lose to MHA on hard
 # benchmarks (§D.1 of {cite}`deepseekai2024v2`). MLA aims at a cache smaller than GQA's with the
 # quality of MHA.
 #
 # ## Low-rank joint compression of keys and values
+#
+# ```{glue:figure} diagram-mla
+# ---
+# alt: >-
+#   Data flow of multi-head latent attention with DeepSeek-V3's shapes: the hidden state is
+#   compressed into a small key-value latent and a shared rope key, which are all that is cached;
+#   per-head keys and values are read out of the latent, and absorbed decoding never builds them.
+# name: diagram-mla
+# ---
+# MLA with the shapes of the DeepSeek-V3 config (drawn by `refimpl.diagrams.mla_diagram` from
+# `ModelConfig.preset("deepseek-v3")`). Orange: what is cached. Purple: the rotary channels.
+# Dashed: what absorbed decoding skips.
+# ```
 #
 # MLA computes, for token $t$ with hidden state $h_t$ (DeepSeek-V2 §2.1.2, eqs. 9-11),
 #

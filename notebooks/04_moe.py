@@ -79,8 +79,30 @@ def table(header, rows):
     display(Markdown("\n".join(lines)))
 
 
+# %% tags=["remove-cell"]
+# A diagram drawn by refimpl.diagrams from the config it shows; glued into the figure below.
+from myst_nb import glue
+
+from refimpl.diagrams import moe_diagram
+
+glue("diagram-moe", moe_diagram("deepseek-v3"), display=False)
+plt.close("all")
+
 # %% [markdown]
 # ## 1. Dense FFN → coarse MoE → fine-grained + shared experts
+#
+# ```{glue:figure} diagram-moe
+# ---
+# alt: >-
+#   DeepSeekMoE routing with DeepSeek-V3's sizes: a router scores every routed expert, a per-expert
+#   bias is added for the choice only, the best groups of experts are kept and the top experts
+#   inside them chosen, while the shared expert sees every token.
+# name: diagram-moe
+# ---
+# DeepSeekMoE as DeepSeek-V3 configures it (drawn by `refimpl.diagrams.moe_diagram` from the V3
+# preset; the chosen groups and experts are a random example). The bias decides which experts run;
+# the gate weights that mix their outputs come from the scores without it.
+# ```
 #
 # A dense SwiGLU FFN ({eq}`eq-swiglu` in {doc}`02_backprop_by_hand`) of width $I$ costs $3DI$
 # parameters, and every token uses all of them. A

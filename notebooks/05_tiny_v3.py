@@ -203,8 +203,30 @@ naive = generate(state.params, run["config"], prompts, 20, impl="naive")
 assert (cached == recomputed).all() and (cached == naive).all()
 assert acc > 0.2
 
+# %% tags=["remove-cell"]
+# A diagram drawn by refimpl.diagrams from the config it shows; glued into the figure below.
+import matplotlib.pyplot as plt
+from myst_nb import glue
+
+from refimpl.diagrams import mtp_diagram
+
+glue("diagram-mtp", mtp_diagram("deepseek-v3"), display=False)
+plt.close("all")
+
 # %% [markdown]
 # ## Multi-token prediction
+#
+# ```{glue:figure} diagram-mtp
+# ---
+# alt: >-
+#   Multi-token prediction: beside the main model, one extra module combines each position's hidden
+#   state with the embedding of the next token and predicts the token after it; at decoding time
+#   its guess is a draft that the next forward pass verifies.
+# name: diagram-mtp
+# ---
+# Multi-token prediction in training (left) and as the draft of speculative decoding (right), with
+# DeepSeek-V3's hidden size and depth (drawn by `refimpl.diagrams.mtp_diagram`).
+# ```
 #
 # V3's MTP module predicts the token after next: it combines the main model's final hidden state
 # at position $i$ with the embedding of token $i+1$ (embedding first, as the released weights),

@@ -163,6 +163,15 @@ table(["estimator", "mean / true gradient", "variance per group"], rows)
 assert abs(s0 - 1) < 0.05 and abs(s1 - (G - 1) / G) < 0.03      # unbiased; the group mean costs (G-1)/G
 assert v1 < v0 / 10                                               # at least ten times less variance
 
+# %% tags=["remove-cell"]
+# A diagram drawn by refimpl.diagrams from the config it shows; glued into the figure below.
+from myst_nb import glue
+
+from refimpl.diagrams import grpo_diagram
+
+glue("diagram-grpo", grpo_diagram(), display=False)
+plt.close("all")
+
 # %% [markdown]
 # The group baseline cuts the variance by more than ten times here, and costs no network. It is
 # slightly biased in scale: a completion's own reward is part of the mean it is compared with, so
@@ -171,6 +180,18 @@ assert v1 < v0 / 10                                               # at least ten
 # factor; since it is the same for every sample, GRPO absorbs it into the learning rate.
 #
 # ## 2. Group-relative advantages
+#
+# ```{glue:figure} diagram-grpo
+# ---
+# alt: >-
+#   One GRPO group: a question, eight sampled answers with rule rewards of 1 or 0, and each
+#   answer's advantage measured against the group's mean and standard deviation, with no value
+#   network.
+# name: diagram-grpo
+# ---
+# GRPO's group baseline on one example group; the advantages are computed by
+# `refimpl.rl.group_advantages` (drawn by `refimpl.diagrams.grpo_diagram`).
+# ```
 #
 # `group_advantages` follows TRL's `GRPOTrainer`: groups are contiguous blocks of
 # `num_generations` rewards, the standard deviation is the *sample* standard deviation (Bessel's

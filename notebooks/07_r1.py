@@ -68,8 +68,29 @@ def table(header, rows):
     display(Markdown("\n".join(lines)))
 
 
+# %% tags=["remove-cell"]
+# A diagram drawn by refimpl.diagrams from the config it shows; glued into the figure below.
+from myst_nb import glue
+
+from refimpl.diagrams import r1_pipeline_diagram
+
+glue("diagram-r1-pipeline", r1_pipeline_diagram(), display=False)
+plt.close("all")
+
 # %% [markdown]
 # ## 1. Four stages
+#
+# ```{glue:figure} diagram-r1-pipeline
+# ---
+# alt: >-
+#   The DeepSeek-R1 pipeline: R1-Zero is V3-Base trained with GRPO alone; R1 goes through a
+#   cold-start SFT, reasoning RL, rejection sampling with a second SFT, and RL for all prompts; the
+#   rejection-sampled data also trains the distilled dense students.
+# name: diagram-r1-pipeline
+# ---
+# R1-Zero, the four stages of R1, and distillation, as the R1 paper describes them (drawn by
+# `refimpl.diagrams.r1_pipeline_diagram`).
+# ```
 #
 # R1's pipeline (DeepSeek-R1 §2.3) answers two questions the R1-Zero run left open: can a little
 # high-quality data, given before RL, make reasoning better or RL converge faster? And how do we

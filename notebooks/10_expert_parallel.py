@@ -105,8 +105,29 @@ assert 650e9 < routed < 660e9 and v3.n_routed_experts % 64 == 0
 # and the router stay data-parallel, so every device keeps its own tokens. The price is
 # communication: in each MoE layer, each token travels to the devices that hold its experts.
 
+# %% tags=["remove-cell"]
+# A diagram drawn by refimpl.diagrams from the config it shows; glued into the figure below.
+from myst_nb import glue
+
+from refimpl.diagrams import expert_parallel_diagram
+
+glue("diagram-expert-parallel", expert_parallel_diagram("deepseek-v3", n_ranks=4), display=False)
+plt.close("all")
+
 # %% [markdown]
 # ## 2. Dispatch and combine
+#
+# ```{glue:figure} diagram-expert-parallel
+# ---
+# alt: >-
+#   Expert parallelism over four ranks: each rank holds a quarter of DeepSeek-V3's routed experts;
+#   an all-to-all sends every token to the ranks of its chosen experts and a second all-to-all
+#   brings the weighted outputs back.
+# name: diagram-expert-parallel
+# ---
+# Expert-parallel dispatch and combine with DeepSeek-V3's routed experts split over four ranks
+# (drawn by `refimpl.diagrams.expert_parallel_diagram`; two of each token's experts are drawn).
+# ```
 #
 # Split the routed sum of {eq}`eq-moe-dispatch` by the device that holds each expert:
 #

@@ -298,6 +298,37 @@ def test_math_is_typeset_where_the_book_has_equations(visit):
     assert found["containers"] > 20 and found["svg"] == found["containers"], found
 
 
+# Every diagram of refimpl.diagrams is a figure with id "diagram-<name>" (glued into its chapter).
+DIAGRAM_CHECK = """async () => {
+    const figs = Array.from(document.querySelectorAll('figure[id^="diagram-"], div.figure[id^="diagram-"]'));
+    const out = [];
+    for (const f of figs) {
+        const img = f.querySelector('img');
+        if (img) { img.loading = 'eager'; }
+        if (img && !img.complete) { await new Promise(r => { img.onload = img.onerror = r; }); }
+        out.push({id: f.id, alt: img ? (img.getAttribute('alt') || '') : null,
+                  ok: !!img && img.complete && img.naturalWidth > 0});
+    }
+    return out;
+}"""
+
+
+def test_every_diagram_loads_and_has_alt_text(visit):
+    """Each diagram of refimpl.diagrams appears in the book, its image loads, and it has a real alt text."""
+    from refimpl.diagrams import DIAGRAMS
+
+    expected = {"diagram-" + name.replace("_", "-") for name in DIAGRAMS}
+    found = {}
+    for path in book_pages():
+        if 'id="diagram-' not in (HTML / path).read_text(encoding="utf-8", errors="replace"):
+            continue
+        for fig in visit(path).page.evaluate(DIAGRAM_CHECK):
+            found[fig["id"]] = dict(fig, page=path)
+    assert expected <= set(found), f"diagrams missing from the book: {sorted(expected - set(found))}"
+    bad = [f for f in found.values() if not f["ok"] or len((f["alt"] or "").split()) < 8]
+    assert not bad, f"diagrams that do not load or lack an alt text of a sentence or more: {bad}"
+
+
 def test_search_works_offline(visit):
     """The search page finds a chapter with the index that ships in the build."""
     v = visit("search.html?q=latent")

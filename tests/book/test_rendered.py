@@ -219,3 +219,28 @@ def test_page_has_clean_math_and_outputs(page):
     bad_out = [p for text in found.outputs for p in output_problems(text)]
     assert not bad_math and not bad_out, f"{page}:\n" + "\n".join(f"  math {m}" for m in bad_math) + "\n" + \
         "\n".join(f"  output with {o}" for o in bad_out)
+
+
+FIGURE = re.compile(r'<(figure|div)[^>]*\bid="(diagram-[\w-]+)"[^>]*>(.*?)</\1>', re.S)
+
+
+def test_every_diagram_is_in_the_book_with_alt_text():
+    """Each diagram of refimpl.diagrams is a figure ``diagram-<name>`` whose image exists and has an alt text."""
+    pytest.importorskip("matplotlib")
+    from refimpl.diagrams import DIAGRAMS
+
+    pages = book_pages()
+    if not pages:
+        pytest.skip(f"no built book at {HTML}: run `make book` first")
+    found = {}
+    for page in pages:
+        for _, fig_id, body in FIGURE.findall((HTML / page).read_text(encoding="utf-8", errors="replace")):
+            img = re.search(r"<img\b[^>]*>", body)
+            alt = re.search(r'\balt="([^"]*)"', img.group(0)) if img else None
+            src = re.search(r'\bsrc="([^"]+)"', img.group(0)) if img else None
+            found[fig_id] = (page, alt.group(1) if alt else "", src.group(1) if src else None)
+    expected = {"diagram-" + name.replace("_", "-") for name in DIAGRAMS}
+    assert expected <= set(found), f"diagrams missing from the book: {sorted(expected - set(found))}"
+    for fig_id, (page, alt, src) in found.items():
+        assert len(alt.split()) >= 8, f"{page}: {fig_id} has no alt text of a sentence or more: {alt!r}"
+        assert src and ((HTML / page).parent / src).is_file(), f"{page}: {fig_id} image {src!r} is not in the build"
