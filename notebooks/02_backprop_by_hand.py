@@ -343,7 +343,7 @@ assert s.tolist() == [0.0, 0.5, 1.0]
 # $g\,\sigma(g) = g + 1$: at its minimum, SiLU's value is its argument plus one. The plot uses
 # `silu_backward` with $\bar y = 1$ for the derivative, and the cell checks that identity.
 
-# %%
+# %% tags=["hide-input"]
 g = np.linspace(-6, 6, 1201)                           # (n,)
 silu_g, silu_cache = silu_forward(g)                   # (n,)
 dsilu = silu_backward(np.ones_like(g), silu_cache)     # (n,) = silu'(g)
@@ -588,7 +588,7 @@ assert all_ignored == 0.0 and np.all(cross_entropy_backward(1.0, cache) == 0)
 # %%
 show_source(rope_forward, rope_backward)
 
-# %%
+# %% tags=["hide-input"]
 Dr = 64
 inv_freq = rope_inv_freq(Dr, 10000.0)                     # (Dr/2,)
 positions = np.arange(32)                                 # (T,)
@@ -679,7 +679,7 @@ assert err > 1e-2
 # %%
 show_source(yarn_correction_range, rope_inv_freq)
 
-# %%
+# %% tags=["hide-input"]
 cfg = ModelConfig.preset("deepseek-v3")
 rs = cfg.rope_scaling
 Dr, base, L, s = cfg.qk_rope_head_dim, cfg.rope_theta, rs["original_max_position_embeddings"], rs["factor"]
@@ -753,7 +753,7 @@ print(f"m = {m:.6f}; softmax scale = 192^-1/2 * m^2 = {softmax_scale(cfg.qk_head
 # experts ({eq}`eq-swiglu`), and {doc}`05_tiny_v3` trains a whole model on the cross-entropy of
 # {eq}`eq-cross-entropy`.
 
-# %%
+# %% tags=["hide-input"]
 names = list(grad_errors) + list(bug_errors)
 values = [max(v, 1e-16) for v in list(grad_errors.values()) + list(bug_errors.values())]
 colors = ["C0"] * len(grad_errors) + ["C3"] * len(bug_errors)

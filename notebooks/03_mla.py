@@ -347,7 +347,7 @@ print(f"W_UK {w_uk.shape}, W_UV {w_uv.shape}  (views of kv_b_proj {p['kv_b_proj'
 # layer of each scheme. With $d_h = 128$, $D_c = 4 d_h$ and $D_r = d_h / 2$, MLA's
 # $D_c + D_r = 4.5\,d_h$ equals GQA with 2.25 groups:
 
-# %%
+# %% tags=["hide-input"]
 v2 = PRESETS["deepseek-v2"]
 rows = [("MHA", "mha", "2 H Dh"), ("GQA (8 groups)", None, "2 Hk Dh"), ("MQA", "mqa", "2 Dh"),
         ("MLA", "mla", "Dc + Dr")]
@@ -364,7 +364,7 @@ assert kv_cache_elements_per_token(v2, per_layer=True) == 576 == 2.25 * 2 * 128
 # Across whole models, in bf16 (2 bytes per value), the cache per sequence grows linearly with the
 # context. DeepSeek 67B's 4k context and V2/V3's 128k are marked:
 
-# %%
+# %% tags=["hide-input"]
 context = np.logspace(np.log10(512), np.log10(131072), 50)
 models = [("DeepSeek 67B (GQA, 8 KV heads, 95 layers)", b67, None, 2, 4096, "-"),
           ("DeepSeek-V2 (MLA, 60 layers)", v2, None, 2, 131072, "-"),
@@ -429,7 +429,7 @@ assert round(100 * (1 - bytes_v2_bf16 / bytes_67b), 1) == 82.2
 # batch 1, float32, on whatever machine builds this page. Times are the best of several runs; the
 # benchmark suite (`python -m benchmarks.run mla`) measures full shapes and compares with torch.
 
-# %%
+# %% tags=["hide-input"]
 lite = PRESETS["deepseek-v2-lite"].replace(hidden_size=512)
 lite_mha = ModelConfig.from_dict({**lite.to_dict(), "model_type": "llama"})
 p_lite = init_mla_params(lite, rng, dtype=np.float32)

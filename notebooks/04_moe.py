@@ -124,7 +124,7 @@ plt.close("all")
 # With $D = 64$ and $I = 256$, here are the four layers built as refimpl configs, with parameters
 # counted from the arrays that `init_moe_params` allocates:
 
-# %%
+# %% tags=["hide-input"]
 D, I_DENSE = 64, 256
 variants = {
     "dense FFN": None,
@@ -213,7 +213,7 @@ show_source(gate_forward)
 # V2's weights but leaves V3's weights alone. Third, a large bias forces an expert into the
 # selection, yet its gate value is still computed from the unbiased score.
 
-# %%
+# %% tags=["hide-input"]
 E, K = 64, 6
 v2 = base.replace(n_routed_experts=E, num_experts_per_tok=K, scoring_func="softmax", norm_topk_prob=False,
                   routed_scaling_factor=1.0)
@@ -360,7 +360,7 @@ assert err < tol("gradcheck")["rtol"]
 # as routing groups. It counts, per token, the nodes it reaches and the copies that cross a node
 # boundary, with and without the node limit.
 
-# %%
+# %% tags=["hide-input"]
 ep = ModelConfig.preset("deepseek-v3").replace(hidden_size=D)
 gate_ep = {"weight": rng.standard_normal((256, D)) / np.sqrt(D), "e_score_correction_bias": np.zeros(256)}
 tok = rng.standard_normal((4096, D))
@@ -501,7 +501,7 @@ for name, skew in (("router favouring experts 0-1", 1.0), ("unskewed router", 0.
 # V3 671B/37B (V3 excludes its 14B multi-token-prediction module). V2-Lite's active count is 2.45B,
 # which the paper writes as 2.4B.
 
-# %%
+# %% tags=["hide-input"]
 rows = []
 for name, published in (("deepseek-v2-lite", (15.7, 2.4)), ("deepseek-v2", (236, 21)), ("deepseek-v3", (671, 37))):
     c = count_parameters(ModelConfig.preset(name))

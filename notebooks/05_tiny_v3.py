@@ -205,7 +205,6 @@ assert acc > 0.2
 
 # %% tags=["remove-cell"]
 # A diagram drawn by refimpl.diagrams from the config it shows; glued into the figure below.
-import matplotlib.pyplot as plt
 from myst_nb import glue
 
 from refimpl.diagrams import mtp_diagram
@@ -333,10 +332,17 @@ assert info["main_forwards"] + info["accepted"] - produced in (0, 1)
 
 # %% tags=["hide-cell"]
 # Exercise 4
-texts = [x.prompt + reference_completion(task, x) for x in make_dataset(task, 200, np.random.default_rng(3))]
-length = max(set(map(len, texts)), key=[len(t) for t in texts].count)    # the commonest length: no padding
-batch = np.stack([TOKENIZER.encode(t, add_bos=True) for t in texts if len(t) == length][:4])
-with_mtp, _, info_mtp = loss_forward(batch, state.params, cfg, mtp_lambda=0.3)
-without, _, _ = loss_forward(batch, state.params, cfg, mtp_lambda=0.0)
-print(f"loss with MTP {float(with_mtp):.5f}, without {float(without):.5f}, MTP term {float(info_mtp['mtp_loss']):.5f}")
+rows = [(x.prompt, x.prompt + reference_completion(task, x))
+        for x in make_dataset(task, 200, np.random.default_rng(3))]
+length = max(set(len(t) for _, t in rows), key=[len(t) for _, t in rows].count)  # commonest length: no padding
+chosen = [(p, t) for p, t in rows if len(t) == length][:4]
+batch = np.stack([TOKENIZER.encode(t, add_bos=True) for _, t in chosen])
+labels = batch.copy()
+for i, (p, _) in enumerate(chosen):                   # score the completions only, as training does
+    labels[i, :len(TOKENIZER.encode(p, add_bos=True))] = -100
+with_mtp, _, info_mtp = loss_forward(batch, state.params, cfg, labels, mtp_lambda=0.3)
+without, _, _ = loss_forward(batch, state.params, cfg, labels, mtp_lambda=0.0)
+print(f"loss on 4 completions (prompts not scored, as in training): {float(with_mtp):.5f} with the MTP term, "
+      f"{float(without):.5f} without it; their difference {float(with_mtp) - float(without):.5f} is the "
+      f"reported MTP term {float(info_mtp['mtp_loss']):.5f}")
 np.testing.assert_allclose(float(with_mtp) - float(without), float(info_mtp["mtp_loss"]), rtol=1e-5)  # float32 sums

@@ -126,7 +126,7 @@ def table(header, rows):
 # `grpo_loss`'s gradient, carried into the logits by `selective_log_softmax_backward`. The
 # estimate without a baseline uses $\hat A_i = r_i$; the group baseline uses $r_i - \bar r$.
 
-# %%
+# %% tags=["hide-input"]
 rng = np.random.default_rng(0)
 V, G, TRIALS, RIGHT = 8, 8, 4000, 3
 z = rng.standard_normal(V)                                              # (V,) the policy's logits
@@ -228,7 +228,7 @@ assert (adv[:8] == 0).all() and np.isclose(info["frac_reward_zero_std"], 2 / 3)
 # deviation, one number for every group, and so keeps the unscaled weighting (its curve lies on
 # top of `"none"`'s).
 
-# %%
+# %% tags=["hide-input"]
 G = 16
 ks = np.arange(1, G)
 mass = {}
@@ -277,7 +277,7 @@ show_source(grpo_module._weights, grpo_module._min_clip)
 # each get a smaller share. Take a group of two, one right answer of 4 tokens and one wrong answer
 # of 16 (then swap the lengths), and read off the gradient per token:
 
-# %%
+# %% tags=["hide-input"]
 L_MAX = 16
 
 
@@ -313,7 +313,7 @@ for lt in ("bnpo", "dr_grpo", "dapo"):
 # batch. Both treat every token alike. The figure shows the penalty per token, and the total over
 # the completion, of a wrong answer of length $n$ in a group with one right answer of 8 tokens.
 
-# %%
+# %% tags=["hide-input"]
 L_MAX = 64
 ns = np.arange(1, L_MAX + 1)
 curves = {lt: [] for lt in ("grpo", "dr_grpo", "dapo")}
@@ -361,7 +361,7 @@ assert np.allclose(curves["dr_grpo"], curves["dr_grpo"][0])   # dr_grpo: the sam
 # visible). The figure shows the gradient one token receives as a function of its ratio, for a
 # positive and a negative advantage:
 
-# %%
+# %% tags=["hide-input"]
 rhos = np.linspace(0.5, 1.6, 221)
 variants = {
     "grpo, ε = 0.2": dict(loss_type="grpo"),
@@ -406,7 +406,7 @@ print(f"a token sampled with p = {p}: the clip stops its rise at {p * 1.2:.4f} (
 # whole completion at once (`importance_sampling_level="sequence"`). Below, a right answer of 8
 # tokens has one token whose ratio has jumped to 3:
 
-# %%
+# %% tags=["hide-input"]
 n_tok = 8
 lp_old = np.full((2, n_tok), np.log(0.5))
 lp_new = lp_old.copy()
@@ -447,7 +447,7 @@ print(f"sequence ratio s = 3^(1/8) = {s:.4f}")
 # two policies are close. DeepSeekMath and R1 use $k_3$ (DeepSeekMath eq. 4). We measure all three
 # on 100,000 samples from a 50-token policy, for reference policies at growing distance:
 
-# %%
+# %% tags=["hide-input"]
 rng = np.random.default_rng(1)
 Vk, N_SAMPLES = 50, 100_000
 z_pol = rng.standard_normal(Vk)
@@ -521,7 +521,7 @@ print(f"|E[grad k3] - grad KL(ref||pi)| = {np.abs(expected_grad - grad_reverse_k
 # **language-consistency** reward ({doc}`07_r1`). On completions for the addition task of
 # {doc}`05_tiny_v3`:
 
-# %%
+# %% tags=["hide-input"]
 task = AdditionTask(min_digits=1, max_digits=3)
 ex = Example("47+85=", task.solve("47+85="))
 good = reference_completion(task, ex)
@@ -566,7 +566,7 @@ assert lengths[0] == 22 and over[0] == 0 and over[6] == (32 - 38) / 16 and over[
 # finite differences and against the same formulas in torch autograd, for every combination of
 # loss type, ratio level and KL estimator.
 
-# %%
+# %% tags=["hide-input"]
 src = inspect.getsource(grpo_loss)
 core = src[src.index("    lp = logps.astype"):src.index("    N = float(mf.sum())")]
 display(Markdown(f"```python\n{core.rstrip()}\n```"))
@@ -621,7 +621,7 @@ table(["setting", "value"], [(f"`{k}`", getattr(gc, k)) for k in (
 # %%
 show_source(grpo_objective)
 
-# %%
+# %% tags=["hide-input"]
 h = zero["history"]
 step = np.array([m["step"] for m in h])
 curve = {k: np.array([m[k] for m in h]) for k in ("reward", "accuracy", "format", "completion_length",
@@ -664,7 +664,7 @@ assert curve["reward"][-5:].mean() > curve["reward"][:5].mean() + 0.2
 #
 # The same held-out problems, before and after GRPO (greedy decoding):
 
-# %%
+# %% tags=["hide-input"]
 pairs = list(zip(zero["samples_before"], zero["samples_after"], strict=True))
 fixed = [(b, a) for b, a in pairs if not b["correct"] and a["correct"]]
 broken = [(b, a) for b, a in pairs if b["correct"] and not a["correct"]]

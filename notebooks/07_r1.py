@@ -130,7 +130,7 @@ plt.close("all")
 # the signs `+ = ,`. A completion whose reasoning drifts into words scores lower, whether or not
 # its answer is right; the total reward is the sum of the rule-based rewards.
 
-# %%
+# %% tags=["hide-input"]
 task = AdditionTask(min_digits=1, max_digits=3)
 ex = Example("58+67=", task.solve("58+67="))
 samples = [
@@ -214,7 +214,7 @@ assert r1["grpo_config"].replace(steps=zero["grpo_config"].steps) == zero["grpo_
 # few steps. On one figure, with the step axis counting RL steps only, and in a table of the first
 # evaluated step at which each run reached a threshold (`refimpl.recipes.r1.steps_to_accuracy`):
 
-# %%
+# %% tags=["hide-input"]
 def eval_curve(res):
     return np.array([e["step"] for e in res["evals"]]), np.array([e["accuracy"] for e in res["evals"]])
 

@@ -86,7 +86,7 @@ LN2 = np.log(2.0)
 # $\tau > 1$ flattens the distribution and brings those small probabilities up where a student
 # can learn from them; the ranking of the tokens does not change.
 
-# %%
+# %% tags=["hide-input"]
 classes = [str(d) for d in range(10)]
 teacher_logits = np.array([[0.5, 5.0, -1.0, 0.0, 1.0, -0.5, -2.0, 9.0, 0.5, 4.0]])   # (1, 10) a confident "7"
 temps = (1.0, 2.0, 5.0)
@@ -123,7 +123,7 @@ assert all((np.argsort(-p, kind="stable") == np.argsort(-dists[1.0], kind="stabl
 # note that TRL and Liger do *not*, so their soft gradients fade as $\tau$ grows. Measured on one
 # random position with $V = 10$:
 
-# %%
+# %% tags=["hide-input"]
 rng = np.random.default_rng(0)
 u_rand, s_rand = 3 * rng.standard_normal((1, 10)), 3 * rng.standard_normal((1, 10))   # (1, V) each
 rows = ["| τ | ‖∂ soft / ∂s‖ without τ² | with τ² |", "|---:|---:|---:|"]
@@ -158,7 +158,7 @@ assert max(n[1] for t, n in norms.items() if t >= 2) < 1.1 * min(n[1] for t, n i
 # to the logits; the chain rule to $(\mu, \log\sigma)$ is two lines, and plain gradient descent
 # does the rest.
 
-# %%
+# %% tags=["hide-input"]
 x = np.linspace(-9, 9, 361)                                      # (V,) the "vocabulary"
 
 
@@ -276,7 +276,7 @@ assert np.isclose(per_pos, LN2) and sharp.max() <= LN2 + 1e-12
 # the two students found above: the covering fit (forward KL's) and the seeking fit (reverse
 # KL's). The ratio of their losses says which one $D_{\mathrm{JSD}(\beta)}$ prefers.
 
-# %%
+# %% tags=["hide-input"]
 betas = np.linspace(0, 1, 41)
 cover, seek = bump_logits(mu_f, sigma_f), bump_logits(mu_r, sigma_r)
 ratio = np.array([generalized_jsd_loss(seek, teacher, beta=b)[0] / generalized_jsd_loss(cover, teacher, beta=b)[0]
@@ -318,7 +318,7 @@ assert (ratio[betas <= 0.5] > 1).all() and (ratio[betas >= 0.6] < 1).all()
 #   (zero gradient elsewhere) or adds a "tail" bucket for the remaining mass; with K = V both are
 #   the full forward KL.
 
-# %%
+# %% tags=["hide-input"]
 rows = ["| loss | value (mean over 8 positions, V = 50) |", "|---|---:|"]
 table = {"forward KL": fkl, "reverse KL": rkl, "JSD(0.5)": generalized_jsd_loss(s_b, u_b)[0],
          "skew KL (α = 0.1)": skew_kl_loss(s_b, u_b)[0], "skew reverse KL (α = 0.1)": skew_reverse_kl_loss(s_b, u_b)[0],
@@ -458,7 +458,7 @@ show_source(_drive, _gjsd_rows)
 # and calls `generalized_jsd_loss`; the chunked one is `fused_linear_jsd` at three chunk sizes.
 # Both return the loss and the gradients with respect to the student's hidden states and head.
 
-# %%
+# %% tags=["hide-input"]
 N_MEM, D_MEM, V_MEM = 2048, 256, 16384
 rng_m = np.random.default_rng(0)
 h_s = rng_m.standard_normal((N_MEM, D_MEM), dtype=np.float32)                        # (N, D)
@@ -566,7 +566,7 @@ assert comp["rl_flops"] >= comp["distill_flops"]                         # the R
 assert gen["n_accepted"] == round(gen["acceptance_rate"] * gen["n_generated"])
 assert all(0.0 <= a <= 1.0 for a in acc.values())
 
-# %%
+# %% tags=["hide-input"]
 labels_exp = {"teacher": "teacher\n(MoE + MLA)", "base": "student\nbase", "distilled": "student\nseq-KD (SFT)",
               "distilled_gkd": "student\nseq-KD + GKD", "rl": "student\nGRPO"}
 names = [k for k in labels_exp if k in acc]
@@ -592,7 +592,7 @@ ax[1].set_xlabel("GRPO step"), ax[1].set_ylim(0, 1), ax[1].legend(fontsize=8), a
 plt.tight_layout()
 plt.show()
 
-# %%
+# %% tags=["hide-input"]
 gap = acc["distilled"] - acc["rl"]
 gap_se = np.sqrt(se["distilled"] ** 2 + se["rl"] ** 2)
 if gap > 2 * gap_se:

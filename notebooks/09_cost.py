@@ -104,7 +104,7 @@ SUMMARY = {name: summary(cfg) for name, cfg in CONFIGS.items()}
 # %%
 show_source(parameter_counts)
 
-# %%
+# %% tags=["hide-input"]
 rows = ["| model | total | active | active / total | MTP (apart) |", "|---|---:|---:|---:|---:|"]
 for name, s in SUMMARY.items():
     mtp = f"{s['mtp'] / 1e9:.2f}B" if s["mtp"] else "–"
@@ -163,7 +163,7 @@ assert v3_ratio > 18
 # a token attends on average to $(T+1)/2$ keys. V3 was pre-trained at $T = 4096$
 # {cite}`deepseekai2024v3`.
 
-# %%
+# %% tags=["hide-input"]
 rows = ["| model | 6N (TFLOP/token) | exact at 4K (TFLOP/token) | exact / 6N |", "|---|---:|---:|---:|"]
 for name, s in SUMMARY.items():
     rows.append(f"| {NAMES[name]} | {s['training_6n'] / 1e12:.3f} | {s['training_exact'] / 1e12:.3f} | "
@@ -213,7 +213,7 @@ assert 7 < cost["days"] / 7 < 9
 # %%
 show_source(implied_utilisation, gpu_hours)
 
-# %%
+# %% tags=["hide-input"]
 pre_hours = V3_GPU_HOURS["pre_training"]
 estimates = {"6N": six_n_flops_per_token(v3)["training"],
              "exact at 4K, with MTP": training_flops_per_token(v3, 4096, mtp=True)}
@@ -247,7 +247,7 @@ assert 0.15 < exact_mfu["fp8"] < 0.25 and 0.35 < exact_mfu["bf16"] < 0.45      #
 # also use GQA; V2 and V3 cache MLA's 512-dimensional latent plus a 64-dimensional rope key per
 # layer, $(D_c + D_r)\,L\,b$ bytes per token by {eq}`eq-mla-cache` (chapter {doc}`03_mla`).
 
-# %%
+# %% tags=["hide-input"]
 rows = ["| model | KV cache per token (bf16) | at 128K context |", "|---|---:|---:|"]
 for name, cfg in CONFIGS.items():
     b = kv_cache_bytes_per_token(cfg, "bf16")
@@ -300,7 +300,7 @@ for peer in DENSE_PRESETS:
 # %%
 show_source(training_memory_bytes)
 
-# %%
+# %% tags=["hide-input"]
 n_v3 = P["deepseek-v3"]["total"]
 rows = ["| plan | weights | master | grads | optimizer | total | bytes / parameter |",
         "|---|---:|---:|---:|---:|---:|---:|"]
@@ -333,7 +333,7 @@ assert np.isclose(saving, 4 / 18) and per_gpu < 80e9 / 2**30
 # with half the precision. V3 uses E4M3 for all tensors, forward and backward, and recovers range
 # with fine-grained scales {cite}`deepseekai2024v3`. `fp8_values` decodes every bit pattern:
 
-# %%
+# %% tags=["hide-input"]
 grids = {fmt: fp8_values(fmt) for fmt in ("e4m3", "e5m2")}
 fig, (ax0, ax1) = plt.subplots(1, 2, figsize=(10, 3.6))
 for i, (fmt, v) in enumerate(grids.items()):
@@ -386,7 +386,7 @@ show_source(quantize_activation)
 # the relative error $\lVert \hat x - x \rVert / \lVert x \rVert$ over the ordinary entries, the
 # ones an outlier should not be allowed to spoil.
 
-# %%
+# %% tags=["hide-input"]
 M, K = 64, 1024
 base = rng.standard_normal((M, K))
 outlier_channel = 300
@@ -665,7 +665,7 @@ assert abs(gap_reading) < 0.005 and max(abs(v) for v in gap.values()) < 0.05
 # million output tokens {cite}`openai2024pricing`. List prices change, and these are the ones
 # published at the time, with their sources; the ratios below are computed from them.
 
-# %%
+# %% tags=["hide-input"]
 LIST_PRICE = {  # USD per million tokens, as published (see the two citations above)
     "DeepSeek-R1 (deepseek-reasoner)": {"input": 0.55, "cached input": 0.14, "output": 2.19},
     "OpenAI o1": {"input": 15.00, "cached input": 7.50, "output": 60.00},
@@ -702,7 +702,7 @@ assert 26 < job_usd["OpenAI o1"] / job_usd["DeepSeek-R1 (deepseek-reasoner)"] < 
 # computed from the configs, the comparison between models is meaningful even though the
 # absolute prices are only as good as the assumptions.
 
-# %%
+# %% tags=["hide-input"]
 HYPOTHETICAL = dict(usd_per_gpu_hour=2.0, peak=H800_PEAK_FLOPS["fp8"], mfu=0.10)
 contexts = (1024, 4096)
 rows = ["| model | context | forward GFLOP/token | tokens per GPU-hour | USD per million tokens (hypothetical) |",
@@ -822,7 +822,9 @@ for fmt in ("e4m3", "e5m2"):
     x_hat = dequantize_activation(q, s, block=M * K).reshape(x.shape)
     per_tensor_err[fmt] = np.linalg.norm((x_hat - x)[:, ordinary]) / np.linalg.norm(x[:, ordinary])
 dynamic_range = {fmt: FP8_FORMATS[fmt].max / FP8_FORMATS[fmt].min_normal for fmt in ("e4m3", "e5m2")}
-print(f"per-tensor error at A = 1e6: {per_tensor_err}; range max/min_normal: {dynamic_range}")
+for fmt in ("e4m3", "e5m2"):
+    print(f"{fmt}: per-tensor error of the ordinary entries at A = 1e6 {float(per_tensor_err[fmt]):.3f}, "
+          f"range max / min_normal {float(dynamic_range[fmt]):,.0f}")
 # E5M2's normal range spans ~9.4e8, so 1e6 : 1 still fits; E4M3's spans only 28,672
 assert dynamic_range["e4m3"] < 1e6 < dynamic_range["e5m2"]
 assert per_tensor_err["e5m2"] < 0.1 < 0.9 < per_tensor_err["e4m3"]

@@ -176,7 +176,7 @@ show_source(ep_moe_forward, ep_moe_backward)
 # limit lifted ($M = 4$), and each routing runs with the one-hop and the two-hop dispatch. `Comm`
 # records the bytes handed to every all-to-all, read from the very counts and datatype given to MPI.
 
-# %%
+# %% tags=["hide-input"]
 NODE = dict(experts=32, k=8, n_group=4, hidden=64, inter=16, tokens=[64] * 8)
 PER_NODE = 2
 runs, runs2 = {}, {}     # one-hop and two-hop dispatch, by node limit M
@@ -200,7 +200,7 @@ display(Markdown("| all-to-all | bytes, $M=2$ | bytes, $M=4$ (no limit) |\n|---|
 # Below, the dispatch matrix: bytes from each source rank (row) to each destination rank
 # (column). The dashed lines are node boundaries. The diagonal blocks never leave the rank.
 
-# %%
+# %% tags=["hide-input"]
 fig, axes = plt.subplots(1, 2, figsize=(10, 4.2))
 vmax = max(runs[m]["traffic.dispatch/x"].max() for m in runs)
 for ax, m in zip(axes, (2, 4), strict=True):
@@ -258,7 +258,7 @@ assert sims[2]["max_nodes_per_token"] <= 2 < sims[4]["max_nodes_per_token"]
 # The sweep below routes the same 512 tokens with $M = 1, \dots, 4$. It is simulated in-process,
 # and the four MPI runs above are overlaid as measured points.
 
-# %%
+# %% tags=["hide-input"]
 cfg, params, x, _ = make_layer_case("v3", tokens=NODE["tokens"], experts=NODE["experts"], k=k,
                                     n_group=NODE["n_group"], topk_group=2, hidden=d, inter=NODE["inter"])
 n_tok = x.shape[0]
@@ -299,7 +299,7 @@ plt.show()
 # `moe_forward` / `moe_backward` run here on all the tokens. Rank 1 holds no tokens in the 4-rank
 # run, and the last quarter of the experts is never chosen, so rank 3 receives nothing.
 
-# %%
+# %% tags=["hide-input"]
 split = [(1, "16", []), (2, "9,7", []), (4, "6,0,7,3", []),
          (4, "6,0,7,3", ["--two-hop", "--devices-per-node", 2])]
 cfg, params, x, dy = make_layer_case("v3", tokens=[16], idle=True)
@@ -358,7 +358,7 @@ assert worst < 1e-10 and float(r["replica_spread"]) == 0.0
 # "Waiting" is the time spent at a barrier before each all-to-all, for the slowest rank. It
 # measures load imbalance and time-slicing, not communication.
 
-# %%
+# %% tags=["hide-input"]
 import refimpl  # noqa: E402
 
 sys.path.insert(0, str(Path(refimpl.__file__).resolve().parents[1]))   # the repository, for benchmarks/
