@@ -41,6 +41,17 @@
 # Notation follows {doc}`../notation`: `dx` in code is $\bar x = \partial L / \partial x$ for some
 # scalar loss $L$, and $\bar y$ is the gradient arriving at an op from above.
 
+# %% [markdown]
+# ```{admonition} After this chapter you can
+# :class: tip
+# * derive the backward pass of each primitive of a DeepSeek block (linear, embedding, RMSNorm,
+#   SwiGLU, softmax, cross-entropy, RoPE) and write it as a function;
+# * check any backward pass against central finite differences, and tell a right gradient from a
+#   wrong one by the size of its error;
+# * explain how RoPE turns absolute positions into relative ones, and how YaRN stretches it to long
+#   contexts.
+# ```
+
 # %%
 import time
 

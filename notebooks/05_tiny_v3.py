@@ -29,6 +29,16 @@
 #
 # Everything below calls `refimpl.model`; code shown is the library's real source.
 
+# %% [markdown]
+# ```{admonition} After this chapter you can
+# :class: tip
+# * assemble MLA, DeepSeekMoE and RMSNorm into a complete decoder with multi-token prediction;
+# * run its backward pass end to end and check it against finite differences;
+# * train it from scratch on column addition in about a minute, then sample from it with the latent
+#   cache and with MTP drafts;
+# * save and load it in the Hugging Face checkpoint layout.
+# ```
+
 # %%
 import os
 
@@ -273,7 +283,29 @@ print(m, logits.dtype, logits.shape)
 # %% [markdown]
 # The same model, scaled up to V3's configuration, is what the later chapters train with
 # reinforcement learning and distil, and what {doc}`09_cost` prices.
+
+# %% [markdown]
+# ## Summary
 #
+# What this chapter measured (the numbers are computed by the cells above when the page is built):
+
+# %% tags=["hide-input"]
+from IPython.display import Markdown, display
+
+summary = [
+    f"* The tiny V3 has {counts['total']:,} parameters, {counts['active']:,} of them active per token; its "
+    f"hand-written backward pass agrees with finite differences to {err:.1e}.",
+    f"* 600 steps took the next-token loss from {h['lm_loss'][:20].mean():.3f} (mean of the first 20 steps) to "
+    f"{h['lm_loss'][-20:].mean():.3f} (last 20), while the bias update lowered MaxVio from "
+    f"{h['max_vio'][:20].mean():.2f} to {h['max_vio'][-100:].mean():.2f}.",
+    f"* Greedy decoding from the latent cache answered {acc:.0%} of 64 new problems exactly; the cache holds "
+    f"{per_token[0]} values per token against {per_token[1]} for MHA with the same heads.",
+    f"* The MTP module's drafts were accepted {accepted / drafted:.0%} of the time ({accepted} of {drafted}).",
+]
+display(Markdown("\n".join(summary)))
+assert h["lm_loss"][-20:].mean() < h["lm_loss"][:20].mean() and per_token[0] < per_token[1]
+
+# %% [markdown]
 # ## Exercises
 #
 # The solutions are hidden under each exercise; they run when the book is built and assert their

@@ -38,6 +38,15 @@
 # Everything below calls `refimpl.distill`, whose losses return the loss *and* its hand-derived
 # gradient with respect to the student's logits; code shown is the library's real source.
 
+# %% [markdown]
+# ```{admonition} After this chapter you can
+# :class: tip
+# * explain sequence-level distillation, as R1's students were trained, and the logit-level losses
+#   (forward and reverse KL, generalized JSD) beside it;
+# * compute those losses and their gradients in chunks, without forming the full logit matrix;
+# * compare distillation with reinforcement learning for a small student on the same problems.
+# ```
+
 # %%
 import os
 

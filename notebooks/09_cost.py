@@ -24,6 +24,16 @@
 # themselves, with `refimpl.accounting` and `refimpl.quant`, and states every assumption that a
 # number depends on. Nothing here is re-implemented: the code shown is the library's own source.
 
+# %% [markdown]
+# ```{admonition} After this chapter you can
+# :class: tip
+# * compute parameters, FLOPs and KV-cache bytes of the released configurations;
+# * check DeepSeek-V3's reported training cost and V2's cache claim, naming every assumption behind
+#   them;
+# * explain the FP8 formats, why V3 scales them per tile and per block, and what that costs in
+#   accuracy.
+# ```
+
 # %%
 import os
 

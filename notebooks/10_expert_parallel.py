@@ -35,6 +35,15 @@
 #    for data-parallel training;
 # 6. what the processes spend their time on, on this machine.
 
+# %% [markdown]
+# ```{admonition} After this chapter you can
+# :class: tip
+# * spread a layer's experts over processes and move tokens with the all-to-all dispatch and
+#   combine;
+# * explain how node-limited routing caps the traffic between nodes;
+# * check that expert-parallel and data-parallel training give the single-process result.
+# ```
+
 # %%
 import os
 
@@ -372,6 +381,23 @@ shutil.rmtree(WORK)          # the runs' .npz files
 # In a real cluster, each rank is a GPU that computes its experts' GEMMs in microseconds, so the
 # all-to-all becomes the larger share. That is why V3 overlaps it with computation (DualPipe,
 # §3.2.1), sends it in FP8 (§3.3), and caps it with node-limited routing.
+
+# %% [markdown]
+# ## Summary
+#
+# What this chapter measured (the numbers are computed by the cells above when the page is built):
+
+# %% tags=["hide-input"]
+summary = [
+    f"* DeepSeek-V3's routed experts hold {routed / 1e9:.0f}B parameters; 64-way expert parallelism leaves "
+    f"{v3.n_routed_experts // 64} experts per GPU in each MoE layer.",
+    f"* Over 8 MPI processes on 4 simulated nodes, the bytes each all-to-all moved equal the in-process "
+    f"simulation; with the node limit M = 2 a token reached at most {sims[2]['max_nodes_per_token']} nodes, "
+    f"with M = 4 up to {sims[4]['max_nodes_per_token']}.",
+    f"* Data-parallel training on 2 ranks matched one process to {worst:.1e} in every parameter after 3 steps.",
+]
+display(Markdown("\n".join(summary)))
+assert sims[2]["max_nodes_per_token"] <= 2 and worst < 1e-10
 
 # %% [markdown]
 # ## Exercises
