@@ -159,7 +159,7 @@ show_source(check_grad)
 # times the forward pass" comes from.
 
 # %%
-show_source(linear_forward, linear_backward)
+show_source(linear_forward, linear_backward, checks=False)
 
 
 # %%
@@ -240,7 +240,7 @@ record("embedding", check_grad(embedding, [ids, table]))
 # to machine precision.
 
 # %%
-show_source(rmsnorm_forward, rmsnorm_backward)
+show_source(rmsnorm_forward, rmsnorm_backward, checks=False)
 
 # %%
 eps = 1e-6
@@ -314,10 +314,10 @@ assert err > 1e-2
 # `np.exp(-x)` for $x = -10^4$ would.
 
 # %%
-show_source(sigmoid, silu_forward, silu_backward, swiglu_forward, swiglu_backward)
+show_source(sigmoid, silu_forward, silu_backward, swiglu_forward, swiglu_backward, checks=False)
 
 # %%
-show_source(swiglu_mlp_forward, swiglu_mlp_backward)
+show_source(swiglu_mlp_forward, swiglu_mlp_backward, checks=False)
 
 
 # %%
@@ -490,7 +490,7 @@ assert err > 1e-2
 # large the logits. The forward pass keeps only the per-row log-sum-exp in its cache.
 
 # %%
-show_source(cross_entropy_forward, cross_entropy_backward)
+show_source(cross_entropy_forward, cross_entropy_backward, checks=False)
 
 # %%
 logits = 2 * rng.standard_normal((2, 5, 11))                  # (B, T, V)
@@ -597,7 +597,7 @@ assert all_ignored == 0.0 and np.all(cross_entropy_backward(1.0, cache) == 0)
 # so a query-key score depends on the two positions only through their distance.
 
 # %%
-show_source(rope_forward, rope_backward)
+show_source(rope_forward, rope_backward, checks=False)
 
 # %% tags=["hide-input"]
 Dr = 64
@@ -688,7 +688,7 @@ assert err > 1e-2
 # (`Dr` = 64, $b = 10^4$) they fall at low = 10 and high = 23.
 
 # %%
-show_source(yarn_correction_range, rope_inv_freq)
+show_source(yarn_correction_range, rope_inv_freq, checks=False)
 
 # %% tags=["hide-input"]
 cfg = ModelConfig.preset("deepseek-v3")

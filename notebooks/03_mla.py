@@ -305,7 +305,7 @@ assert err < tol("gradcheck")["rtol"]
 # kernel uses. refimpl's inference entry point has both paths:
 
 # %%
-show_source(mla_infer)
+show_source(mla_infer, checks=False)
 
 # %% [markdown]
 # The equivalences this chapter relies on, asserted: absorbed == naive == the training forward

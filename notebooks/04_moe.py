@@ -216,7 +216,7 @@ print("one expert, K=1  ==  dense SwiGLU FFN;   3 shared experts  ==  one MLP of
 # implementation:
 
 # %%
-show_source(gate_forward)
+show_source(gate_forward, checks=False)
 
 # %% [markdown]
 # The next cell checks three consequences on random tokens. First, V3's weights sum to exactly
@@ -318,7 +318,7 @@ assert np.all(good.idx // 2 == (good.idx // 2)[:, :1]) and np.all(leaky.idx // 2
 # tokens in parallel without atomics.
 
 # %%
-show_source(make_plan, experts_forward, combine)
+show_source(make_plan, experts_forward, combine, checks=False)
 
 # %%
 tiny = ModelConfig.preset("tiny")            # V3-style: 8 experts in 4 groups, top-2 from 2 groups
@@ -438,7 +438,7 @@ for name, (loss, _) in {"expert (α1=0.003)": expert_balance_forward(uniform_sco
 # perfect balance and 7 when two experts take every token.
 
 # %%
-show_source(moe_balance_run)
+show_source(moe_balance_run, checks=False)
 
 # %%
 res = moe_balance_run(progress=False)

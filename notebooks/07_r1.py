@@ -269,7 +269,7 @@ assert r1["eval_after"]["accuracy"] >= st["rl"]["eval"]["accuracy"]   # rejectio
 # well formatted:
 
 # %%
-show_source(rejection_sample)
+show_source(rejection_sample, checks=False)
 
 # %% [markdown]
 # What fraction of its samples does it accept? We sample the RL checkpoint four times at

@@ -221,7 +221,7 @@ assert 7 < cost["days"] / 7 < 9
 # the two. The exact FLOPs include the MTP module, which V3 trained with.
 
 # %%
-show_source(implied_utilisation, gpu_hours)
+show_source(implied_utilisation, gpu_hours, checks=False)
 
 # %% tags=["hide-input"]
 pre_hours = V3_GPU_HOURS["pre_training"]
@@ -308,7 +308,7 @@ for peer in DENSE_PRESETS:
 # (activations, the KV cache, communication buffers and sharding are not counted).
 
 # %%
-show_source(training_memory_bytes)
+show_source(training_memory_bytes, checks=False)
 
 # %% tags=["hide-input"]
 n_v3 = P["deepseek-v3"]["total"]
@@ -386,7 +386,7 @@ for fmt, v in grids.items():
 # only its own tile:
 
 # %%
-show_source(quantize_activation)
+show_source(quantize_activation, checks=False)
 
 # %% [markdown]
 # The experiment: activations of 64 tokens × 1024 channels, standard normal, with one outlier
@@ -475,7 +475,7 @@ assert np.all(blk <= tensor * 1.05)                               # block-wise n
 # the 14-bit accumulator.)
 
 # %%
-show_source(fp8_gemm)
+show_source(fp8_gemm, checks=False)
 
 # %%
 xa = rng.standard_normal((64, 512))

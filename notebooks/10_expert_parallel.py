@@ -174,7 +174,7 @@ plt.close("all")
 # data parallelism all-reduces.
 
 # %%
-show_source(ep_moe_forward, ep_moe_backward)
+show_source(ep_moe_forward, ep_moe_backward, checks=False)
 
 # %% [markdown]
 # ## 3. A real run: 8 processes on 4 simulated nodes
