@@ -174,6 +174,8 @@ ax[0].set_yscale("log"), ax[0].set_xlabel("step"), ax[0].legend(), ax[0].set_tit
 ax[1].plot(h["lr"]), ax[1].set_xlabel("step"), ax[1].set_title("learning rate (warmup + cosine)")
 ax[2].plot(np.convolve(h["max_vio"], np.ones(20) / 20, "valid"))
 ax[2].set_xlabel("step"), ax[2].set_title("MoE imbalance MaxVio (20-step mean)")
+ax[0].set_ylabel("cross-entropy (nats per token)"), ax[1].set_ylabel("learning rate")
+ax[2].set_ylabel("MaxVio (busiest expert's load / mean - 1)"), ax[2].set_ylim(0, None)
 plt.tight_layout()
 plt.show()
 assert h["lm_loss"][-20:].mean() < h["lm_loss"][:20].mean() / 10

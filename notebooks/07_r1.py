@@ -235,7 +235,9 @@ for res, name in ((zero, "R1-Zero: base → GRPO"), (r1, "R1: base → cold star
     ax[1].plot([m["step"] for m in res["history"]], [m["reward"] for m in res["history"]], label=name)
 ax[0].axhline(r1["eval_after"]["accuracy"], color="grey", ls=":", label="R1 after rejection-sampling SFT")
 ax[0].set_ylim(0, 1.02), ax[0].set_title("held-out accuracy (greedy)"), ax[0].legend(fontsize=8)
+ax[0].set_ylabel("fraction of problems answered exactly")
 ax[1].set_title("reward of the training samples (τ = 1)"), ax[1].legend(fontsize=8)
+ax[1].set_ylim(0, None), ax[1].set_ylabel("mean reward per sample")
 for a in ax:
     a.set_xlabel("GRPO step")
 plt.tight_layout()

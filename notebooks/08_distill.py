@@ -598,8 +598,9 @@ if all("format" in m for m in rl_hist):
 ax[1].axhline(acc["base"], color="0.6", ls=":", label="base, held out")
 ax[1].axhline(acc["distilled"], color="C0", ls="--", label="seq-KD student, held out")
 ax[1].set_xlabel("GRPO step"), ax[1].set_ylim(0, 1), ax[1].legend(fontsize=8), ax[1].set_title("the RL arm")
+ax[1].set_ylabel("fraction of samples")
 plt.tight_layout()
-plt.show()
+plt.close(fig)  # shown in the next cell, under the verdict it supports
 
 # %% tags=["hide-input"]
 gap = acc["distilled"] - acc["rl"]
@@ -626,6 +627,7 @@ display(Markdown(
        "the reward is the same across the group and adds nothing to the group-relative advantage: the reward "
        "says almost nothing about correctness." if rl_acc.mean() < 0.05 else
        "the reward did carry a signal about correctness.")))
+display(fig)
 rows = ["| model | prompt | completion | result |", "|---|---|---|---|"]
 for name in names:
     for ex in run["samples"][name][:2]:

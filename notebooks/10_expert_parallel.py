@@ -288,6 +288,7 @@ ax.plot([2, 4], [cross_node_bytes(runs2[m]["traffic.inter/dispatch/x"], PER_NODE
         "kP", ms=10, label="measured over MPI, two-hop")
 ax.set_xlabel("node limit M (of 4 nodes)")
 ax.set_ylabel("cross-node copies per token (dispatch)")
+ax.set_ylim(0, None)
 ax.set_xticks(ms)
 ax.legend(fontsize=8)
 ax.set_title(f"{NODE['experts']} experts on 8 ranks / 4 nodes, K={k}")
