@@ -540,7 +540,8 @@ for dtype, tol_name in ((np.float64, "equiv64"), (np.float32, "equiv32")):
         for a, b in zip(out["numpy"], out["numba"], strict=True):
             assert a.dtype == b.dtype == dtype
             np.testing.assert_allclose(b, a, **tol(tol_name))
-    print(f"{np.dtype(dtype).name}: numba twin == numpy reference (loss and dlogits, 3 reductions), "
+    print(f"{np.dtype(dtype).name}: numba twin == numpy reference (loss and dlogits, 3 "
+          "reductions), "
           f"tolerance {tol_name} {tol(tol_name)}")
 
 # %% [markdown]

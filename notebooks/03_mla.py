@@ -415,10 +415,13 @@ plt.show()
 # %%
 bytes_67b = kv_cache_bytes(b67, bytes_per_element=2)                   # bf16
 bytes_v2_bf16 = kv_cache_bytes(v2, bytes_per_element=2)
-bytes_v2_6bit = kv_cache_bytes(v2, bytes_per_element=6 / 8)            # 6 bits per element on average
+# 6 bits per element on average
+bytes_v2_6bit = kv_cache_bytes(v2, bytes_per_element=6 / 8)
 print(f"67B GQA, bf16:        {bytes_67b:>9,.0f} bytes per token")
-print(f"V2 MLA, bf16:         {bytes_v2_bf16:>9,.0f} bytes per token  -> reduction {1 - bytes_v2_bf16 / bytes_67b:.1%}")
-print(f"V2 MLA, 6-bit cache:  {bytes_v2_6bit:>9,.0f} bytes per token  -> reduction {1 - bytes_v2_6bit / bytes_67b:.2%}")
+print(f"V2 MLA, bf16:         {bytes_v2_bf16:>9,.0f} bytes per token  -> reduction "
+      f"{1 - bytes_v2_bf16 / bytes_67b:.1%}")
+print(f"V2 MLA, 6-bit cache:  {bytes_v2_6bit:>9,.0f} bytes per token  -> reduction "
+      f"{1 - bytes_v2_6bit / bytes_67b:.2%}")
 assert (bytes_67b, bytes_v2_6bit) == (389_120, 25_920)
 assert round(100 * (1 - bytes_v2_6bit / bytes_67b), 1) == 93.3
 assert round(100 * (1 - bytes_v2_bf16 / bytes_67b), 1) == 82.2

@@ -353,7 +353,8 @@ def layer(x, params):
 
 
 err = check_grad(layer, [x, params], max_entries=40)
-print(f"finite differences vs hand-written backward (x, gate, all experts, shared, + balance loss): {err:.1e}")
+print(f"finite differences vs hand-written backward (x, gate, all experts, shared, + balance "
+      f"loss): {err:.1e}")
 assert err < tol("gradcheck")["rtol"]
 
 # %% [markdown]
@@ -477,7 +478,8 @@ assert final_loss["bias"] < final_loss["none"] and final_loss["aux"] < final_los
 # %%
 res_v3 = moe_balance_run(progress=False, norm_topk_prob=True, modes=("none", "bias"))
 vio_v3 = {m: float(h["maxvio"][-50:].mean()) for m, h in res_v3["runs"].items()}
-print(f"renormalised V3 router: MaxVio {vio_v3['none']:.2f} without balancing, {vio_v3['bias']:.2f} with the bias")
+print(f"renormalised V3 router: MaxVio {vio_v3['none']:.2f} without balancing, "
+      f"{vio_v3['bias']:.2f} with the bias")
 assert vio_v3["none"] > 2 * vio_v3["bias"]
 
 # %% [markdown]
@@ -493,10 +495,12 @@ for name, skew in (("router favouring experts 0-1", 1.0), ("unskewed router", 0.
     cfgd = base.replace(n_routed_experts=16, num_experts_per_tok=2, n_group=8, topk_group=8)
     pd = init_moe_params(cfgd, 4, std=0.2)
     pd["gate"]["weight"] = rng.standard_normal((16, D)) / np.sqrt(D)
-    pd["gate"]["weight"][:2] += skew                                 # centroids aligned with the common offset
+    # centroids aligned with the common offset
+    pd["gate"]["weight"][:2] += skew
     xd = rng.standard_normal((512, D)) + skew * 0.5
     _, _, inf = moe_forward(xd, pd, cfgd, capacity_factor=1.0, n_devices=8)
-    print(f"{name:30s} capacity {inf['capacity']} copies/device, dropped {inf['drop_fraction']:5.1%} "
+    print(f"{name:30s} capacity {inf['capacity']} copies/device, dropped "
+          f"{inf['drop_fraction']:5.1%} "
           f"of copies; tokens with no expert computed: {inf['tokens_fully_dropped']}")
     assert np.all(inf["device_load"] - inf["device_dropped"] <= inf["capacity"])
     assert inf["dropped"] == 2 * 512 - inf["load_kept"].sum()

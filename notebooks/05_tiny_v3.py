@@ -96,7 +96,8 @@ from refimpl.tree import tree_map  # noqa: E402
 config = tiny_v3_config()
 params = init_params(config, np.random.default_rng(0), np.float32)
 counts = count_parameters(config)
-print(f"vocabulary {config.vocab_size}, hidden {config.hidden_size}, layers {config.num_hidden_layers} "
+print(f"vocabulary {config.vocab_size}, hidden {config.hidden_size}, layers "
+      f"{config.num_hidden_layers} "
       f"(MoE: {[n for n in range(config.num_hidden_layers) if config.is_moe_layer(n)]}), MTP depth "
       f"{config.num_nextn_predict_layers}")
 print(f"parameters: {counts['total']:,} total, {counts['active']:,} active per token (without MTP)")
@@ -186,7 +187,8 @@ assert h["lm_loss"][-20:].mean() < h["lm_loss"][:20].mean() / 10
 # beyond the tiny sequence-wise loss.
 
 # %%
-print(f"MaxVio: {h['max_vio'][:20].mean():.2f} over the first 20 steps, {h['max_vio'][-100:].mean():.2f} "
+print(f"MaxVio: {h['max_vio'][:20].mean():.2f} over the first 20 steps, "
+      f"{h['max_vio'][-100:].mean():.2f} "
       "over the last 100")
 assert h["max_vio"][-100:].mean() < h["max_vio"][:20].mean()
 
@@ -205,7 +207,8 @@ for e, t in zip(examples, texts[:4], strict=True):
     print(f"{e.prompt:10s} -> {t}")
 print(f"exact answers on 64 new prompts: {acc:.0%}")
 per_token = kv_cache_elements_per_token(run["config"], "mla"), kv_cache_elements_per_token(run["config"], "mha")
-print(f"cache per token (all layers): {per_token[0]} values with MLA vs {per_token[1]} for MHA with the same heads")
+print(f"cache per token (all layers): {per_token[0]} values with MLA vs {per_token[1]} for MHA "
+      "with the same heads")
 
 prompts = np.stack([TOKENIZER.encode(e.prompt, add_bos=True) for e in make_dataset(task, 40, np.random.default_rng(5))
                     if len(e.prompt) == 6][:4])

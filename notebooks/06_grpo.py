@@ -508,8 +508,10 @@ ids = np.arange(Vk)
 lp_all, c_all = selective_log_softmax_forward(np.tile(z_pol, (Vk, 1)), ids)   # (V,) log pi at every token
 _, dk3 = per_token_kl(lp_all, lref, kl_estimator="k3")                          # (V,) dk3/dl
 expected_grad = selective_log_softmax_backward(np.exp(lpol) * dk3, c_all).sum(axis=0)  # (V,) E_pi[dk3/dz]
-grad_reverse_kl = np.exp(lpol) - np.exp(lref)                                   # d KL(ref || pi) / dz
-grad_forward_kl = np.exp(lpol) * ((lpol - lref) - np.exp(lpol) @ (lpol - lref))  # d KL(pi || ref) / dz
+# d KL(ref || pi) / dz
+grad_reverse_kl = np.exp(lpol) - np.exp(lref)
+# d KL(pi || ref) / dz
+grad_forward_kl = np.exp(lpol) * ((lpol - lref) - np.exp(lpol) @ (lpol - lref))
 assert np.allclose(expected_grad, grad_reverse_kl, atol=1e-12)
 print(f"|E[grad k3] - grad KL(ref||pi)| = {np.abs(expected_grad - grad_reverse_kl).max():.1e}, "
       f"|E[grad k3] - grad KL(pi||ref)| = {np.abs(expected_grad - grad_forward_kl).max():.1e}")
@@ -612,7 +614,8 @@ t0 = time.perf_counter()
 zero = r1_zero_run(cache_dir="_cache", progress=False)
 gc = zero["grpo_config"]
 base = zero["base"]
-print(f"{'loaded from the cache' if zero['cached'] else 'trained'} in {time.perf_counter() - t0:.0f} s "
+print(f"{'loaded from the cache' if zero['cached'] else 'trained'} in "
+      f"{time.perf_counter() - t0:.0f} s "
       f"(pretraining {zero['seconds']['pretrain']:.0f} s, GRPO {zero['seconds']['rl']:.0f} s when computed)")
 print("a few documents of the base model's corpus:")
 for doc in base["corpus_examples"][:6]:

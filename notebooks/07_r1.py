@@ -211,7 +211,8 @@ rows.append(("R1-Zero (GRPO from the base)", f"{len(zero['history'])} steps", f"
 table(["stage", "data / steps", "held-out accuracy", "format", "mean length", "seconds"], rows)
 assert st["cold_start"]["eval"]["accuracy"] > r1["eval_before"]["accuracy"] + 0.2
 assert st["cold_start"]["eval"]["format"] >= 0.95 and len(r1["history"]) < len(zero["history"])
-assert r1["grpo_config"].replace(steps=zero["grpo_config"].steps) == zero["grpo_config"]   # same GRPO settings
+# same GRPO settings
+assert r1["grpo_config"].replace(steps=zero["grpo_config"].steps) == zero["grpo_config"]
 
 # %% [markdown]
 # A few hundred reference traces are enough to change the base model's habit: after the cold
@@ -283,12 +284,15 @@ draws = [evaluate(rl_params, config, TASK, n=64, temperature=1.0, seed=s)["sampl
 ok = np.array([[d["correct"] and d["formatted"] for d in draw] for draw in draws])   # (4, 64)
 per_sample, per_problem = ok.mean(), ok.any(axis=0).mean()
 rs = st["rejection_sft"]
-print(f"accepted: {per_sample:.1%} of samples; {per_problem:.1%} of problems have at least one of 4 accepted")
-print(f"the recipe's run: {rs['n_examples']} distinct accepted completions from {rs['n_sampled']} samples "
+print(f"accepted: {per_sample:.1%} of samples; {per_problem:.1%} of problems have at least one of "
+      "4 accepted")
+print(f"the recipe's run: {rs['n_examples']} distinct accepted completions from {rs['n_sampled']} "
+      "samples "
       f"(256 problems × 4)")
 print("accepted examples:", *[f"{p}{c}" for p, c in rs["examples"][:3]], sep="\n   ")
 assert per_sample > 0.5 and per_problem >= per_sample
-assert 0 < rs["n_examples"] < 1.5 * rs["n_sampled"] / 4          # about one distinct trace per problem
+# about one distinct trace per problem
+assert 0 < rs["n_examples"] < 1.5 * rs["n_sampled"] / 4
 
 # %% [markdown]
 # Most problems yield an accepted completion, but few yield more than one *distinct* one: the

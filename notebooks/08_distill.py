@@ -274,7 +274,8 @@ assert np.isclose(generalized_jsd_loss(s_b, u_b, beta=1 - eps)[0] / eps, rkl, rt
 sym = generalized_jsd_loss(u_b, s_b, beta=0.5)[0]
 assert np.isclose(sym, generalized_jsd_loss(s_b, u_b, beta=0.5)[0])
 far = np.full((2, 4), -60.0)
-far[0, 0] = far[1, 1] = 60.0                                    # student on token 0, teacher on token 1
+# student on token 0, teacher on token 1
+far[0, 0] = far[1, 1] = 60.0
 per_pos = generalized_jsd_loss(far[:1], far[1:], beta=0.5, reduction="none")[0].sum()
 print(f"JSD(1/2) of two distributions with disjoint supports: {per_pos:.12f} (ln 2 = {LN2:.12f})")
 sharp = generalized_jsd_loss(s_b * 20, u_b * 20, beta=0.5, reduction="none")[0].sum(-1)   # (N,) peaked pairs
@@ -407,7 +408,8 @@ yt = rng.choice(6, size=n_samples, p=p6)                                    # th
 sft, g_sft = sequence_kd_loss(np.repeat(s6, n_samples, axis=0), yt, reduction="sum")
 fkl6, g_fkl6 = forward_kl_loss(s6, u6)
 h_p = float(-(p6 * np.log(p6)).sum())
-print(f"mean SFT loss on teacher samples {float(sft) / n_samples:.4f};  H(p) + KL(p‖q) = {h_p + float(fkl6):.4f}")
+print(f"mean SFT loss on teacher samples {float(sft) / n_samples:.4f};  H(p) + KL(p‖q) = "
+      f"{h_p + float(fkl6):.4f}")
 assert abs(float(sft) / n_samples - (h_p + float(fkl6))) < 0.02
 assert np.allclose(g_sft.sum(0) / n_samples, g_fkl6[0], atol=0.01)
 
@@ -555,7 +557,8 @@ t0 = time.perf_counter()
 run = distill_run(cache_dir="_cache", progress=False)
 exp_seconds = time.perf_counter() - t0
 acc, comp, gen = run["accuracy"], run["compute"], run["generation"]
-n_eval = inspect.signature(distill_run).parameters["eval_n"].default       # held-out prompts per model
+# held-out prompts per model
+n_eval = inspect.signature(distill_run).parameters["eval_n"].default
 tc_, sc_ = run["teacher_config"], run["student_config"]
 describe = {"teacher": tc_, "student": sc_}
 rows = ["| model | architecture | parameters (total / active per token) |", "|---|---|---:|"]
@@ -567,11 +570,13 @@ for name, c in describe.items():
 display(Markdown("\n".join(rows)))
 print(f"teacher generations: {gen['n_accepted']} of {gen['n_generated']} accepted by the checker "
       f"({gen['acceptance_rate']:.0%})")
-print(f"student-side compute: distillation {comp['distill_flops']:.3g} FLOPs, GRPO {comp['rl_flops']:.3g} FLOPs "
+print(f"student-side compute: distillation {comp['distill_flops']:.3g} FLOPs, GRPO "
+      f"{comp['rl_flops']:.3g} FLOPs "
       f"in {comp['rl_steps']} steps")
 print(f"experiment ran in {exp_seconds:.0f} s")
 assert not uses_mla(sc_) and sc_.n_routed_experts == 0 and uses_mla(tc_) and tc_.n_routed_experts > 0
-assert comp["rl_flops"] >= comp["distill_flops"]                         # the RL arm is stopped at the same compute
+# the RL arm is stopped at the same compute
+assert comp["rl_flops"] >= comp["distill_flops"]
 assert gen["n_accepted"] == round(gen["acceptance_rate"] * gen["n_generated"])
 assert all(0.0 <= a <= 1.0 for a in acc.values())
 

@@ -156,10 +156,12 @@ assert int(P["deepseek-v2-lite"]["active"] / 1e8) == 24 and round(P["deepseek-v2
 assert round(P["deepseek-67b"]["total"] / 1e9) == 67
 for name in ("deepseek-67b", "llama-3-70b-like", "qwen2.5-32b-like"):
     p = P[name]
-    assert p["total"] - p["active"] == p["components"]["embedding"]["total"]    # all but the lookup table
+    # all but the lookup table
+    assert p["total"] - p["active"] == p["components"]["embedding"]["total"]
 v3_ratio = P["deepseek-v3"]["total"] / P["deepseek-v3"]["active"]
 routed_share = P["deepseek-v3"]["components"]["routed_experts"]["total"] / P["deepseek-v3"]["total"]
-print(f"V3 stores {v3_ratio:.1f}x the parameters it uses per token; its routed experts are {routed_share:.1%} "
+print(f"V3 stores {v3_ratio:.1f}x the parameters it uses per token; its routed experts are "
+      f"{routed_share:.1%} "
       "of the total")
 assert v3_ratio > 18
 
@@ -289,10 +291,12 @@ plt.show()
 # %%
 b67 = kv_cache_bytes_per_token(CONFIGS["deepseek-67b"], "bf16")
 bv2 = kv_cache_bytes_per_token(CONFIGS["deepseek-v2"], "bf16")
-print(f"V2 6-bit vs 67B bf16: {1 - b6 / b67:.1%} smaller;  V2 bf16 vs 67B bf16: {1 - bv2 / b67:.1%} smaller")
+print(f"V2 6-bit vs 67B bf16: {1 - b6 / b67:.1%} smaller;  V2 bf16 vs 67B bf16: "
+      f"{1 - bv2 / b67:.1%} smaller")
 assert round(100 * (1 - b6 / b67), 1) == 93.3 and round(100 * (1 - bv2 / b67), 1) == 82.2
 bv3 = kv_cache_bytes_per_token(v3, "bf16")
-assert bv3 == (v3.kv_lora_rank + v3.qk_rope_head_dim) * v3.num_hidden_layers * 2     # eq-mla-cache, b = 2
+# eq-mla-cache, b = 2
+assert bv3 == (v3.kv_lora_rank + v3.qk_rope_head_dim) * v3.num_hidden_layers * 2
 for peer in DENSE_PRESETS:
     ratio = kv_cache_bytes_per_token(CONFIGS[peer], "bf16") / bv3
     print(f"{NAMES[peer]} caches {ratio:.2f}x V3's bytes per token")
@@ -484,12 +488,15 @@ xq, xs = quantize_activation(xa)
 wq, ws = quantize_weight(wa)
 y = fp8_gemm(xq, xs, wq, ws)
 x_hat, w_hat = dequantize_activation(xq, xs).astype(np.float64), dequantize_weight(wq, ws).astype(np.float64)
-exact_deq = x_hat @ w_hat.T                                           # float64 product of the FP8 operands
-exact = xa @ wa.T                                                     # float64 product of the originals
+# float64 product of the FP8 operands
+exact_deq = x_hat @ w_hat.T
+# float64 product of the originals
+exact = xa @ wa.T
 acc_err = np.linalg.norm(y - exact_deq) / np.linalg.norm(exact_deq)
 quant_err = np.linalg.norm(y - exact) / np.linalg.norm(exact)
 print(f"FP8 GEMM vs float64 product of the dequantised operands: {acc_err:.1e} (accumulation error)")
-print(f"FP8 GEMM vs float64 product of the original operands:    {quant_err:.1e} (quantisation error)")
+print(f"FP8 GEMM vs float64 product of the original operands:    {quant_err:.1e} (quantisation "
+      "error)")
 assert acc_err < 1e-6 < 1e-3 < quant_err < 0.05
 
 # %% [markdown]
@@ -552,7 +559,8 @@ with fp8_autocast(tile=128):
 assert np.array_equal(y_hook, y.astype(xa.dtype))                  # the FP8 GEMM above, bit for bit
 dx_hook, dw_hook, _ = linear_backward(dy, c_hook)
 dq, ds = quantize_rows(dy, 128)
-dy_hat = dequantize_activation(dq.astype(np.float64), ds.astype(np.float64), 128)   # exact in float64
+# exact in float64
+dy_hat = dequantize_activation(dq.astype(np.float64), ds.astype(np.float64), 128)
 assert np.allclose(dx_hook, dy_hat @ w_hat, rtol=1e-5, atol=1e-5 * np.abs(dy_hat @ w_hat).max())
 assert np.array_equal(linear_forward(xa, wa)[0], xa @ wa.T)         # off: the float layer again
 print(f"FP8 Dgrad vs the exact straight-through gradient dy·Ŵ: relative difference "
@@ -588,8 +596,10 @@ kinds = {}
 for kind, m_, n_, k_ in fp8_run["gemms"]:
     kinds[kind] = kinds.get(kind, 0) + 2 * m_ * n_ * k_
 cfg_t = fp8_run["config"]
-tokens = 16 * 64 + 16 * 63                                       # main head + MTP head positions per step
-head_flops = 3 * 2 * tokens * cfg_t.hidden_size * cfg_t.vocab_size   # its Fprop, Dgrad and Wgrad, in float32
+# main head + MTP head positions per step
+tokens = 16 * 64 + 16 * 63
+# its Fprop, Dgrad and Wgrad, in float32
+head_flops = 3 * 2 * tokens * cfg_t.hidden_size * cfg_t.vocab_size
 fp8_share = sum(kinds.values()) / (sum(kinds.values()) + head_flops)
 print(f"one step: {len(fp8_run['gemms'])} FP8 GEMMs, "
       + ", ".join(f"{k} {v / 1e6:.0f} MFLOP" for k, v in kinds.items())
@@ -626,15 +636,20 @@ gap = {name: v["float"] / ev_ref - 1 for name, v in ev.items()}
 gap_reading = ev["fp32 weights"]["fp8"] / ev_ref - 1
 print(f"relative loss error, FP8 vs BF16 (V3's measure): mean {rel8_bf16.mean():.2%} per step "
       f"(max {rel8_bf16.max():.1%}); last 10 steps' means {fp8_run['final_relative_error_vs_bf16']:.2%}")
-print(f"vs float32: FP8 mean {rel8.mean():.2%}, BF16 mean {rel16.mean():.2%}; float64 mean {rel_ctl.mean():.3%}")
+print(f"vs float32: FP8 mean {rel8.mean():.2%}, BF16 mean {rel16.mean():.2%}; float64 mean "
+      f"{rel_ctl.mean():.3%}")
 print("fresh problems, vs the float32 model: " + ", ".join(f"{k} {v:+.2%}" for k, v in gap.items() if v)
       + f"; the float32 model read with FP8 GEMMs {gap_reading:+.2%}")
 print("wall time: " + ", ".join(f"{k} {v:.0f} s" for k, v in fp8_run["seconds"].items()))
 assert (l8[0] - l8[-1]) > 0.9 * (l32[0] - l32[-1]) > 2          # all learn, by as much
-assert rel8.mean() > 20 * rel_ctl.mean() and rel16.mean() > 20 * rel_ctl.mean()   # not float32 rounding
-assert 0.0025 < fp8_run["final_relative_error_vs_bf16"] < 0.03 and 0.005 < rel8_bf16.mean() < 0.03  # ~1%
-assert 0.5 < rel8.mean() / rel16.mean() < 2                      # FP8 drifts from float32 about as far as BF16
-assert rel_ctl[:10].max() < 1e-6 and rel_ctl[-10:].max() > 100 * rel_ctl[:10].max()   # the float64 gap grows
+# not float32 rounding
+assert rel8.mean() > 20 * rel_ctl.mean() and rel16.mean() > 20 * rel_ctl.mean()
+# ~1%
+assert 0.0025 < fp8_run["final_relative_error_vs_bf16"] < 0.03 and 0.005 < rel8_bf16.mean() < 0.03
+# FP8 drifts from float32 about as far as BF16
+assert 0.5 < rel8.mean() / rel16.mean() < 2
+# the float64 gap grows
+assert rel_ctl[:10].max() < 1e-6 and rel_ctl[-10:].max() > 100 * rel_ctl[:10].max()
 assert abs(gap_reading) < 0.005 and max(abs(v) for v in gap.values()) < 0.05
 
 # %% [markdown]
@@ -760,10 +775,12 @@ for ctx in contexts:
     print(f"{ctx:>5,} tokens of context: hypothetical compute ${usd:.3f} per million tokens = "
           f"{usd / r1_price['output']:.0%} of R1's output list price, {usd / o1_price['output']:.1%} of o1's")
 assert usd_per_m["deepseek-v3", 4096] < 0.25 * r1_price["output"]         # "under a fifth"
-assert o1_price["output"] > 100 * usd_per_m["deepseek-v3", 4096]          # "more than a hundred times"
+# "more than a hundred times"
+assert o1_price["output"] > 100 * usd_per_m["deepseek-v3", 4096]
 at_2pct = usd_per_m["deepseek-v3", 4096] * HYPOTHETICAL["mfu"] / 0.02     # cost scales as 1 / MFU
 print(f"at 2% MFU and 4K context: ${at_2pct:.2f} per million output tokens")
-assert 0.75 < at_2pct / r1_price["output"] < 1.0                          # "would approach R1's price"
+# "would approach R1's price"
+assert 0.75 < at_2pct / r1_price["output"] < 1.0
 
 # %% [markdown]
 # Under these assumptions the compute of an output token is under a fifth of R1's list price for

@@ -99,7 +99,8 @@ v3 = ModelConfig.preset("deepseek-v3")
 per_expert = 3 * v3.hidden_size * v3.moe_intermediate_size
 moe_layers = v3.num_hidden_layers - v3.first_k_dense_replace
 routed = per_expert * v3.n_routed_experts * moe_layers
-print(f"one expert: {per_expert / 1e6:.1f}M parameters; {v3.n_routed_experts} experts x {moe_layers} MoE layers "
+print(f"one expert: {per_expert / 1e6:.1f}M parameters; {v3.n_routed_experts} experts x "
+      f"{moe_layers} MoE layers "
       f"= {routed / 1e9:.0f}B parameters = {2 * routed / 1e12:.2f} TB in BF16")
 print(f"per token: {v3.num_experts_per_tok} of {v3.n_routed_experts} experts = "
       f"{v3.num_experts_per_tok / v3.n_routed_experts:.1%} of the routed compute")
@@ -239,16 +240,20 @@ for m in (2, 4):
     sim = all_to_all_stats(r["idx"], NODE["experts"], 8, PER_NODE, token_device=home, hidden_size=d,
                            bytes_per_value=8)
     sims[m] = sim
-    np.testing.assert_array_equal(r["traffic.dispatch/x"], sim["a2a_tokens"] * d * 8)   # float64 rows
+    # float64 rows
+    np.testing.assert_array_equal(r["traffic.dispatch/x"], sim["a2a_tokens"] * d * 8)
     np.testing.assert_array_equal(r["traffic.combine/y"], sim["a2a_tokens"].T * d * 8)
     np.testing.assert_array_equal(r["traffic.dispatch/slots"], sim["a2a_tokens"] * k * 8)
     assert cross_node_bytes(r["traffic.dispatch/x"], PER_NODE) == sim["cross_node_tokens_per_device"] * d * 8
     assert intra_node_bytes(r["traffic.dispatch/x"], PER_NODE) == sim["intra_node_tokens"] * d * 8
     two = cross_node_bytes(runs2[m]["traffic.inter/dispatch/x"], PER_NODE)
-    assert two == sim["cross_node_bytes"]                                  # = cross_node_tokens x D x 8 B
+    # = cross_node_tokens x D x 8 B
+    assert two == sim["cross_node_bytes"]
     assert cross_node_bytes(runs2[m]["traffic.intra/dispatch/x"], PER_NODE) == 0
-    np.testing.assert_allclose(runs2[m]["y"], r["y"], rtol=1e-12, atol=1e-14)   # same layer, other route
-    print(f"M={m}: cross-node dispatch bytes, one-hop {cross_node_bytes(r['traffic.dispatch/x'], PER_NODE):,} "
+    # same layer, other route
+    np.testing.assert_allclose(runs2[m]["y"], r["y"], rtol=1e-12, atol=1e-14)
+    print(f"M={m}: cross-node dispatch bytes, one-hop "
+          f"{cross_node_bytes(r['traffic.dispatch/x'], PER_NODE):,} "
           f"(= {sim['cross_node_tokens_per_device']} rows x {d} x 8 B simulated), two-hop {two:,} "
           f"(= {sim['cross_node_tokens']} rows); at most {sim['max_nodes_per_token']} nodes per token")
 assert sims[2]["max_nodes_per_token"] <= 2 < sims[4]["max_nodes_per_token"]

@@ -190,7 +190,10 @@ assert len(twin) >= 3, "every benchmark with a Numba twin should have run"
 
 # %%
 report = (out / "results.md").read_text().splitlines()
-print("\n".join(line for line in report[:12] if not line.startswith("#")))
+print("\n".join(line for line in report[:12] if not line.startswith(("#", "- **Warning**"))))
+if results.get("warnings"):                       # the harness's load warning, said once in words
+    print(f"(the harness noted a busy machine for this run: load average {machine['loadavg'][0]:.1f} on "
+          f"{machine.get('cpu_affinity')} usable cores, so the multi-threaded timings are rough)")
 missing = [b["name"] for b in benches if f"## {b['name']}" not in report]
 assert not missing, f"the report has no section for {missing}"
 
