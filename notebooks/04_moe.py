@@ -441,6 +441,11 @@ for name, (loss, _) in {"expert (α1=0.003)": expert_balance_forward(uniform_sco
 # %%
 show_source(moe_balance_run, checks=False)
 
+# %% [markdown]
+# **The verdict first** (the cell below asserts it): left to itself, routing collapses onto a
+# handful of experts (MaxVio above 4); both the auxiliary loss and V3's bias keep every expert
+# busy (MaxVio below 0.6), and both reach a lower training error than the collapsed run.
+
 # %%
 res = moe_balance_run(progress=False)
 runs = res["runs"]

@@ -634,6 +634,11 @@ table(["setting", "value"], [(f"`{k}`", getattr(gc, k)) for k in (
 # %%
 show_source(grpo_objective)
 
+# %% [markdown]
+# **The verdict first** (the cell below asserts it): GRPO with rule rewards alone lifts the
+# held-out accuracy by at least 30 points, at least 95% of the answers end well formatted, and the
+# completions grow longer.
+
 # %% tags=["hide-input"]
 h = zero["history"]
 step = np.array([m["step"] for m in h])

@@ -224,6 +224,11 @@ assert r1["grpo_config"].replace(steps=zero["grpo_config"].steps) == zero["grpo_
 # few steps. On one figure, with the step axis counting RL steps only, and in a table of the first
 # evaluated step at which each run reached a threshold (`refimpl.recipes.r1.steps_to_accuracy`):
 
+# %% [markdown]
+# **The verdict first** (asserted below the plot): with the same GRPO settings and the same RL
+# budget, R1 and R1-Zero end within 5 points of each other here; what the cold start buys is a
+# policy that starts RL well formatted and far above the base model.
+
 # %% tags=["hide-input"]
 def eval_curve(res):
     return np.array([e["step"] for e in res["evals"]]), np.array([e["accuracy"] for e in res["evals"]])
