@@ -360,8 +360,8 @@ print(f"W_UK {w_uk.shape}, W_UV {w_uv.shape}  (views of kv_b_proj {p['kv_b_proj'
 
 # %% tags=["hide-input"]
 v2 = PRESETS["deepseek-v2"]
-rows = [("MHA", "mha", "2 H Dh"), ("GQA (8 groups)", None, "2 Hk Dh"), ("MQA", "mqa", "2 Dh"),
-        ("MLA", "mla", "Dc + Dr")]
+rows = [("MHA", "mha", "2 H D_h"), ("GQA (8 groups)", None, "2 H_k D_h"), ("MQA", "mqa", "2 D_h"),
+        ("MLA", "mla", "D_c + D_r")]
 lines = ["| scheme | per token per layer | formula | V2 dims (H = 128, Dh = 128) |", "|---|---|---|---|"]
 for label, scheme, formula in rows:
     cfg = v2.replace(num_key_value_heads=8) if scheme is None else v2

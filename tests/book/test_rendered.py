@@ -41,8 +41,16 @@ def book_pages() -> list[str]:
                   and rel not in NOT_TEXT)
 
 
+def is_shown_code(classes: list[str]) -> bool:
+    """A code block a cell displays on purpose (``highlight-python``: refimpl.display's source), not
+    printed text (``highlight-myst-ansi``) or a traceback (``highlight-ipythontb``)."""
+    return any(c.startswith("highlight-") and c not in ("highlight-myst-ansi", "highlight-ipythontb",
+                                                          "highlight-none", "highlight-default")
+               for c in classes)
+
+
 class Regions(html.parser.HTMLParser):
-    """The text of every math element and of every cell output of one page."""
+    """The text of every math element and of every cell output of one page (shown source excluded)."""
 
     def __init__(self):
         super().__init__(convert_charrefs=True)
@@ -60,6 +68,8 @@ class Regions(html.parser.HTMLParser):
             kind = "math"
         elif "cell_output" in classes and "output" not in self.open:
             kind = "output"
+        elif "output" in self.open and "code" not in self.open and is_shown_code(classes):
+            kind = "code"
         if kind:
             self.open[kind] = []
         self.stack.append((tag, kind))
@@ -71,13 +81,15 @@ class Regions(html.parser.HTMLParser):
             open_tag, kind = self.stack.pop()
             if kind:
                 text = "".join(self.open.pop(kind))
-                (self.math if kind == "math" else self.outputs).append(text)
+                if kind != "code":
+                    (self.math if kind == "math" else self.outputs).append(text)
             if open_tag == tag:
                 break
 
     def handle_data(self, data):
-        for pieces in self.open.values():
-            pieces.append(data)
+        for kind, pieces in self.open.items():
+            if kind == "code" or "code" not in self.open:
+                pieces.append(data)
 
 
 def regions(path: Path) -> Regions:
@@ -93,11 +105,12 @@ def regions(path: Path) -> Regions:
 TEXT_GROUP = re.compile(r"\\(?:text\w*|mathrm|mathit|mathsf|mathtt|mathbf|mathcal|operatorname\*?|mbox|label|tag"
                         r"|begin|end)\s*\{[^{}]*\}")
 COMMAND = re.compile(r"\\[A-Za-z]+")
+SCRIPT_GROUP = re.compile(r"[_^]\s*\{[^{}]*\}")          # L_{cache}, x^{max}: labels, not prose
 WORD = re.compile(r"(?<![A-Za-z])[A-Za-z]{2,}(?![A-Za-z])")
-# Two or more ordinary words in a row ("at an assumed") or one long word ("assumed"): math uses
-# one-letter symbols, commands and \text{...}; a run of English is prose that was read as math.
-WORDS_IN_A_ROW = re.compile(r"(?<![A-Za-z\\])[A-Za-z]{2,}\s+[A-Za-z]{2,}(?![A-Za-z])")
-LONG_WORD = re.compile(r"(?<![A-Za-z\\])[A-Za-z]{5,}(?![A-Za-z])")
+# Prose read as math shows English: a function word ("at an assumed", "of the") or three words in a
+# row. Math uses one-letter symbols, commands, \text{...} and names such as dlogp or Hk.
+FUNCTION_WORDS = {"the", "of", "and", "at", "an", "to", "is", "are", "for", "per", "with", "from", "by", "on",
+                  "or", "as", "that", "this", "it", "be", "its", "was", "were", "than", "then", "which"}
 
 
 def _balanced_braces(tex: str) -> bool:
@@ -125,12 +138,14 @@ def math_problems(span: str) -> list[str]:
     if "**" in tex or "`" in tex or re.search(r"(?<!\\)\$", tex):
         problems.append("Markdown or a dollar sign inside math")
     bare = tex
-    while (stripped := TEXT_GROUP.sub(" ", bare)) != bare:
+    while (stripped := SCRIPT_GROUP.sub(" ", TEXT_GROUP.sub(" ", bare))) != bare:
         bare = stripped
     bare = COMMAND.sub(" ", bare)
-    words = WORDS_IN_A_ROW.findall(bare) + LONG_WORD.findall(bare)
-    if words:
-        problems.append(f"ordinary words {words[:3]}")
+    words = [m.group(0) for m in WORD.finditer(bare)]
+    english = [w for w in words if w.lower() in FUNCTION_WORDS]
+    runs = re.findall(r"(?<![A-Za-z])[A-Za-z]{2,}(?:\s+[A-Za-z]{2,}){2,}(?![A-Za-z])", bare)
+    if english or runs:
+        problems.append(f"ordinary words {(english + runs)[:3]}")
     return problems
 
 
@@ -184,6 +199,9 @@ def test_math_detector_flags_unbalanced_markup(span, problem):
     r"\(2 H_k D_h L b\)",
     r"\(\{0, 1\}\)",
     r"\[\begin{aligned} \mathcal{L}_{\text{aux}} &= \alpha \sum_i f_i P_i \end{aligned}\]",
+    r"\(dx = dlogp - p \sum_j dlogp_j\)",                # names of arrays, not prose
+    r"\(W_{i,t} = m_{i,t} / \max(N_{items},1)\)",
+    r"\(0 & |y| \le L_{max} - L_{cache}\)",
 ])
 def test_math_detector_passes_real_math(span):
     assert math_problems(span) == [], span
@@ -205,6 +223,11 @@ def test_parser_finds_math_and_outputs():
     r = Regions()
     r.feed(page)
     assert r.math == ["\\(x_{i}\\)"] and r.outputs == ["np.float64(1.0)"]
+    shown = ('<div class="cell_output docutils container"><div class="highlight-python notranslate">'
+             '<pre>one = np.float32(1.0)</pre></div><pre>printed</pre></div>')
+    r = Regions()
+    r.feed(shown)
+    assert r.outputs == ["printed"]                 # source shown by show_source is code, not output
 
 
 # ---------------------------------------------------------------------------- the build
