@@ -117,6 +117,18 @@ assert len(hub) == len(set(hub)) and "model.layers.1.mlp.experts.7.down_proj.wei
 # %% [markdown]
 # ## The backward pass of the whole model
 #
+# ```{glue:figure} diagram-mtp
+# ---
+# alt: >-
+#   Multi-token prediction: beside the main model, one extra module combines each position's hidden
+#   state with the embedding of the next token and predicts the token after it; at decoding time
+#   its guess is a draft that the next forward pass verifies.
+# name: diagram-mtp
+# ---
+# Multi-token prediction in training (left) and as the draft of speculative decoding (right), with
+# DeepSeek-V3's hidden size and depth (drawn by `refimpl.diagrams.mtp_diagram`).
+# ```
+#
 # The training loss is the next-token cross-entropy ({eq}`eq-cross-entropy`), plus V3's
 # sequence-wise balance loss (eq. 17–20, weight `aux_loss_alpha`) and the MTP loss (§2.2, eq. 25),
 # the mean of the $D$ depths' cross-entropies weighted by $\lambda = 0.3$:
@@ -229,18 +241,6 @@ plt.close("all")
 
 # %% [markdown]
 # ## Multi-token prediction
-#
-# ```{glue:figure} diagram-mtp
-# ---
-# alt: >-
-#   Multi-token prediction: beside the main model, one extra module combines each position's hidden
-#   state with the embedding of the next token and predicts the token after it; at decoding time
-#   its guess is a draft that the next forward pass verifies.
-# name: diagram-mtp
-# ---
-# Multi-token prediction in training (left) and as the draft of speculative decoding (right), with
-# DeepSeek-V3's hidden size and depth (drawn by `refimpl.diagrams.mtp_diagram`).
-# ```
 #
 # V3's MTP module predicts the token after next: it combines the main model's final hidden state
 # at position $i$ with the embedding of token $i+1$ (embedding first, as the released weights),

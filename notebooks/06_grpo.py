@@ -94,6 +94,18 @@ def table(header, rows):
 # %% [markdown]
 # ## 1. From REINFORCE and PPO to GRPO
 #
+# ```{glue:figure} diagram-grpo
+# ---
+# alt: >-
+#   One GRPO group: a question, eight sampled answers with rule rewards of 1 or 0, and each
+#   answer's advantage measured against the group's mean and standard deviation, with no value
+#   network.
+# name: diagram-grpo
+# ---
+# GRPO's group baseline on one example group; the advantages are computed by
+# `refimpl.rl.group_advantages` (drawn by `refimpl.diagrams.grpo_diagram`).
+# ```
+#
 # A language model is a policy $\pi_\theta$: given a prompt $q$ it samples a completion $o$. With a
 # reward $r(q, o)$ that only scores the finished completion, the gradient of the expected reward is
 # the REINFORCE estimator {cite}`williams1992reinforce`:
@@ -190,18 +202,6 @@ plt.close("all")
 # factor; since it is the same for every sample, GRPO absorbs it into the learning rate.
 #
 # ## 2. Group-relative advantages
-#
-# ```{glue:figure} diagram-grpo
-# ---
-# alt: >-
-#   One GRPO group: a question, eight sampled answers with rule rewards of 1 or 0, and each
-#   answer's advantage measured against the group's mean and standard deviation, with no value
-#   network.
-# name: diagram-grpo
-# ---
-# GRPO's group baseline on one example group; the advantages are computed by
-# `refimpl.rl.group_advantages` (drawn by `refimpl.diagrams.grpo_diagram`).
-# ```
 #
 # `group_advantages` follows TRL's `GRPOTrainer`: groups are contiguous blocks of
 # `num_generations` rewards, the standard deviation is the *sample* standard deviation (Bessel's
