@@ -172,6 +172,9 @@ assert err < 1e-5
 # the global gradient norm to 1, takes an AdamW step with a warmup + cosine learning rate, and
 # then moves every expert's routing bias by ±γ toward balance (V3 §2.1.2). The recipe is
 # deterministic for a seed; this run takes about a minute.
+#
+# **The verdict first** (asserted under the plots): the next-token loss falls more than tenfold,
+# and the MoE imbalance falls too, with no balance gradient beyond the tiny sequence-wise loss.
 
 # %%
 t0 = time.perf_counter()

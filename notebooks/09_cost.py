@@ -584,6 +584,10 @@ print(f"FP8 Dgrad vs the exact straight-through gradient dy·Ŵ: relative differ
 #
 # Each final model is then evaluated on 64 freshly drawn problems. `fp8_train_run` is in
 # `refimpl.recipes`; `python -m refimpl fp8-train --steps 1000` runs it longer.
+#
+# **The verdict first** (asserted under the plots): the FP8 run learns as much as the float32
+# run; it stays within 3% of the BF16 run per step on average, more than V3's 0.25% at this toy
+# scale, and drifts from float32 about as far as the BF16 run does.
 
 # %%
 FP8_STEPS = 150
