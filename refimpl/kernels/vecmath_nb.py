@@ -87,6 +87,20 @@ def _fast_exp_impl(x):
     return None
 
 
+def cast_like(x, value):
+    """``value`` converted to the floating type of ``x`` (keeps float32 loops in float32)."""
+    return type(x)(value)
+
+
+@overload(cast_like, jit_options={"cache": True})
+def _cast_like_impl(x, value):
+    if x == types.float32:
+        return lambda x, value: np.float32(value)
+    if isinstance(x, types.Float):
+        return lambda x, value: np.float64(value)
+    return None
+
+
 @njit(cache=True)
 def exp32_array(x, out):
     """out[i] = exp32(x[i]) for 1-D float32 arrays (used by the tests and the benchmarks)."""
