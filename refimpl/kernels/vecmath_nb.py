@@ -21,8 +21,11 @@ floor, integer shift, bit cast, select), so a loop calling it vectorises (16 lan
 The input is clamped to [-104, 89] (beyond it the result is 0 or inf anyway), and NaN is passed
 through by a final select, so there is no branch in the loop. Error bound: **at most 2 ulp** against
 the correctly rounded result over the whole float32 range (the tests check it on a stride over every
-float32 bit pattern and on hypothesis draws; measured maximum 1 ulp). ``fastmath`` is off here;
-callers that reduce the results may enable the reassociation flags on their own loop.
+float32 bit pattern and on hypothesis draws; measured maximum 1 ulp). ``fastmath`` is off here,
+and says so explicitly: numba compiles a callee with its caller's fastmath flags unless the callee
+sets its own, and with 'reassoc' LLVM may compute ``s1 * s2`` first, which overflows to inf for
+inputs near 88.7. Callers that reduce the results may enable the reassociation flags on their own
+loop.
 """
 
 from __future__ import annotations
@@ -56,7 +59,7 @@ def bits_to_float32(typingctx, i):
     return sig, codegen
 
 
-@njit(cache=True)
+@njit(cache=True, fastmath=False)
 def exp32(x):
     """``exp(x)`` for a float32 ``x``, within 2 ulp, branch-free (see the module docstring)."""
     xc = x if x > X_LO else X_LO

@@ -80,3 +80,19 @@ def test_fast_exp_is_libm_exp_in_float64():
         np.testing.assert_allclose(apply(x, np.empty_like(x)), np.exp(x), rtol=4e-16, atol=0)
     x32 = x.astype(np.float32)
     np.testing.assert_array_equal(apply(x32, np.empty_like(x32)), exp32_array(x32, np.empty_like(x32)))
+
+
+def test_exp32_keeps_its_rounding_inside_a_fastmath_caller():
+    from numba import njit
+
+    from refimpl.kernels.vecmath_nb import exp32
+
+    @njit(fastmath={"reassoc", "contract", "arcp", "nsz"})
+    def total(x):
+        acc = np.float32(0.0)
+        for i in range(x.shape[0]):
+            acc += exp32(x[i])
+        return acc
+
+    x = np.array([88.40392], np.float32)                 # exp(x) * 2^-128 < 1 < 2^64 * 2^64
+    assert total(x) == reference(x)[0] != np.inf
