@@ -88,6 +88,7 @@ def main(argv=None, registry=None, log=print) -> int:
     if not numpy_preloaded:  # afterwards the variables would no longer reach NumPy's BLAS
         for var in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
             os.environ[var] = str(threads)
+    os.environ.setdefault("OMP_WAIT_POLICY", "passive")  # refimpl.backend's policy, before any OpenMP runtime
     if args.cold_jit:
         if "numba" in sys.modules:
             log("warning: --cold-jit has no effect once numba is imported")
