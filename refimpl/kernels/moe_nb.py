@@ -60,22 +60,6 @@ def group_scores(sel, t, n_group, per, group_mode, gs):
             gs[g] = m2 + m1
 
 
-@njit(cache=True)
-def insert_top(vals, ids, c, v, j):
-    """Insert (v, j) into the descending list vals[:c] (ties stay in index order); return the new length."""
-    k = vals.shape[0]
-    i = c - 1 if c < k else k - 2
-    if c == k and not v > vals[k - 1]:
-        return c
-    while i >= 0 and vals[i] < v:
-        vals[i + 1] = vals[i]
-        ids[i + 1] = ids[i]
-        i -= 1
-    vals[i + 1] = v
-    ids[i + 1] = j
-    return min(c + 1, k)
-
-
 SELECT_BLOCK = 64                   # tokens per parallel task: its scratch buffers are allocated once
 
 
@@ -106,10 +90,25 @@ def select_experts(sel, k, n_group, topk_group, group_mode, mask_value):
                         if not chosen[g] and (best < 0 or gs[g] > gs[best]):
                             best = g
                     chosen[best] = True
-            c = 0
-            for j in range(e):
-                v = sel[t, j] if chosen[j // per] else mv
-                c = insert_top(vals, ids, c, v, j)
+            c = 0                                       # vals[:c] descending, ties in index order
+            full = False
+            last = mv                                   # vals[k - 1] once the list is full
+            for g in range(n_group):
+                keep = chosen[g]
+                for j in range(g * per, (g + 1) * per):
+                    v = sel[t, j] if keep else mv
+                    if full and not v > last:
+                        continue                        # the common case: not among the k best
+                    i = c - 1 if c < k else k - 2
+                    while i >= 0 and vals[i] < v:
+                        vals[i + 1] = vals[i]
+                        ids[i + 1] = ids[i]
+                        i -= 1
+                    vals[i + 1] = v
+                    ids[i + 1] = j
+                    c = min(c + 1, k)
+                    full = c == k
+                    last = vals[k - 1]
             for r in range(k):
                 idx[t, r] = ids[r]
     return idx
