@@ -13,8 +13,9 @@ of :mod:`refimpl.distill.fused` (cross-entropy and GRPO log-probs at a temperatu
 * :func:`ce_loss_grad_rows` -- both in one sweep (the second read of a row comes from cache), for
   callers that need the loss and its gradient at once.
 
-Float32 rows use :func:`refimpl.kernels.vecmath_nb.exp32` (vectorised, <= 2 ulp); float64 rows use
-libm's ``exp``. A block's exponentials are summed in the input dtype across vector lanes (a block
+Float32 rows use :func:`refimpl.kernels.vecmath_nb.exp32` (vectorised, <= 2 ulp) and
+:func:`~refimpl.kernels.vecmath_nb.max32` (an integer max reduction); float64 rows use libm's
+``exp`` and a plain max loop. A block's exponentials are summed in the input dtype across vector lanes (a block
 of :data:`BLOCK` elements gives each lane a few dozen terms, each <= 1), and block partial sums
 accumulate in float64, so float32 results are as accurate as the NumPy reference's pairwise sums.
 Rows run in parallel with ``prange``; outputs are allocated by the caller with NumPy (see
@@ -26,31 +27,26 @@ from __future__ import annotations
 import numpy as np
 from numba import njit, prange
 
-from .vecmath_nb import cast_like, fast_exp
+from .vecmath_nb import cast_like, fast_exp, fast_max
 
 #: Elements per block of the online log-sum-exp: 4 KiB of float32, well inside L1.
 BLOCK = 1024
-#: fastmath flags for the block reductions only. 'reassoc' lets LLVM split a sum or max into vector
+#: fastmath flags for the block sums only. 'reassoc' lets LLVM split a sum into vector
 #: lanes (the order of a floating-point sum changes, within the rounding the tests allow);
 #: 'contract' allows FMA. Never 'nnan'/'ninf': NaN and inf must propagate as in NumPy.
 REDUCE = {"reassoc", "contract", "arcp", "nsz"}
 
 
 @njit(cache=True, fastmath=REDUCE)
-def block_max(z, i, b0, b1):
-    """max_j z[i, j] over b0 <= j < b1 (NaN-free rows; a NaN row still ends NaN through the sum)."""
-    m = z[i, b0]
-    for j in range(b0 + 1, b1):
-        m = max(m, z[i, j])
-    return m
+def sumexp(x, shift, scale):
+    """sum_j exp((x[j] - shift) * scale) over a 1-D block, in x's dtype (shift and scale too).
 
-
-@njit(cache=True, fastmath=REDUCE)
-def block_sumexp(z, i, b0, b1, shift, scale):
-    """sum_j exp((z[i, j] - shift) * scale) over b0 <= j < b1, in z's dtype (shift, scale too)."""
+    Blocks are passed as 1-D views indexed from 0: with an index of unknown sign numba adds
+    negative-index wraparound to every access, which stops the loop from vectorising (3x slower).
+    """
     acc = cast_like(shift, 0.0)
-    for j in range(b0, b1):
-        acc += fast_exp((z[i, j] - shift) * scale)
+    for j in range(x.shape[0]):
+        acc += fast_exp((x[j] - shift) * scale)
     return acc
 
 
@@ -62,24 +58,24 @@ def row_logsumexp(z, i, inv_t):
     m = -np.inf
     s = 0.0
     for b0 in range(0, v, BLOCK):
-        b1 = min(b0 + BLOCK, v)
-        mb = np.float64(block_max(z, i, b0, b1))
+        x = z[i, b0:min(b0 + BLOCK, v)]
+        mb = np.float64(fast_max(x))
         if mb > m:                                  # rescale the running sum to the new maximum
             s *= np.exp((m - mb) * inv_t)
             m = mb
         shift = cast_like(z[i, 0], m if m > -np.inf else 0.0)
-        s += np.float64(block_sumexp(z, i, b0, b1, shift, scale))
+        s += np.float64(sumexp(x, shift, scale))
     return m, np.log(s)
 
 
 @njit(cache=True)
 def row_grad(z, i, t, m, log_s, c, inv_t, out):
     """out[i, j] = c * (exp((z[i, j] - m) * inv_t - log_s) - [j == t]), in z's dtype."""
-    x0 = z[i, 0]
-    mf, lf, cf, sf = cast_like(x0, m), cast_like(x0, log_s), cast_like(x0, c), cast_like(x0, inv_t)
-    for j in range(z.shape[1]):
-        out[i, j] = cf * fast_exp((z[i, j] - mf) * sf - lf)
-    out[i, t] -= cf
+    x, o = z[i], out[i]
+    mf, lf, cf, sf = cast_like(x[0], m), cast_like(x[0], log_s), cast_like(x[0], c), cast_like(x[0], inv_t)
+    for j in range(x.shape[0]):
+        o[j] = cf * fast_exp((x[j] - mf) * sf - lf)
+    o[t] -= cf
 
 
 @njit(cache=True, parallel=True)

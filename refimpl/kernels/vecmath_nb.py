@@ -59,6 +59,48 @@ def bits_to_float32(typingctx, i):
     return sig, codegen
 
 
+@intrinsic
+def float32_to_bits(typingctx, x):
+    """Reinterpret a float32's bits as an int32 (an LLVM ``bitcast``, vectorisable)."""
+    sig = types.int32(types.float32)
+
+    def codegen(context, builder, signature, args):
+        return builder.bitcast(args[0], ir.IntType(32))
+    return sig, codegen
+
+
+@njit(cache=True)
+def max32(x):
+    """max of a 1-D float32 array, as an integer max reduction (which vectorises without fastmath).
+
+    Flipping the magnitude bits of negative floats makes their int32 bit patterns ordered like the
+    floats (-0.0 just below +0.0); a float max reduction would need 'nnan' to vectorise.
+    """
+    m = np.int32(-2147483648)
+    for j in range(x.shape[0]):
+        b = float32_to_bits(x[j])
+        m = max(m, b ^ ((b >> 31) & np.int32(0x7FFFFFFF)))
+    return bits_to_float32(m ^ ((m >> 31) & np.int32(0x7FFFFFFF)))
+
+
+def fast_max(x):
+    """max of a 1-D float array for numba kernels: :func:`max32` on float32, a plain loop otherwise."""
+    return x.max()
+
+
+@overload(fast_max, jit_options={"cache": True})
+def _fast_max_impl(x):
+    if x.dtype == types.float32:
+        return lambda x: max32(x)
+
+    def impl(x):
+        m = x[0]
+        for j in range(1, x.shape[0]):
+            m = max(m, x[j])
+        return m
+    return impl
+
+
 @njit(cache=True, fastmath=False)
 def exp32(x):
     """``exp(x)`` for a float32 ``x``, within 2 ulp, branch-free (see the module docstring)."""

@@ -96,3 +96,11 @@ def test_exp32_keeps_its_rounding_inside_a_fastmath_caller():
 
     x = np.array([88.40392], np.float32)                 # exp(x) * 2^-128 < 1 < 2^64 * 2^64
     assert total(x) == reference(x)[0] != np.inf
+
+
+@given(hnp.arrays(np.float32, st.integers(1, 300),
+                  elements=st.floats(width=32, allow_nan=False, allow_infinity=True, allow_subnormal=True)))
+def test_max32_equals_numpy_max(x):
+    from refimpl.kernels.vecmath_nb import max32
+    got, want = max32(x), x.max()
+    assert got == want and np.signbit(got) == np.signbit(want) or (got == want == 0)
