@@ -64,7 +64,7 @@ SELECT_BLOCK = 64                   # tokens per parallel task: its scratch buff
 
 
 @njit(cache=True, parallel=True)
-def select_experts(sel, k, n_group, topk_group, group_mode, mask_value):
+def select_experts_jit(sel, k, n_group, topk_group, group_mode, mask_value):
     """idx (N, k): top-k of each row of sel (N, E) within its best topk_group groups.
 
     group_mode: 0 no group step, 1 group score = max, 2 group score = sum of the top two. One pass
@@ -141,7 +141,7 @@ def make_plan(idx, n_experts, keep):
 
 
 @njit(cache=True, parallel=True)
-def gather_rows(x, token, out):
+def gather_rows_jit(x, token, out):
     """out[r] = x[token[r]]; out (A, D) is preallocated by the caller."""
     d = x.shape[1]
     for r in prange(token.shape[0]):
@@ -152,7 +152,7 @@ def gather_rows(x, token, out):
 
 
 @njit(cache=True, parallel=True)
-def combine(ys, weights, pos, out):
+def combine_jit(ys, weights, pos, out):
     """out[n] = sum_k weights[n, k] * ys[pos[n, k]] over kept copies (pos >= 0); out (N, D) preallocated."""
     n, k = pos.shape
     d = ys.shape[1]
@@ -178,7 +178,7 @@ def dot64(a, i, b, p):
 
 
 @njit(cache=True, parallel=True)
-def combine_backward(dy, ys, weights, pos, dys, dw):
+def combine_backward_jit(dy, ys, weights, pos, dys, dw):
     """dys[pos[n, k]] = weights[n, k] * dy[n];  dw[n, k] = <dy[n], ys[pos[n, k]]> (0 if dropped).
 
     dys (A, D) and dw (N, K) are preallocated; the dot products accumulate in float64.
@@ -199,7 +199,7 @@ def combine_backward(dy, ys, weights, pos, dys, dw):
 
 
 @njit(cache=True, parallel=True)
-def gather_sum(dxs, pos, out):
+def gather_sum_jit(dxs, pos, out):
     """out[n] = sum_k dxs[pos[n, k]] over kept copies; out (N, D) preallocated."""
     n, k = pos.shape
     d = dxs.shape[1]
@@ -212,3 +212,49 @@ def gather_sum(dxs, pos, out):
                 for j in range(d):
                     out[t, j] += dxs[p, j]
     return out
+
+
+# ------------------------------------------------------------------ entry points: serial below a size
+
+#: Below this many elements a kernel runs on one thread. A parallel region costs a wake-up and a
+#: barrier; on a shared machine the barrier may wait a scheduler time slice for a preempted worker,
+#: which dwarfs a kernel of a few hundred microseconds (the quick MoE layer: 256 tokens x 128).
+PARALLEL_MIN_WORK = 1 << 18
+
+
+def run_sized(fn, work, *args):
+    """``fn(*args)`` with numba's threads, or with one thread when ``work < PARALLEL_MIN_WORK``."""
+    if work >= PARALLEL_MIN_WORK:
+        return fn(*args)
+    import numba
+    old = numba.get_num_threads()
+    numba.set_num_threads(1)
+    try:
+        return fn(*args)
+    finally:
+        numba.set_num_threads(old)
+
+
+def select_experts(sel, k, n_group, topk_group, group_mode, mask_value):
+    """Runs :func:`select_experts_jit` (see :data:`PARALLEL_MIN_WORK`)."""
+    return run_sized(select_experts_jit, sel.size, sel, k, n_group, topk_group, group_mode, mask_value)
+
+
+def gather_rows(x, token, out):
+    """Runs :func:`gather_rows_jit` (see :data:`PARALLEL_MIN_WORK`)."""
+    return run_sized(gather_rows_jit, out.size, x, token, out)
+
+
+def combine(ys, weights, pos, out):
+    """Runs :func:`combine_jit` (see :data:`PARALLEL_MIN_WORK`)."""
+    return run_sized(combine_jit, out.size + ys.size, ys, weights, pos, out)
+
+
+def combine_backward(dy, ys, weights, pos, dys, dw):
+    """Runs :func:`combine_backward_jit` (see :data:`PARALLEL_MIN_WORK`)."""
+    return run_sized(combine_backward_jit, 2 * dys.size, dy, ys, weights, pos, dys, dw)
+
+
+def gather_sum(dxs, pos, out):
+    """Runs :func:`gather_sum_jit` (see :data:`PARALLEL_MIN_WORK`)."""
+    return run_sized(gather_sum_jit, dxs.size, dxs, pos, out)
