@@ -101,6 +101,7 @@ def _torch_mha_decode(torch, cfg, p, k_cache, v_cache, s):
 
 
 def _decode_case(context, quick):
+    # names say short / medium / long, not a size: the quick page runs each at 1/16 of its context
     s = context // 16 if quick else context
     cfg, mcfg = _configs(quick)
     rng = np.random.default_rng(0)
@@ -151,17 +152,17 @@ def _decode_case(context, quick):
     return case
 
 
-@register("mla/decode-1k")
+@register("mla/decode-short")
 def decode_1k(quick: bool) -> Case:
     return _decode_case(1024, quick)
 
 
-@register("mla/decode-4k")
+@register("mla/decode-medium")
 def decode_4k(quick: bool) -> Case:
     return _decode_case(4096, quick)
 
 
-@register("mla/decode-16k")
+@register("mla/decode-long")
 def decode_16k(quick: bool) -> Case:
     return _decode_case(16384, quick)
 

@@ -164,6 +164,8 @@ def moe_dispatch_combine(quick: bool) -> Case:
     ys = rng.standard_normal((x.shape[0] * cfg.num_experts_per_tok, x.shape[1])).astype(np.float32)
     case = Case(params={"N": x.shape[0], "D": cfg.hidden_size, "E": cfg.n_routed_experts,
                         "K": cfg.num_experts_per_tok, "dtype": "float32"},
+                # least traffic: x, y, dy, dx once each (N x D) and xs, ys (twice), dys (twice) (A x D)
+                bytes_moved=4 * x.nbytes + 5 * ys.nbytes,
                 description="Data movement of the sparse layer: plan (sort copies by expert), dispatch (gather), "
                             "combine (weighted gather-sum) and the backward of both.")
 
@@ -208,6 +210,7 @@ def moe_select(quick: bool) -> Case:
     n, e, groups, topk_group, k = (256, 64, 8, 4, 8) if quick else (4096, 256, 8, 4, 8)
     sel = np.random.default_rng(3).random((n, e)).astype(np.float32)
     case = Case(params={"N": n, "E": e, "n_group": groups, "topk_group": topk_group, "K": k, "dtype": "float32"},
+                bytes_moved=sel.nbytes + n * k * 8,
                 description="V3 routing choice: group score = sum of the top-2 biased scores, keep the best "
                             "topk_group groups (others -inf), top-K experts.")
     kw = dict(n_group=groups, topk_group=topk_group, group_score="top2_sum")

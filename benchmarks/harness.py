@@ -73,7 +73,9 @@ class Case:
     """One computation at one set of shapes, with one callable per variant.
 
     ``flops``: FLOPs of one call, for GEMM-bound work (gives GFLOP/s and the fraction of the
-    measured GEMM peak). ``measure_memory``: report tracemalloc peaks for NumPy variants.
+    measured GEMM peak). ``bytes_moved``: the least memory traffic of one call, for bandwidth-bound
+    work (gives the time as a multiple of ``bytes_moved`` / measured bandwidth).
+    ``measure_memory``: report tracemalloc peaks for NumPy variants.
     ``check(outputs)``: receives ``{variant name: first-call output}`` for all variants and raises
     (e.g. with :func:`assert_outputs_close`) if they disagree. All first-call outputs are alive at
     once: mind the memory of GiB-sized outputs.
@@ -82,6 +84,7 @@ class Case:
     params: dict
     description: str = ""
     flops: float | None = None
+    bytes_moved: float | None = None
     measure_memory: bool = False
     check: Callable[[dict[str, Any]], None] | None = None
     variants: dict[str, Variant] = field(default_factory=dict)
@@ -382,7 +385,8 @@ def _peak_traced(fn) -> int:
 
 
 def run_case(name: str, case: Case, *, repeats: int = 5, warmup: int = 1, min_time: float = 0.2,
-             gemm_gflops: float | None = None, log: Callable[[str], None] = print) -> dict:
+             gemm_gflops: float | None = None, bandwidth_gbs: float | None = None,
+             log: Callable[[str], None] = print) -> dict:
     """Check and time every variant of ``case``; return the JSON-ready result.
 
     Raises :class:`MismatchError` (after logging it) if the variants disagree.
@@ -392,6 +396,7 @@ def run_case(name: str, case: Case, *, repeats: int = 5, warmup: int = 1, min_ti
     variants = list(case.variants.values())
     res: dict[str, Any] = {
         "name": name, "description": case.description, "params": case.params, "flops": case.flops,
+        "bytes_moved": case.bytes_moved,
         "status": "ok", "variants": {}, "skipped": dict(case.skipped), "ratios": {},
         "notes": list(case.notes)}
     # 1. first call (JIT compile / cache load / lazy init), timed apart
@@ -461,6 +466,8 @@ def run_case(name: str, case: Case, *, repeats: int = 5, warmup: int = 1, min_ti
         if case.flops:
             r["gflops"] = case.flops / best / 1e9
             r["peak_fraction"] = r["gflops"] / gemm_gflops if gemm_gflops else None
+        if case.bytes_moved and bandwidth_gbs:
+            r["bound_multiple"] = best / (case.bytes_moved / (bandwidth_gbs * 1e9))
         if case.measure_memory:
             if v.kind == "numpy":
                 r["peak_mem_bytes"] = _peak_traced(v.fn)

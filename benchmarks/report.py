@@ -38,6 +38,12 @@ def render_markdown(results: dict) -> str:
                      f"**{gp['gflops']:.1f} GFLOP/s**"
                      + (f"; torch.mm {results['torch_gemm_peak']['gflops']:.1f} GFLOP/s"
                         if results.get("torch_gemm_peak") else ""))
+    bw = results.get("bandwidth")
+    if bw:
+        lines.append(f"- Memory bandwidth (STREAM-like, {bw['array_MiB']:.0f} MiB arrays): triad NumPy "
+                     f"{bw['numpy_triad_gbs']:.1f}, Numba {bw.get('numba_triad_gbs', float('nan')):.1f} GB/s; "
+                     f"copy NumPy {bw['numpy_copy_gbs']:.1f}, Numba {bw.get('numba_copy_gbs', float('nan')):.1f} "
+                     f"GB/s. Bandwidth-bound cases show time / (bytes moved / **{bw['bandwidth_gbs']:.1f} GB/s**).")
     lines.append(f"- Mode: {'quick' if results.get('quick') else 'full'}; repeats {results.get('repeats')}, "
                  f"warm-up calls {results.get('warmup')}. Times are per call; ratios are best-time "
                  "speed-ups (`a vs b` = t(b) / t(a), > 1 means a is faster). CPU time and page faults "
@@ -69,6 +75,9 @@ def render_markdown(results: dict) -> str:
             head += ["CPU user+sys / call", "page faults / call"]
         if b.get("flops"):
             head += ["GFLOP/s", "% GEMM peak"]
+        bound = any("bound_multiple" in v for v in b["variants"].values())
+        if bound:
+            head += ["x bytes-moved bound"]
         if mem:
             head += ["peak mem (tracemalloc)"]
         lines.append("| " + " | ".join(head) + " |")
@@ -90,6 +99,8 @@ def render_markdown(results: dict) -> str:
             if b.get("flops"):
                 pf = v.get("peak_fraction")
                 row += [f"{v['gflops']:.1f}", f"{100 * pf:.1f}%" if pf is not None else "-"]
+            if bound:
+                row += [f"{v['bound_multiple']:.1f}" if "bound_multiple" in v else "-"]
             if mem:
                 row += [_fmt_bytes(v.get("peak_mem_bytes"))]
             lines.append("| " + " | ".join(row) + " |")

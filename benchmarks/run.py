@@ -62,12 +62,12 @@ def discover(log=print) -> list[dict]:
     return errors
 
 
-def _run_one(harness, registry, name, args, repeats, min_time, gemm_gflops, log) -> dict:
+def _run_one(harness, registry, name, args, repeats, min_time, gemm_gflops, log, bandwidth_gbs=None) -> dict:
     """Build and run one case (its data is freed on return); errors become a result entry."""
     try:
         case = registry.factories[name](args.quick)
         res = harness.run_case(name, case, repeats=repeats, warmup=args.warmup, min_time=min_time,
-                               gemm_gflops=gemm_gflops, log=log)
+                               gemm_gflops=gemm_gflops, bandwidth_gbs=bandwidth_gbs, log=log)
     except harness.MismatchError as e:
         return {"name": name, "status": "mismatch", "error": str(e), "params": {}, "variants": {},
                 "ratios": {}}
@@ -88,6 +88,7 @@ def main(argv=None, registry=None, log=print) -> int:
     if not numpy_preloaded:  # afterwards the variables would no longer reach NumPy's BLAS
         for var in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
             os.environ[var] = str(threads)
+    os.environ.setdefault("OMP_WAIT_POLICY", "passive")  # refimpl.backend's policy, before any OpenMP runtime
     if args.cold_jit:
         if "numba" in sys.modules:
             log("warning: --cold-jit has no effect once numba is imported")
@@ -133,10 +134,14 @@ def main(argv=None, registry=None, log=print) -> int:
         log(f"float32 GEMM peak ({gemm_n}^3, numpy): {results['gemm_peak']['gflops']:.1f} GFLOP/s"
             + (f"; torch.mm {results['torch_gemm_peak']['gflops']:.1f} GFLOP/s"
                if results["torch_gemm_peak"] else ""))
+        from .bandwidth import stream_bandwidth
+        results["bandwidth"] = bw = stream_bandwidth(1 << (22 if args.quick else 24))
+        log(f"memory bandwidth (STREAM triad, best of NumPy/Numba): {bw['bandwidth_gbs']:.1f} GB/s; copy "
+            f"NumPy {bw['numpy_copy_gbs']:.1f}, Numba {bw.get('numba_copy_gbs', float('nan')):.1f} GB/s")
         for name in names:
             log(f"{name}")
             res = _run_one(harness, registry, name, args, repeats, min_time, results["gemm_peak"]["gflops"],
-                           log)
+                           log, bw["bandwidth_gbs"])
             failed |= res["status"] != "ok"
             results["benchmarks"].append(res)
     try:

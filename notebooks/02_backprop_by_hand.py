@@ -516,8 +516,9 @@ assert np.all(dlogits[0, :2] == 0) and np.abs(dlogits.sum(-1)).max() < 1e-15
 # ### The Numba twin
 #
 # Over a real vocabulary the NumPy version materialises `exp(logits - max)` for the whole matrix.
-# `backend="numba"` runs a twin (`refimpl.kernels.cross_entropy_nb`) that makes two passes over
-# each row, in parallel over rows, and accumulates in float64. It must agree with the reference to
+# `backend="numba"` runs a twin (`refimpl.kernels.cross_entropy_nb`) that reads each row from memory
+# once (an online log-sum-exp over cache-sized blocks), in parallel over rows, and accumulates the
+# blocks' partial sums in float64. It must agree with the reference to
 # the project's float64 and float32 equivalence tolerances (the first call compiles the kernel;
 # later processes load it from the cache).
 

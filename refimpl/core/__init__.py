@@ -9,7 +9,7 @@ from .activations import (
     swiglu_mlp_backward,
     swiglu_mlp_forward,
 )
-from .cross_entropy import cross_entropy_backward, cross_entropy_forward
+from .cross_entropy import cross_entropy_backward, cross_entropy_forward, cross_entropy_forward_backward
 from .linear import embedding_backward, embedding_forward, linear_backward, linear_forward
 from .rmsnorm import rmsnorm_backward, rmsnorm_forward
 from .rope import (
@@ -35,6 +35,7 @@ from .softmax import (
 __all__ = [
     "sigmoid", "silu_forward", "silu_backward", "swiglu_forward", "swiglu_backward",
     "swiglu_mlp_forward", "swiglu_mlp_backward", "cross_entropy_forward", "cross_entropy_backward",
+    "cross_entropy_forward_backward",
     "linear_forward", "linear_backward", "embedding_forward", "embedding_backward",
     "rmsnorm_forward", "rmsnorm_backward", "rope_inv_freq", "rope_forward", "rope_backward",
     "rope_cos_sin", "rope_attention_factor", "softmax_scale", "deinterleave_perm",

@@ -5,8 +5,9 @@ Pre-training, SFT and sequence-level distillation all minimise
 ``ignore_index`` (-100, the PyTorch / HF convention for padding and prompt tokens) contribute
 nothing. The computation is fused: the loss is ``logsumexp(z) - z[target]`` per row, and the
 gradient with respect to the logits is ``softmax(z) - onehot(target)``, so no (N, V) log-prob
-matrix needs to be kept. A Numba twin (:mod:`refimpl.kernels.cross_entropy_nb`) does the same in
-two passes per row.
+matrix needs to be kept. A Numba twin (:mod:`refimpl.kernels.cross_entropy_nb`) reads each row
+from memory once (online log-sum-exp over cache-sized blocks), and
+:func:`cross_entropy_forward_backward` gives the loss and its gradient in one sweep.
 """
 
 from __future__ import annotations
@@ -47,13 +48,7 @@ def cross_entropy_forward(logits, targets, *, ignore_index=-100, reduction="mean
 
     Shapes: logits (..., V), targets (...) int64 -> loss () or (...).
     """
-    check_float("logits", logits, min_ndim=1)
-    if reduction not in REDUCTIONS:
-        raise ValueError(f"reduction: expected one of {REDUCTIONS}, got {reduction!r}")
-    targets = check_int("targets", targets, low=0, high=logits.shape[-1], allow=ignore_index)
-    if targets.shape != logits.shape[:-1]:
-        raise ValueError(f"targets: expected shape {logits.shape[:-1]} (logits without the vocab axis), "
-                         f"got {targets.shape}")
+    targets = _check_inputs(logits, targets, ignore_index, reduction)
     backend = resolve_backend(backend, work=logits.size)
     lead = logits.shape[:-1]
     z = logits.reshape(-1, logits.shape[-1])                            # (N, V)
@@ -61,7 +56,8 @@ def cross_entropy_forward(logits, targets, *, ignore_index=-100, reduction="mean
     valid = t != ignore_index                                           # (N,)
     if backend == "numba":
         z = np.ascontiguousarray(z)
-        per_row, lse, m = kernel("cross_entropy_nb").ce_forward_rows(z, t, ignore_index)  # (N,) each
+        logp, m64, log_s = kernel("cross_entropy_nb").logp_rows(z, t, 1.0, ignore_index)  # (N,) each
+        per_row, lse, m = -logp, m64 + log_s, m64.astype(z.dtype)       # (N,) each; m is exact
     else:
         m = z.max(axis=-1)                                              # (N,)
         zs = z - m[:, None]                                             # (N, V) shifted, max 0
@@ -72,13 +68,7 @@ def cross_entropy_forward(logits, targets, *, ignore_index=-100, reduction="mean
         # loss = lse - z_t = log_s - (z_t - m): no cancellation between two large numbers
         per_row = np.where(valid, log_s - zs_t, 0.0)                    # (N,)
     n_valid = int(valid.sum())
-    if reduction == "none":
-        loss = per_row.reshape(lead)                                    # (...)
-    elif reduction == "sum":
-        loss = np.asarray(per_row.sum())
-    else:
-        loss = np.asarray(per_row.sum() / max(n_valid, 1))
-    loss = loss.astype(logits.dtype)
+    loss = _reduce(per_row, reduction, n_valid, lead, logits.dtype)
     return loss, CrossEntropyCache(z, t, m, lse, lead, reduction, n_valid, ignore_index, backend)
 
 
@@ -91,16 +81,12 @@ def cross_entropy_backward(dloss, cache):
     Shapes: dloss () or (...) -> dlogits (..., V).
     """
     z, t, m, lse, lead, reduction, n_valid, ignore_index, backend = cache
-    dloss = np.asarray(dloss, dtype=np.float64)
     valid = t != ignore_index                                           # (N,)
-    if reduction == "none":
-        row_scale = dloss.reshape(-1) * valid                           # (N,)
-    elif reduction == "sum":
-        row_scale = np.full(t.shape, float(dloss)) * valid              # (N,)
-    else:
-        row_scale = np.full(t.shape, float(dloss) / max(n_valid, 1)) * valid  # (N,)
+    row_scale = _row_scale(dloss, valid, reduction, n_valid)            # (N,)
     if backend == "numba":
-        dz = kernel("cross_entropy_nb").ce_backward_rows(z, t, lse, row_scale, ignore_index)  # (N, V)
+        m64 = m.astype(np.float64)                                      # (N,)
+        dz = kernel("cross_entropy_nb").ce_grad_rows(z, t, m64, lse - m64, row_scale, 1.0, ignore_index,
+                                                     np.empty_like(z))  # (N, V)
     else:
         # forward: loss_t = lse(z_t) - z_t[y_t]   so: dz_t = c_t * (softmax(z_t) - onehot(y_t))
         log_s = (lse - m).astype(z.dtype)                               # (N,)
@@ -111,3 +97,61 @@ def cross_entropy_backward(dloss, cache):
         rows = np.nonzero(valid)[0]                                     # (n_valid,)
         dz[rows, t[rows]] -= row_scale[rows].astype(z.dtype)
     return dz.reshape(*lead, z.shape[-1])                               # (..., V)
+
+
+def cross_entropy_forward_backward(logits, targets, dloss=1.0, *, ignore_index=-100, reduction="mean",
+                                   backend=None):
+    """The loss of :func:`cross_entropy_forward` and the ``dlogits`` of :func:`cross_entropy_backward`.
+
+    The gradient's row scales need only ``dloss`` and the number of non-ignored targets, both known
+    before the logits are read, so the Numba twin produces loss and gradient in one sweep over the
+    logits; the NumPy backend calls the two functions above. ``dloss``: a scalar, or shaped like
+    ``targets`` for ``reduction="none"``.
+
+    Shapes: logits (..., V), targets (...) -> loss () or (...), dlogits (..., V).
+    """
+    targets = _check_inputs(logits, targets, ignore_index, reduction)
+    if resolve_backend(backend, work=logits.size) == "numpy":
+        loss, cache = cross_entropy_forward(logits, targets, ignore_index=ignore_index, reduction=reduction,
+                                            backend="numpy")
+        return loss, cross_entropy_backward(dloss, cache)
+    lead = logits.shape[:-1]
+    z = np.ascontiguousarray(logits.reshape(-1, logits.shape[-1]))     # (N, V)
+    t = targets.reshape(-1)                                             # (N,)
+    valid = t != ignore_index                                           # (N,)
+    n_valid = int(valid.sum())
+    row_scale = _row_scale(dloss, valid, reduction, n_valid)            # (N,)
+    per_row, dz = kernel("cross_entropy_nb").ce_loss_grad_rows(z, t, row_scale, 1.0, ignore_index,
+                                                               np.empty_like(z))  # (N,), (N, V)
+    return _reduce(per_row, reduction, n_valid, lead, logits.dtype), dz.reshape(logits.shape)
+
+
+def _check_inputs(logits, targets, ignore_index, reduction):
+    check_float("logits", logits, min_ndim=1)
+    if reduction not in REDUCTIONS:
+        raise ValueError(f"reduction: expected one of {REDUCTIONS}, got {reduction!r}")
+    targets = check_int("targets", targets, low=0, high=logits.shape[-1], allow=ignore_index)
+    if targets.shape != logits.shape[:-1]:
+        raise ValueError(f"targets: expected shape {logits.shape[:-1]} (logits without the vocab axis), "
+                         f"got {targets.shape}")
+    return targets
+
+
+def _reduce(per_row, reduction, n_valid, lead, dtype):
+    if reduction == "none":
+        loss = per_row.reshape(lead)                                    # (...)
+    elif reduction == "sum":
+        loss = np.asarray(per_row.sum())
+    else:
+        loss = np.asarray(per_row.sum() / max(n_valid, 1))
+    return loss.astype(dtype)
+
+
+def _row_scale(dloss, valid, reduction, n_valid):
+    """c_t of :func:`cross_entropy_backward` (N,) float64: the upstream gradient each row's loss gets."""
+    dloss = np.asarray(dloss, dtype=np.float64)
+    if reduction == "none":
+        return dloss.reshape(-1) * valid                                # (N,)
+    if reduction == "sum":
+        return np.full(valid.shape, float(dloss)) * valid               # (N,)
+    return np.full(valid.shape, float(dloss) / max(n_valid, 1)) * valid  # (N,)

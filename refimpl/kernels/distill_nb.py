@@ -14,20 +14,9 @@ from __future__ import annotations
 import numpy as np
 from numba import njit, prange
 
+from .cross_entropy_nb import ce_grad_rows, ce_loss_grad_rows, logp_rows
 
-@njit(cache=True, inline="always")
-def _row_max_logsum(z, i, inv_t):
-    """(max_j z[i, j], log sum_j exp((z[i, j] - max) * inv_t)) for one row."""
-    v = z.shape[1]
-    m = -np.inf
-    for j in range(v):
-        if z[i, j] > m:
-            m = z[i, j]
-    m = np.float64(m)
-    s = 0.0
-    for j in range(v):
-        s += np.exp((np.float64(z[i, j]) - m) * inv_t)
-    return m, np.log(s)
+__all__ = ["gjsd_rows", "ce_rows", "logp_rows", "logp_grad_rows"]
 
 
 @njit(cache=True, parallel=True)
@@ -103,57 +92,18 @@ def gjsd_rows(zs, zt, valid, row_scale, beta, inv_t):
     return loss, out
 
 
-@njit(cache=True, parallel=True)
 def ce_rows(z, targets, row_scale, inv_t, ignore_index):
-    """Cross-entropy rows of softmax(z / tau): loss (C,) float64 and row_scale * (q - onehot) / tau."""
-    n, v = z.shape
-    loss = np.zeros(n)
-    out = np.empty_like(z)
-    for i in prange(n):
-        t = targets[i]
-        if t == ignore_index:
-            for j in range(v):
-                out[i, j] = 0.0
-            continue
-        m, ls = _row_max_logsum(z, i, inv_t)
-        loss[i] = ls - (np.float64(z[i, t]) - m) * inv_t
-        c = row_scale[i] * inv_t
-        for j in range(v):
-            out[i, j] = c * np.exp((np.float64(z[i, j]) - m) * inv_t - ls)
-        out[i, t] = np.float64(out[i, t]) - c
-    return loss, out
+    """Cross-entropy rows of softmax(z / tau): loss (C,) float64 and row_scale * (q - onehot) / tau.
+
+    The one cross-entropy kernel, :func:`refimpl.kernels.cross_entropy_nb.ce_loss_grad_rows`.
+    """
+    return ce_loss_grad_rows(z, targets, row_scale, inv_t, ignore_index, np.empty_like(z))
 
 
-@njit(cache=True, parallel=True)
-def logp_rows(z, tokens, inv_t, ignore_index):
-    """log softmax(z / tau)[token] (C,) float64 (0 where ignored), with the row max and log-sum (C,)."""
-    n = z.shape[0]
-    logp = np.zeros(n)
-    rowmax = np.empty(n)
-    logsum = np.empty(n)
-    for i in prange(n):
-        m, ls = _row_max_logsum(z, i, inv_t)
-        rowmax[i] = m
-        logsum[i] = ls
-        t = tokens[i]
-        if t != ignore_index:
-            logp[i] = (np.float64(z[i, t]) - m) * inv_t - ls
-    return logp, rowmax, logsum
-
-
-@njit(cache=True, parallel=True)
 def logp_grad_rows(z, tokens, rowmax, logsum, g, inv_t, ignore_index):
-    """d(sum_i g[i] * logp_i)/dz = g (onehot - q) / tau (C, V); ignored rows are 0."""
-    n, v = z.shape
-    out = np.empty_like(z)
-    for i in prange(n):
-        t = tokens[i]
-        if t == ignore_index:
-            for j in range(v):
-                out[i, j] = 0.0
-            continue
-        c = g[i] * inv_t
-        for j in range(v):
-            out[i, j] = -c * np.exp((np.float64(z[i, j]) - rowmax[i]) * inv_t - logsum[i])
-        out[i, t] = np.float64(out[i, t]) + c
-    return out
+    """d(sum_i g[i] * logp_i)/dz = g (onehot - q) / tau (C, V); ignored rows are 0.
+
+    :func:`refimpl.kernels.cross_entropy_nb.ce_grad_rows` with row scale ``-g``.
+    """
+    return ce_grad_rows(z, tokens, rowmax, logsum, -np.asarray(g, np.float64), inv_t, ignore_index,
+                        np.empty_like(z))

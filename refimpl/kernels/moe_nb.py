@@ -16,73 +16,101 @@ kernel for transparent huge pages on large allocations and numba's runtime alloc
 first-touch page faults on a freshly allocated (N*K, D) buffer made a kernel-allocated output about
 3x slower than ``x[token]`` (measured: 55 ms vs 19 ms for 4096 x 6 rows of 1024 float32).
 
-``fastmath`` is off. The expert GEMMs stay in NumPy/BLAS for both backends.
+``fastmath`` is off except on the dot products of :func:`combine_backward` (the reassociation
+flags only, so that the float64 sum of float32 products vectorises). The expert GEMMs stay in
+NumPy/BLAS for both backends.
 
-The kernels are deliberately serial (no ``parallel=True``). numba's OpenMP workers spin-wait after
-a parallel region, and in the MoE layer every kernel is followed by OpenBLAS GEMMs that then
-compete with the spinning workers for the same cores. On a 2-core machine this made the tiny
-benchmark layer 4x slower (22 ms vs 5 ms) and cancelled the Numba gain at full size (2.56 s vs
-2.30 s serial), unless ``OMP_WAIT_POLICY=passive`` was set. The loops are memory-bound, so one
-thread already gets most of the bandwidth.
+The kernels run in parallel over tokens or rows (``prange``): every output row is written by
+exactly one iteration, so there are no races. They used to be serial because numba's OpenMP workers
+spin-waited after each region while the next OpenBLAS GEMM needed the cores (4x slower at 2
+threads); :mod:`refimpl.backend`'s threading policy (passive wait) removed that.
 """
 
 from __future__ import annotations
 
 import numpy as np
-from numba import njit
+from numba import njit, prange
+
+from .vecmath_nb import cast_like
+
+#: reassociation only (never nnan/ninf): lets a float64 dot product of float32 rows use vector lanes
+REDUCE = {"reassoc", "contract", "arcp", "nsz"}
 
 
 @njit(cache=True)
-def select_experts(sel, k, n_group, topk_group, group_mode, mask_value):
+def group_scores(sel, t, n_group, per, group_mode, gs):
+    """gs[g] = max (mode 1) or sum of the top two (mode 2) of row t's scores in group g."""
+    for g in range(n_group):
+        base = g * per
+        if group_mode == 1:
+            m1 = sel[t, base]
+            for j in range(1, per):
+                m1 = max(m1, sel[t, base + j])
+            gs[g] = m1
+        else:
+            m1 = max(sel[t, base], sel[t, base + 1])
+            m2 = min(sel[t, base], sel[t, base + 1])
+            for j in range(2, per):
+                v = sel[t, base + j]
+                if v > m1:
+                    m2 = m1
+                    m1 = v
+                elif v > m2:
+                    m2 = v
+            gs[g] = m2 + m1
+
+
+SELECT_BLOCK = 64                   # tokens per parallel task: its scratch buffers are allocated once
+
+
+@njit(cache=True, parallel=True)
+def select_experts_jit(sel, k, n_group, topk_group, group_mode, mask_value):
     """idx (N, k): top-k of each row of sel (N, E) within its best topk_group groups.
 
-    group_mode: 0 no group step, 1 group score = max, 2 group score = sum of the top two.
+    group_mode: 0 no group step, 1 group score = max, 2 group score = sum of the top two. One pass
+    over the row keeps a sorted list of the k best (value desc, index asc), so the result equals
+    repeated arg-max with ties to the lower index (the NumPy reference's stable sort).
     """
     n, e = sel.shape
     per = e // n_group
     idx = np.empty((n, k), dtype=np.int64)
-    for t in range(n):
-        row = sel[t].copy()
-        if group_mode != 0:
-            gs = np.empty(n_group, dtype=sel.dtype)
+    mv = cast_like(sel[0, 0], mask_value)
+    for blk in prange((n + SELECT_BLOCK - 1) // SELECT_BLOCK):
+        gs = np.empty(n_group, dtype=sel.dtype)
+        chosen = np.ones(n_group, dtype=np.bool_)
+        vals = np.empty(k, dtype=sel.dtype)
+        ids = np.empty(k, dtype=np.int64)
+        for t in range(blk * SELECT_BLOCK, min((blk + 1) * SELECT_BLOCK, n)):
+            if group_mode != 0:
+                group_scores(sel, t, n_group, per, group_mode, gs)
+                chosen[:] = False
+                for _ in range(topk_group):             # repeated arg-max: ties to the lower group
+                    best = -1
+                    for g in range(n_group):
+                        if not chosen[g] and (best < 0 or gs[g] > gs[best]):
+                            best = g
+                    chosen[best] = True
+            c = 0                                       # vals[:c] descending, ties in index order
+            full = False
+            last = mv                                   # vals[k - 1] once the list is full
             for g in range(n_group):
-                base = g * per
-                if group_mode == 1:
-                    m1 = row[base]
-                    for j in range(1, per):
-                        if row[base + j] > m1:
-                            m1 = row[base + j]
-                    gs[g] = m1
-                else:
-                    m1 = max(row[base], row[base + 1])
-                    m2 = min(row[base], row[base + 1])
-                    for j in range(2, per):
-                        v = row[base + j]
-                        if v > m1:
-                            m2 = m1
-                            m1 = v
-                        elif v > m2:
-                            m2 = v
-                    gs[g] = m2 + m1
-            chosen = np.zeros(n_group, dtype=np.bool_)
-            for _ in range(topk_group):
-                best = -1
-                for g in range(n_group):
-                    if not chosen[g] and (best < 0 or gs[g] > gs[best]):
-                        best = g
-                chosen[best] = True
-            for g in range(n_group):
-                if not chosen[g]:
-                    for j in range(per):
-                        row[g * per + j] = mask_value
-        taken = np.zeros(e, dtype=np.bool_)
-        for r in range(k):
-            best = -1
-            for j in range(e):
-                if not taken[j] and (best < 0 or row[j] > row[best]):
-                    best = j
-            taken[best] = True
-            idx[t, r] = best
+                keep = chosen[g]
+                for j in range(g * per, (g + 1) * per):
+                    v = sel[t, j] if keep else mv
+                    if full and not v > last:
+                        continue                        # the common case: not among the k best
+                    i = c - 1 if c < k else k - 2
+                    while i >= 0 and vals[i] < v:
+                        vals[i + 1] = vals[i]
+                        ids[i + 1] = ids[i]
+                        i -= 1
+                    vals[i + 1] = v
+                    ids[i + 1] = j
+                    c = min(c + 1, k)
+                    full = c == k
+                    last = vals[k - 1]
+            for r in range(k):
+                idx[t, r] = ids[r]
     return idx
 
 
@@ -112,23 +140,23 @@ def make_plan(idx, n_experts, keep):
     return pos, token, offsets
 
 
-@njit(cache=True)
-def gather_rows(x, token, out):
+@njit(cache=True, parallel=True)
+def gather_rows_jit(x, token, out):
     """out[r] = x[token[r]]; out (A, D) is preallocated by the caller."""
     d = x.shape[1]
-    for r in range(token.shape[0]):
+    for r in prange(token.shape[0]):
         src = token[r]
         for j in range(d):
             out[r, j] = x[src, j]
     return out
 
 
-@njit(cache=True)
-def combine(ys, weights, pos, out):
+@njit(cache=True, parallel=True)
+def combine_jit(ys, weights, pos, out):
     """out[n] = sum_k weights[n, k] * ys[pos[n, k]] over kept copies (pos >= 0); out (N, D) preallocated."""
     n, k = pos.shape
     d = ys.shape[1]
-    for t in range(n):
+    for t in prange(n):
         for j in range(d):
             out[t, j] = 0.0
         for s in range(k):
@@ -140,15 +168,24 @@ def combine(ys, weights, pos, out):
     return out
 
 
-@njit(cache=True)
-def combine_backward(dy, ys, weights, pos, dys, dw):
+@njit(cache=True, fastmath=REDUCE)
+def dot64(a, i, b, p):
+    """sum_j a[i, j] * b[p, j], accumulated in float64."""
+    acc = 0.0
+    for j in range(a.shape[1]):
+        acc += np.float64(a[i, j]) * np.float64(b[p, j])
+    return acc
+
+
+@njit(cache=True, parallel=True)
+def combine_backward_jit(dy, ys, weights, pos, dys, dw):
     """dys[pos[n, k]] = weights[n, k] * dy[n];  dw[n, k] = <dy[n], ys[pos[n, k]]> (0 if dropped).
 
     dys (A, D) and dw (N, K) are preallocated; the dot products accumulate in float64.
     """
     n, k = pos.shape
     d = ys.shape[1]
-    for t in range(n):
+    for t in prange(n):
         for s in range(k):
             p = pos[t, s]
             if p < 0:
@@ -157,19 +194,16 @@ def combine_backward(dy, ys, weights, pos, dys, dw):
             w = weights[t, s]
             for j in range(d):
                 dys[p, j] = w * dy[t, j]
-            acc = 0.0
-            for j in range(d):
-                acc += dy[t, j] * ys[p, j]
-            dw[t, s] = acc
+            dw[t, s] = dot64(dy, t, ys, p)
     return dys, dw
 
 
-@njit(cache=True)
-def gather_sum(dxs, pos, out):
+@njit(cache=True, parallel=True)
+def gather_sum_jit(dxs, pos, out):
     """out[n] = sum_k dxs[pos[n, k]] over kept copies; out (N, D) preallocated."""
     n, k = pos.shape
     d = dxs.shape[1]
-    for t in range(n):
+    for t in prange(n):
         for j in range(d):
             out[t, j] = 0.0
         for s in range(k):
@@ -178,3 +212,49 @@ def gather_sum(dxs, pos, out):
                 for j in range(d):
                     out[t, j] += dxs[p, j]
     return out
+
+
+# ------------------------------------------------------------------ entry points: serial below a size
+
+#: Below this many elements a kernel runs on one thread. A parallel region costs a wake-up and a
+#: barrier; on a shared machine the barrier may wait a scheduler time slice for a preempted worker,
+#: which dwarfs a kernel of a few hundred microseconds (the quick MoE layer: 256 tokens x 128).
+PARALLEL_MIN_WORK = 1 << 18
+
+
+def run_sized(fn, work, *args):
+    """``fn(*args)`` with numba's threads, or with one thread when ``work < PARALLEL_MIN_WORK``."""
+    if work >= PARALLEL_MIN_WORK:
+        return fn(*args)
+    import numba
+    old = numba.get_num_threads()
+    numba.set_num_threads(1)
+    try:
+        return fn(*args)
+    finally:
+        numba.set_num_threads(old)
+
+
+def select_experts(sel, k, n_group, topk_group, group_mode, mask_value):
+    """Runs :func:`select_experts_jit` (see :data:`PARALLEL_MIN_WORK`)."""
+    return run_sized(select_experts_jit, sel.size, sel, k, n_group, topk_group, group_mode, mask_value)
+
+
+def gather_rows(x, token, out):
+    """Runs :func:`gather_rows_jit` (see :data:`PARALLEL_MIN_WORK`)."""
+    return run_sized(gather_rows_jit, out.size, x, token, out)
+
+
+def combine(ys, weights, pos, out):
+    """Runs :func:`combine_jit` (see :data:`PARALLEL_MIN_WORK`)."""
+    return run_sized(combine_jit, out.size + ys.size, ys, weights, pos, out)
+
+
+def combine_backward(dy, ys, weights, pos, dys, dw):
+    """Runs :func:`combine_backward_jit` (see :data:`PARALLEL_MIN_WORK`)."""
+    return run_sized(combine_backward_jit, 2 * dys.size, dy, ys, weights, pos, dys, dw)
+
+
+def gather_sum(dxs, pos, out):
+    """Runs :func:`gather_sum_jit` (see :data:`PARALLEL_MIN_WORK`)."""
+    return run_sized(gather_sum_jit, dxs.size, dxs, pos, out)

@@ -5,7 +5,7 @@ import pytest
 from benchmarks import bench_mla  # noqa: F401  (registers the cases)
 from benchmarks.harness import NUMPY, REGISTRY, MismatchError
 
-NAMES = ["mla/decode-1k", "mla/decode-4k", "mla/decode-16k", "mla/prefill-fwd+bwd"]
+NAMES = ["mla/decode-short", "mla/decode-medium", "mla/decode-long", "mla/prefill-fwd+bwd"]
 
 
 @pytest.mark.parametrize("name", NAMES)
