@@ -9,7 +9,8 @@ multi-head latent attention and whose feed-forward network is a dense SwiGLU in 
 The same layer with standard attention (:mod:`refimpl.attention.mha`: MHA/GQA/MQA with RoPE) in
 place of MLA is a Llama-style layer: that is what a config whose ``model_type`` is not a DeepSeek
 one (:func:`~refimpl.attention.uses_mla`) builds, e.g. the dense students of DeepSeek-R1 §2.4
-(Llama 3, Qwen2.5 without its q/k/v biases). Its inference path keeps a per-head
+(Llama 3; Qwen2.5 with its q/k/v biases, see :func:`~refimpl.attention.mha.mha_bias_names`). Its
+inference path keeps a per-head
 :class:`~refimpl.attention.KVCache` instead of the latent one.
 
 Parameters carry the HF names of one ``model.layers.N`` entry (leaves without the ``.weight``
@@ -61,9 +62,11 @@ def init_block_params(config, layer, rng, dtype=np.float64):
         mlp = init_moe_params(config, rng, dtype=dtype)
     else:
         mlp = {"gate_proj": normal(i, d), "up_proj": normal(i, d), "down_proj": normal(d, i)}  # (I, D), (D, I)
-    if not uses_mla(config) and config.attention_bias:
-        raise ValueError("config.attention_bias: the standard-attention layer has no projection biases "
-                         "(Llama-style); expected False")
+        if config.extra.get("mlp_bias"):
+            mlp.update(gate_proj_bias=np.zeros(i, dtype), up_proj_bias=np.zeros(i, dtype),
+                       down_proj_bias=np.zeros(d, dtype))
+    if uses_mla(config) and config.attention_bias:
+        raise ValueError("config.attention_bias: MLA has no projection biases (DeepSeek-V2/V3); expected False")
     attn = init_mla_params(config, rng, dtype) if uses_mla(config) else init_mha_params(config, rng, dtype=dtype)
     return {"input_layernorm": np.ones(d, dtype=dtype), "self_attn": attn,
             "post_attention_layernorm": np.ones(d, dtype=dtype), "mlp": mlp}
