@@ -57,8 +57,8 @@ def rope_from_hf(d):
         if not isinstance(scaling, dict):
             raise ValueError(f"config.json: rope_scaling must be an object or null, got {scaling!r}")
         scaling = dict(scaling)
-        inner = scaling.pop("rope_theta", None)
-        theta = inner if theta is None else theta
+        inner = scaling.pop("rope_theta", None)          # the dict's own theta wins, as in transformers
+        theta = theta if inner is None else inner
         if scaling.get("rope_type", scaling.get("type", "default")) == "default":
             scaling = None
         elif scaling.get("rope_type", scaling.get("type")) in ("llama3", "yarn") and d.get("max_position_embeddings"):
