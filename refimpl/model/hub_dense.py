@@ -119,7 +119,8 @@ def dense_config_to_hf(config):
         d.pop("attention_bias", None)
         d.setdefault("use_sliding_window", False)
     d.setdefault("hidden_act", "silu")
-    d.setdefault("architectures", [ARCHITECTURES[d["model_type"]]])
+    if d.get("model_type") in ARCHITECTURES:
+        d.setdefault("architectures", [ARCHITECTURES[d["model_type"]]])
     return d
 
 
