@@ -32,7 +32,7 @@ STORAGE = {"F64": "<f8", "F32": "<f4", "F16": "<f2", "BF16": "<u2", "F8_E4M3": "
 #: NumPy dtype -> safetensors dtype string, for writing.
 WRITE_DTYPES = {"float64": "F64", "float32": "F32", "float16": "F16", "int64": "I64", "int32": "I32",
                 "int16": "I16", "int8": "I8", "uint8": "U8", "bool": "BOOL"}
-CHUNK_BYTES = 1 << 24
+CHUNK_BYTES = 1 << 22
 MAX_HEADER_BYTES = 100_000_000
 
 
@@ -96,10 +96,21 @@ class TensorRef:
             f.seek(self.begin)
             for i in range(0, n, step):
                 j = min(i + step, n)
-                raw = np.empty((j - i) * item, dtype=np.uint8)
+                dst = out[i:j]                                           # (chunk,) a view of the result
+                same = np.dtype(STORAGE[self.dtype]) == dtype
+                raw = dst.view(np.uint8) if same else np.empty((j - i) * item, dtype=np.uint8)
                 if f.readinto(raw) != raw.size:
                     raise ValueError(f"{self.file}: tensor '{self.name}' is truncated (file shorter than its offsets)")
-                out[i:j] = _decode(raw, self.dtype, dtype)
+                if same:
+                    continue
+                if self.dtype == "BF16" and dtype == np.float32:         # widen in place: bits << 16
+                    bits = dst.view(np.uint32)
+                    np.copyto(bits, raw.view("<u2"), casting="unsafe")
+                    bits <<= 16
+                elif self.dtype in ("BF16", "F8_E4M3"):
+                    dst[...] = _decode(raw, self.dtype, np.float32)
+                else:
+                    np.copyto(dst, raw.view(STORAGE[self.dtype]), casting="unsafe")
         return out.reshape(self.shape)
 
     def __array__(self, dtype=None, copy=None):
