@@ -67,7 +67,7 @@ def _rss_gb():
     child inherits from the parent that wrote the checkpoint)."""
     try:
         with open("/proc/self/status") as f:
-            return next(int(line.split()[1]) for line in f if line.startswith("VmHWM:")) / 1e6   # kB -> GB
+            return next(int(line.split()[1]) for line in f if line.startswith("VmHWM:")) * 1024 / 1e9  # KiB -> GB
     except (OSError, StopIteration):
         return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6
 

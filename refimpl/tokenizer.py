@@ -29,6 +29,8 @@ from pathlib import Path
 BOS, EOS = "<｜begin▁of▁sentence｜>", "<｜end▁of▁sentence｜>"
 USER, ASSISTANT, THINK, END_THINK = "<｜User｜>", "<｜Assistant｜>", "<think>", "</think>"
 
+#: A chat template with R1's conventions (system prompt after BOS, ``</think>`` stripping of earlier
+#: answers, generation prompt ``<｜Assistant｜><think>\n``); the hub file's tool-call branches omitted.
 R1_CHAT_TEMPLATE = (
     "{%- set ns = namespace(system_prompt='') -%}"
     "{%- for message in messages -%}{%- if message['role'] == 'system' -%}"

@@ -32,7 +32,9 @@ STORAGE = {"F64": "<f8", "F32": "<f4", "F16": "<f2", "BF16": "<u2", "F8_E4M3": "
 #: NumPy dtype -> safetensors dtype string, for writing.
 WRITE_DTYPES = {"float64": "F64", "float32": "F32", "float16": "F16", "int64": "I64", "int32": "I32",
                 "int16": "I16", "int8": "I8", "uint8": "U8", "bool": "BOOL"}
+#: Bytes read per chunk while converting a tensor (the only transient memory of a load).
 CHUNK_BYTES = 1 << 22
+#: Largest header accepted (the safetensors library's limit).
 MAX_HEADER_BYTES = 100_000_000
 
 
