@@ -258,6 +258,9 @@ def check_params_for_save(params, config):
     and nothing else; with tied embeddings the head must equal the embedding."""
     if not isinstance(params, dict) or "model" not in params:
         raise ValueError("params: expected a parameter tree with a 'model' entry")
+    if "mtp" in params and len(params["mtp"]) != config.num_nextn_predict_layers:
+        raise ValueError(f"params: {len(params['mtp'])} MTP modules but config.num_nextn_predict_layers is "
+                         f"{config.num_nextn_predict_layers} (load_pretrained could not read them back)")
     spec = hub_spec(config, mtp="mtp" in params)
     want = {}
     for name, path, shape, expert in spec:

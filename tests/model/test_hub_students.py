@@ -214,3 +214,18 @@ def test_hub_names_and_shapes_of_a_qwen2_student():
     # the hub's rotate-half rows are refimpl's adjacent pairs, reordered per head
     w = params["model"]["layers"][0]["self_attn"]["k_proj"]
     np.testing.assert_array_equal(hub[pre + "k_proj.weight"][:8][[0, 4, 1, 5, 2, 6, 3, 7]], w[:8])
+
+
+def test_deepseek_checkpoints_shard_too(tmp_path):
+    from refimpl.config import ModelConfig
+    from refimpl.model import init_params
+    cfg = ModelConfig.preset("tiny")
+    with pytest.raises(ValueError, match="MTP modules but config.num_nextn_predict_layers is 0"):
+        save_pretrained(tmp_path, init_params(cfg, np.random.default_rng(0), mtp=True), cfg)
+    cfg = cfg.replace(num_nextn_predict_layers=1)
+    params = init_params(cfg, np.random.default_rng(0))
+    save_pretrained(tmp_path, params, cfg, max_shard_bytes=20000)
+    index = json.loads((tmp_path / "model.safetensors.index.json").read_text())
+    assert len(set(index["weight_map"].values())) > 2
+    assert any(".mlp.experts.3.up_proj.weight" in k for k in index["weight_map"])
+    _equal_trees(load_pretrained(tmp_path).params, params)
