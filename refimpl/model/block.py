@@ -39,8 +39,8 @@ from ..attention import (
     mla_infer,
     uses_mla,
 )
-from ..attention.mha import MHACache
-from ..core.activations import swiglu_mlp_backward, swiglu_mlp_forward
+from ..attention.mha import MHACache, project
+from ..core.activations import swiglu_forward, swiglu_mlp_backward, swiglu_mlp_forward
 from ..core.rmsnorm import rmsnorm_backward, rmsnorm_forward
 from ..moe import init_moe_params, moe_backward, moe_forward
 
@@ -136,5 +136,15 @@ def block_infer(x, params, config, layer, kv_cache, start_pos=0, *, impl="absorb
     if config.is_moe_layer(layer):
         f = moe_forward(h2, params["mlp"], config, backend=backend)[0]   # (B, T, D)
     else:
-        f = swiglu_mlp_forward(h2, params["mlp"])[0]                     # (B, T, D)
+        f = dense_mlp_infer(h2, params["mlp"])                           # (B, T, D)
     return u + f
+
+
+def dense_mlp_infer(x, params):
+    """:func:`~refimpl.core.swiglu_mlp_forward` for inference: the same values without scanning the
+    weights for NaN/inf at every call (which, at one decoded token, would read each weight three
+    times instead of once) and without a cache. Shapes: x (B, T, D) -> (B, T, D)."""
+    g, _ = project(x, params["gate_proj"], params.get("gate_proj_bias"))  # (B, T, I)
+    u, _ = project(x, params["up_proj"], params.get("up_proj_bias"))    # (B, T, I)
+    h, _ = swiglu_forward(g, u)                                          # (B, T, I)
+    return project(h, params["down_proj"], params.get("down_proj_bias"))[0]  # (B, T, D)
