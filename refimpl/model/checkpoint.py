@@ -337,4 +337,7 @@ def load_pretrained(path, dtype=np.float64):
         raise ValueError(f"dtype: expected float32 or float64, got {dtype}")
     config = read_config(path)
     from .generate import Model
-    return Model(config, from_hub(read_checkpoint(Path(path)), config, dtype))
+    try:
+        return Model(config, from_hub(read_checkpoint(Path(path)), config, dtype))
+    except ValueError as e:             # name the directory too (a missing tensor is in no file)
+        raise ValueError(f"{os.fspath(path)}: {e}") from None
