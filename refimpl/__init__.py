@@ -33,7 +33,9 @@ _SUBMODULES = ("attention", "moe", "rl", "tasks", "distill", "quant", "optim", "
 
 
 def load_pretrained(path, dtype=None):
-    """Load a hub-layout DeepSeek-V2/V3 checkpoint directory (``config.json`` + ``*.safetensors``).
+    """Load a hub-layout checkpoint directory (``config.json`` + ``*.safetensors``, one file or sharded):
+    DeepSeek-V2/V3, or an R1-Distill student (``model_type`` ``qwen2`` or ``llama``), in float64
+    (default) or ``dtype=np.float32``.
 
     Returns a :class:`refimpl.model.generate.Model`: ``m(input_ids)`` gives float64 logits
     (B, T, V), ``m.generate(input_ids, max_new_tokens=n)`` greedy continuations (B, T + n). See
@@ -45,10 +47,18 @@ def load_pretrained(path, dtype=None):
     return _load(path, np.float64 if dtype is None else dtype)
 
 
+def load_tokenizer(path):
+    """The hub tokenizer of a checkpoint directory (``tokenizer.json`` + ``tokenizer_config.json``): see
+    :func:`refimpl.tokenizer.load_tokenizer` (needs the ``tokenizers`` and ``jinja2`` packages)."""
+    from .tokenizer import load_tokenizer as _load
+    return _load(path)
+
+
 def __getattr__(name):
     if name in _SUBMODULES:
         return importlib.import_module(f".{name}", __name__)
     raise AttributeError(f"module 'refimpl' has no attribute {name!r}")
 
 
-__all__ = ["core", "ModelConfig", "PRESETS", "load_pretrained", "resolve_backend", "__version__", *_SUBMODULES]
+__all__ = ["core", "ModelConfig", "PRESETS", "load_pretrained", "load_tokenizer", "resolve_backend", "__version__",
+           *_SUBMODULES]

@@ -42,6 +42,9 @@ def _summary(result):
 
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["chat"]:             # python -m refimpl chat PATH: talk to a checkpoint (refimpl.chat)
+        from .chat import chat_main
+        return chat_main(argv[1:])
     parser = argparse.ArgumentParser(prog="python -m refimpl", description=__doc__.splitlines()[0])
     parser.add_argument("recipe", choices=sorted(RECIPES), help="the experiment to run")
     parser.add_argument("--list-options", action="store_true", help="print the recipe's options and exit")

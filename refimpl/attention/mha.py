@@ -32,6 +32,9 @@ from ..core.rope import rope_attention_factor, rope_backward, rope_forward, rope
 from .kv_cache import KVCache, check_positions, default_head_dim
 
 MHA_PARAMS = ("q_proj", "k_proj", "v_proj", "o_proj")
+#: Optional projection biases, keyed ``<projection>_bias`` (hub name ``self_attn.<projection>.bias``):
+#: Qwen2 always has q/k/v biases (none on o_proj); Llama's ``attention_bias`` adds all four.
+MHA_BIASES = tuple(f"{k}_bias" for k in MHA_PARAMS)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -148,13 +151,25 @@ def mha_param_shapes(config, head_dim=None):
     return {"q_proj": (h * dh, d), "k_proj": (hk * dh, d), "v_proj": (hk * dh, d), "o_proj": (d, h * dh)}
 
 
+def mha_bias_names(config):
+    """The bias keys a standard-attention config has: ``q/k/v_proj_bias`` for ``model_type`` qwen2
+    (hard-coded in Qwen2, transformers' ``Qwen2Attention``), all four for ``attention_bias=True``
+    (transformers' ``LlamaAttention``), none otherwise."""
+    if config.extra.get("model_type") == "qwen2":
+        return MHA_BIASES[:3]
+    return MHA_BIASES if config.attention_bias else ()
+
+
 def init_mha_params(config, rng, *, head_dim=None, dtype=np.float64):
-    """Draw baseline attention weights ~ N(0, ``initializer_range``), as transformers initialises them."""
+    """Draw baseline attention weights ~ N(0, ``initializer_range``), as transformers initialises them;
+    the biases of :func:`mha_bias_names` start at zero (as transformers' ``nn.Linear`` init does)."""
     if not isinstance(rng, np.random.Generator):
         raise TypeError(f"rng: expected a numpy.random.Generator, got {type(rng).__name__}")
     std = config.initializer_range
-    return {k: (std * rng.standard_normal(s)).astype(dtype)
-            for k, s in mha_param_shapes(config, head_dim).items()}
+    shapes = mha_param_shapes(config, head_dim)
+    params = {k: (std * rng.standard_normal(s)).astype(dtype) for k, s in shapes.items()}
+    params.update({b: np.zeros(shapes[b[:-5]][0], dtype=dtype) for b in mha_bias_names(config)})
+    return params
 
 
 def check_weight(name, w, x, ndim, scan=True):
@@ -194,16 +209,27 @@ def _mha_dims(x, params, config, scan=True):
         if params[name].shape != shape:
             raise ValueError(f"params['{name}']: expected shape {shape} (H={h}, Hk={hk}, Dh={dh}, D={d}), "
                              f"got {params[name].shape}")
+        if name + "_bias" in params:
+            check_weight(f"params['{name}_bias']", params[name + "_bias"], x, 1, scan)
+            if params[name + "_bias"].shape != shape[:1]:
+                raise ValueError(f"params['{name}_bias']: expected shape {shape[:1]}, "
+                                 f"got {params[name + '_bias'].shape}")
+    unknown = sorted(set(params) - set(MHA_PARAMS) - set(MHA_BIASES))
+    if unknown:
+        raise ValueError(f"params: unexpected key '{unknown[0]}' (expected {MHA_PARAMS} and optional {MHA_BIASES})")
     return dh, h, hk
 
 
-def project(x, w):
-    """``(x @ w.T, None)``: :func:`~refimpl.core.linear_forward` without its checks or cache.
+def project(x, w, b=None):
+    """``(x @ w.T + b, None)``: :func:`~refimpl.core.linear_forward` without its checks or cache.
 
     The inference paths use it: ``linear_forward`` scans its weight for NaN/inf on every call,
     which at one decoded token costs more than the product itself; no backward needs a cache there.
     """
-    return x @ w.T, None
+    y = x @ w.T                                                         # (..., Dout)
+    if b is not None:
+        y += b
+    return y, None
 
 
 def _rope_tables(config, dim):
@@ -213,9 +239,9 @@ def _rope_tables(config, dim):
 def _mha_qkv(x, params, config, positions, dh, h, hk, lin=linear_forward):
     b, t, _ = x.shape
     inv_freq, amp = _rope_tables(config, dh)
-    q, cq = lin(x, params["q_proj"])                                    # (B, T, H*Dh)
-    k, ck = lin(x, params["k_proj"])                                    # (B, T, Hk*Dh)
-    v, cv = lin(x, params["v_proj"])                                    # (B, T, Hk*Dh)
+    q, cq = lin(x, params["q_proj"], params.get("q_proj_bias"))         # (B, T, H*Dh)
+    k, ck = lin(x, params["k_proj"], params.get("k_proj_bias"))         # (B, T, Hk*Dh)
+    v, cv = lin(x, params["v_proj"], params.get("v_proj_bias"))         # (B, T, Hk*Dh)
     q, rq = rope_forward(q.reshape(b, t, h, dh), positions[..., None], inv_freq, amp)   # (B, T, H, Dh)
     k, rk = rope_forward(k.reshape(b, t, hk, dh), positions[..., None], inv_freq, amp)  # (B, T, Hk, Dh)
     return q, k, v.reshape(b, t, hk, dh), (cq, ck, cv, rq, rk)
@@ -240,7 +266,8 @@ def mha_forward(x, params, config, positions=None):
               y = W_O\,[\mathrm{softmax}(q k^\top / \sqrt{D_h} + M)\, v]_{h=1..H}
 
     (DeepSeek-V2 §2.1.1 eqs. 1-8; GQA when ``config.num_key_value_heads`` < H, MQA when it is 1.)
-    ``params = {"q_proj", "k_proj", "v_proj", "o_proj"}``, weights ``[out, in]``. RoPE uses
+    ``params = {"q_proj", "k_proj", "v_proj", "o_proj"}``, weights ``[out, in]``, plus optional
+    biases ``"<proj>_bias"`` (:data:`MHA_BIASES`; Qwen2's q/k/v biases are added before RoPE). RoPE uses
     ``config.rope_theta``; with YaRN ``rope_scaling`` the frequencies are corrected and cos/sin
     scaled by :func:`~refimpl.core.rope_attention_factor` while the logit scale stays
     :math:`D_h^{-1/2}` (transformers' Llama semantics). The causal mask is over sequence index;
@@ -253,7 +280,7 @@ def mha_forward(x, params, config, positions=None):
     positions = check_positions(positions, b, t, config.max_position_embeddings)  # (B, T)
     q, k, v, (cq, ck, cv, rq, rk) = _mha_qkv(x, params, config, positions, dh, h, hk)
     o, ca = sdpa_forward(q, k, v, dh ** -0.5)                           # (B, T, H, Dh)
-    y, co = linear_forward(o.reshape(b, t, h * dh), params["o_proj"])   # (B, T, D)
+    y, co = linear_forward(o.reshape(b, t, h * dh), params["o_proj"], params.get("o_proj_bias"))  # (B, T, D)
     return y, MHACache(cq, ck, cv, rq, rk, ca, co, (b, t, h, hk, dh), tuple(params))
 
 
@@ -261,17 +288,19 @@ def mha_backward(dy, cache):
     """Gradients of :func:`mha_forward`: ``dx`` (B, T, D) and a dict with the params' keys."""
     b, t, h, hk, dh = cache.dims
     # forward: y = o_proj(o)
-    do, dwo, _ = linear_backward(dy, cache.o)                           # (B, T, H*Dh)
+    do, dwo, dbo = linear_backward(dy, cache.o)                         # (B, T, H*Dh)
     # forward: o = attention(q, k, v)
     dq, dk, dv = sdpa_backward(do.reshape(b, t, h, dh), cache.attn)     # (B, T, H|Hk, Dh)
     # forward: q = rope(q_proj(x)), k = rope(k_proj(x))
     dq = rope_backward(dq, cache.q_rope).reshape(b, t, h * dh)          # (B, T, H*Dh)
     dk = rope_backward(dk, cache.k_rope).reshape(b, t, hk * dh)         # (B, T, Hk*Dh)
     # forward: q, k, v = q_proj(x), k_proj(x), v_proj(x)
-    dx_q, dwq, _ = linear_backward(dq, cache.q)                         # (B, T, D)
-    dx_k, dwk, _ = linear_backward(dk, cache.k)                         # (B, T, D)
-    dx_v, dwv, _ = linear_backward(dv.reshape(b, t, hk * dh), cache.v)  # (B, T, D)
-    grads = {"q_proj": dwq, "k_proj": dwk, "v_proj": dwv, "o_proj": dwo}
+    # (with biases: q = rope(x Wq^T + bq), ...   so: dbq = sum over tokens of dq, before RoPE's inverse)
+    dx_q, dwq, dbq = linear_backward(dq, cache.q)                       # (B, T, D)
+    dx_k, dwk, dbk = linear_backward(dk, cache.k)                       # (B, T, D)
+    dx_v, dwv, dbv = linear_backward(dv.reshape(b, t, hk * dh), cache.v)  # (B, T, D)
+    grads = {"q_proj": dwq, "k_proj": dwk, "v_proj": dwv, "o_proj": dwo, "q_proj_bias": dbq,
+             "k_proj_bias": dbk, "v_proj_bias": dbv, "o_proj_bias": dbo}
     return dx_q + dx_k + dx_v, {k: grads[k] for k in cache.keys}
 
 
@@ -301,7 +330,7 @@ def mha_infer(x, params, config, cache, start_pos=0):
     qh = q.reshape(b, t, hk, g, dh).transpose(0, 2, 3, 1, 4).reshape(b, hk, g * t, dh)  # (B, Hk, G*T, Dh)
     oh, _ = _attend(qh, cache.k[:, :, :end], cache.v[:, :, :end], dh ** -0.5, t, start_pos)  # (B, Hk, G*T, Dh)
     o = oh.reshape(b, hk, g, t, dh).transpose(0, 3, 1, 2, 4).reshape(b, t, h * dh)  # (B, T, H*Dh)
-    return o @ params["o_proj"].T                                       # (B, T, D)
+    return project(o, params["o_proj"], params.get("o_proj_bias"))[0]  # (B, T, D)
 
 
 def _check_start(start_pos, t, capacity):

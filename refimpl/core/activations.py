@@ -81,27 +81,30 @@ def swiglu_mlp_forward(x, params):
     .. math:: \mathrm{FFN}(x) = W_2\bigl(\mathrm{silu}(W_1 x) \odot W_3 x\bigr)
 
     with ``params = {"gate_proj": W1 (I, D), "up_proj": W3 (I, D), "down_proj": W2 (D, I)}``
-    (HF checkpoint names).
+    (HF checkpoint names), plus optional biases ``"gate_proj_bias"``, ``"up_proj_bias"``,
+    ``"down_proj_bias"`` (transformers' Llama ``mlp_bias=True``; no DeepSeek or R1-Distill model has them).
 
     Shapes: x (..., D) -> y (..., D).
     """
     for k in ("gate_proj", "up_proj", "down_proj"):
         if k not in params:
             raise ValueError(f"params: missing '{k}' (expected gate_proj, up_proj, down_proj)")
-    g, cg = linear_forward(x, params["gate_proj"])                      # (..., I)
-    u, cu = linear_forward(x, params["up_proj"])                        # (..., I)
+    g, cg = linear_forward(x, params["gate_proj"], params.get("gate_proj_bias"))  # (..., I)
+    u, cu = linear_forward(x, params["up_proj"], params.get("up_proj_bias"))      # (..., I)
     h, ca = swiglu_forward(g, u)                                        # (..., I)
-    y, cd = linear_forward(h, params["down_proj"])                      # (..., D)
+    y, cd = linear_forward(h, params["down_proj"], params.get("down_proj_bias"))  # (..., D)
     return y, SwiGLUMLPCache(cg, cu, ca, cd)
 
 
 def swiglu_mlp_backward(dy, cache):
     """Gradients of :func:`swiglu_mlp_forward`: ``dx`` and a dict with the params' keys."""
     # forward: y = down_proj(h)
-    dh, dw_down, _ = linear_backward(dy, cache.down)                    # (..., I)
+    dh, dw_down, db_down = linear_backward(dy, cache.down)              # (..., I)
     # forward: h = silu(g) * u
     dg, du = swiglu_backward(dh, cache.act)                             # (..., I)
     # forward: g = gate_proj(x), u = up_proj(x)
-    dx_g, dw_gate, _ = linear_backward(dg, cache.gate)                  # (..., D)
-    dx_u, dw_up, _ = linear_backward(du, cache.up)                      # (..., D)
-    return dx_g + dx_u, {"gate_proj": dw_gate, "up_proj": dw_up, "down_proj": dw_down}
+    dx_g, dw_gate, db_gate = linear_backward(dg, cache.gate)            # (..., D)
+    dx_u, dw_up, db_up = linear_backward(du, cache.up)                  # (..., D)
+    grads = {"gate_proj": dw_gate, "up_proj": dw_up, "down_proj": dw_down}
+    biases = {"gate_proj_bias": db_gate, "up_proj_bias": db_up, "down_proj_bias": db_down}
+    return dx_g + dx_u, {**grads, **{k: v for k, v in biases.items() if v is not None}}

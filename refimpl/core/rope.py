@@ -22,6 +22,10 @@ import numpy as np
 
 from .._validate import check_float, check_int
 
+#: ``rope_scaling`` types refimpl implements: YaRN (DeepSeek-V2/V3), Llama 3.1's ``llama3`` (the
+#: R1-Distill-Llama students) and position interpolation ``linear`` (Chen et al. 2023).
+SCALED_ROPE_TYPES = ("yarn", "llama3", "linear")
+
 
 def _rope_type(rope_scaling):
     if rope_scaling is None:
@@ -31,11 +35,47 @@ def _rope_type(rope_scaling):
     kind = rope_scaling.get("rope_type", rope_scaling.get("type"))
     if kind in (None, "default"):
         return None
-    if kind != "yarn":
-        raise ValueError(f"rope_scaling: only 'yarn' (or 'default') is supported, got type {kind!r}")
+    if kind not in SCALED_ROPE_TYPES:
+        raise ValueError(f"rope_scaling: only {SCALED_ROPE_TYPES} (or 'default') are supported, got type {kind!r}")
     if not rope_scaling.get("factor", 0) >= 1:
         raise ValueError(f"rope_scaling: 'factor' must be >= 1, got {rope_scaling.get('factor')!r}")
+    if kind == "llama3":
+        for key in ("low_freq_factor", "high_freq_factor", "original_max_position_embeddings"):
+            if not isinstance(rope_scaling.get(key), int | float) or not rope_scaling[key] > 0:
+                raise ValueError(f"rope_scaling: llama3 needs a positive '{key}', got {rope_scaling.get(key)!r}")
+        if not rope_scaling["high_freq_factor"] > rope_scaling["low_freq_factor"]:
+            raise ValueError("rope_scaling: llama3 needs high_freq_factor > low_freq_factor, got "
+                             f"{rope_scaling['high_freq_factor']!r} <= {rope_scaling['low_freq_factor']!r}")
     return kind
+
+
+def rope_type(rope_scaling):
+    """The RoPE scaling kind of a ``rope_scaling`` dict: None (plain RoPE) or one of
+    :data:`SCALED_ROPE_TYPES`; ``ValueError`` for an unsupported or incomplete one."""
+    return _rope_type(rope_scaling)
+
+
+def llama3_inv_freq(theta, rope_scaling):
+    r"""Llama 3.1's frequency correction (transformers' ``rope_type="llama3"``; Meta's Llama 3.1 code).
+
+    With wavelengths :math:`\lambda_i = 2\pi/	heta_i`, :math:`L_0` = ``original_max_position_embeddings``,
+    :math:`\lambda_{hi} = L_0/	ext{high\_freq\_factor}`, :math:`\lambda_{lo} = L_0/	ext{low\_freq\_factor}`:
+    :math:`	heta'_i = 	heta_i` if :math:`\lambda_i < \lambda_{hi}`, :math:`	heta_i/s` if
+    :math:`\lambda_i > \lambda_{lo}`, else :math:`(1-r)	heta_i/s + r	heta_i` with
+    :math:`r = (L_0/\lambda_i - 	ext{low})/(	ext{high} - 	ext{low})`. A constant of the config, so
+    no gradient flows through it.
+
+    Shapes: theta (Dr/2,) -> (Dr/2,).
+    """
+    s = float(rope_scaling["factor"])
+    low, high = float(rope_scaling["low_freq_factor"]), float(rope_scaling["high_freq_factor"])
+    l0 = float(rope_scaling["original_max_position_embeddings"])
+    wavelen = 2 * math.pi / theta                                       # (Dr/2,)
+    r = (l0 / wavelen - low) / (high - low)                             # (Dr/2,)
+    mid = (1 - r) * theta / s + r * theta                               # (Dr/2,)
+    out = np.where(wavelen > l0 / low, theta / s, theta)                # (Dr/2,)
+    between = (wavelen >= l0 / high) & (wavelen <= l0 / low)
+    return np.where(between, mid, out)                                  # (Dr/2,)
 
 
 def yarn_mscale(factor, mscale=1.0):
@@ -65,7 +105,8 @@ def yarn_correction_range(dim, base, original_max_position_embeddings, beta_fast
 
 
 def rope_inv_freq(dim, base=10000.0, rope_scaling=None):
-    r"""Per-pair inverse frequencies :math:`\theta_i = \text{base}^{-2i/\text{dim}}`, YaRN-corrected.
+    r"""Per-pair inverse frequencies :math:`\theta_i = \text{base}^{-2i/\text{dim}}`, scaled
+    (YaRN, llama3 or linear).
 
     With YaRN, :math:`\theta'_i = \theta_i (1 - r_i) + (\theta_i / s)\, r_i` with the ramp
     :math:`r_i = \mathrm{clip}((i - \text{low}) / (\text{high} - \text{low}), 0, 1)`. ``factor`` is
@@ -80,8 +121,13 @@ def rope_inv_freq(dim, base=10000.0, rope_scaling=None):
         raise ValueError(f"base: expected a number > 1, got {base!r}")
     i = np.arange(dim // 2, dtype=np.float64)                           # (dim/2,)
     theta = base ** (-2.0 * i / dim)                                    # (dim/2,)
-    if _rope_type(rope_scaling) is None:
+    kind = _rope_type(rope_scaling)
+    if kind is None:
         return theta
+    if kind == "linear":
+        return theta / float(rope_scaling["factor"])                    # (dim/2,)
+    if kind == "llama3":
+        return llama3_inv_freq(theta, rope_scaling)                     # (dim/2,)
     s = float(rope_scaling["factor"])
     low, high = yarn_correction_range(
         dim, base, rope_scaling.get("original_max_position_embeddings", 4096),
@@ -101,7 +147,7 @@ def rope_attention_factor(rope_scaling):
     different function from DeepSeek's own code, which never scales cos/sin); refimpl follows
     transformers and an explicit ``attention_factor`` key overrides both.
     """
-    if _rope_type(rope_scaling) is None:
+    if _rope_type(rope_scaling) != "yarn":
         return 1.0
     if rope_scaling.get("attention_factor") is not None:
         return float(rope_scaling["attention_factor"])
@@ -124,7 +170,7 @@ def softmax_scale(qk_head_dim, rope_scaling=None):
     if not qk_head_dim > 0:
         raise ValueError(f"qk_head_dim: expected a positive integer, got {qk_head_dim!r}")
     scale = qk_head_dim ** -0.5
-    if _rope_type(rope_scaling) is not None and rope_scaling.get("mscale_all_dim"):
+    if _rope_type(rope_scaling) == "yarn" and rope_scaling.get("mscale_all_dim"):
         m = yarn_mscale(float(rope_scaling["factor"]), float(rope_scaling["mscale_all_dim"]))
         scale *= m * m
     return scale

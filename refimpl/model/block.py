@@ -9,7 +9,8 @@ multi-head latent attention and whose feed-forward network is a dense SwiGLU in 
 The same layer with standard attention (:mod:`refimpl.attention.mha`: MHA/GQA/MQA with RoPE) in
 place of MLA is a Llama-style layer: that is what a config whose ``model_type`` is not a DeepSeek
 one (:func:`~refimpl.attention.uses_mla`) builds, e.g. the dense students of DeepSeek-R1 §2.4
-(Llama 3, Qwen2.5 without its q/k/v biases). Its inference path keeps a per-head
+(Llama 3; Qwen2.5 with its q/k/v biases, see :func:`~refimpl.attention.mha.mha_bias_names`). Its
+inference path keeps a per-head
 :class:`~refimpl.attention.KVCache` instead of the latent one.
 
 Parameters carry the HF names of one ``model.layers.N`` entry (leaves without the ``.weight``
@@ -38,8 +39,8 @@ from ..attention import (
     mla_infer,
     uses_mla,
 )
-from ..attention.mha import MHACache
-from ..core.activations import swiglu_mlp_backward, swiglu_mlp_forward
+from ..attention.mha import MHACache, project
+from ..core.activations import swiglu_forward, swiglu_mlp_backward, swiglu_mlp_forward
 from ..core.rmsnorm import rmsnorm_backward, rmsnorm_forward
 from ..moe import init_moe_params, moe_backward, moe_forward
 
@@ -61,9 +62,11 @@ def init_block_params(config, layer, rng, dtype=np.float64):
         mlp = init_moe_params(config, rng, dtype=dtype)
     else:
         mlp = {"gate_proj": normal(i, d), "up_proj": normal(i, d), "down_proj": normal(d, i)}  # (I, D), (D, I)
-    if not uses_mla(config) and config.attention_bias:
-        raise ValueError("config.attention_bias: the standard-attention layer has no projection biases "
-                         "(Llama-style); expected False")
+        if config.extra.get("mlp_bias"):
+            mlp.update(gate_proj_bias=np.zeros(i, dtype), up_proj_bias=np.zeros(i, dtype),
+                       down_proj_bias=np.zeros(d, dtype))
+    if uses_mla(config) and config.attention_bias:
+        raise ValueError("config.attention_bias: MLA has no projection biases (DeepSeek-V2/V3); expected False")
     attn = init_mla_params(config, rng, dtype) if uses_mla(config) else init_mha_params(config, rng, dtype=dtype)
     return {"input_layernorm": np.ones(d, dtype=dtype), "self_attn": attn,
             "post_attention_layernorm": np.ones(d, dtype=dtype), "mlp": mlp}
@@ -133,5 +136,15 @@ def block_infer(x, params, config, layer, kv_cache, start_pos=0, *, impl="absorb
     if config.is_moe_layer(layer):
         f = moe_forward(h2, params["mlp"], config, backend=backend)[0]   # (B, T, D)
     else:
-        f = swiglu_mlp_forward(h2, params["mlp"])[0]                     # (B, T, D)
+        f = dense_mlp_infer(h2, params["mlp"])                           # (B, T, D)
     return u + f
+
+
+def dense_mlp_infer(x, params):
+    """:func:`~refimpl.core.swiglu_mlp_forward` for inference: the same values without scanning the
+    weights for NaN/inf at every call (which, at one decoded token, would read each weight three
+    times instead of once) and without a cache. Shapes: x (B, T, D) -> (B, T, D)."""
+    g, _ = project(x, params["gate_proj"], params.get("gate_proj_bias"))  # (B, T, I)
+    u, _ = project(x, params["up_proj"], params.get("up_proj_bias"))    # (B, T, I)
+    h, _ = swiglu_forward(g, u)                                          # (B, T, I)
+    return project(h, params["down_proj"], params.get("down_proj_bias"))[0]  # (B, T, D)

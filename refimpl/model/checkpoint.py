@@ -7,8 +7,9 @@ writes the same layout. The mapping between refimpl's parameter tree and hub nam
 :func:`hub_spec`: every leaf has one name (``.weight`` appended, except the router's
 ``e_score_correction_bias``), and the stacked routed experts expand to
 ``model.layers.N.mlp.experts.E.{gate,up,down}_proj.weight``. Missing, unexpected or mis-shaped
-tensors raise a ``ValueError`` naming the tensor. Files are parsed directly
-(:func:`read_safetensors_file`), so BF16 tensors (the released V2 / V2-Lite) and FP8 E4M3 weights
+tensors raise a ``ValueError`` naming the tensor and its file. Files are parsed directly and lazily
+(:mod:`refimpl.model.safetensors_io`, one tensor at a time, straight into the target dtype; sharded
+directories through :mod:`refimpl.model.shards`), so BF16 tensors (the released V2 / V2-Lite) and FP8 E4M3 weights
 with 128 x 128 block scales ``weight_scale_inv`` (the released V3, DeepSeek-V3 §3.3) load too,
 dequantized to the requested dtype.
 
@@ -18,6 +19,10 @@ and ``shared_head.norm``; the released files also repeat ``embed_tokens`` and ``
 there, which refimpl writes as copies and, on load, checks against the main model's. transformers
 does not keep MTP weights, so a directory whose config asks for MTP but holds none of its tensors
 loads without MTP (any partial set is an error).
+
+The R1-Distill students (``model_type`` ``qwen2`` and ``llama``, DeepSeek-R1 §2.4) load through the
+same table with standard attention: :mod:`refimpl.model.hub_dense` reads their configs, adds the
+q/k/v biases and the tied head, and reorders the q/k rows for refimpl's RoPE layout.
 
 Semantics when reading a transformers config (transformers 5.24; reference §10): ``deepseek_v2``
 routes with a softmax, never renormalises (``norm_topk_prob`` is forced False) and always multiplies
@@ -34,18 +39,37 @@ from pathlib import Path
 import numpy as np
 
 from ..config import ModelConfig
+from ..fileio import atomic_write
+from .hub_dense import (
+    DENSE_MODEL_TYPES,
+    REQUIRED,
+    dense_attention_spec,
+    dense_config_from_hf,
+    dense_config_to_hf,
+    dense_mlp_bias_spec,
+    require_fields,
+    rope_rows,
+)
 from .mtp import BLOCK_KEYS
+from .shards import read_checkpoint, write_checkpoint
 
 MODEL_TYPES = ("deepseek_v2", "deepseek_v3")
+#: Every ``model_type`` :func:`load_pretrained` reads.
+SUPPORTED_MODEL_TYPES = MODEL_TYPES + DENSE_MODEL_TYPES
 _PROJ = ("gate_proj", "up_proj", "down_proj")
 
 
 def config_from_hf(d: dict) -> ModelConfig:
     """A :class:`~refimpl.config.ModelConfig` from a hub / transformers ``config.json`` dict."""
+    if not isinstance(d, dict):
+        raise ValueError(f"config.json: expected a JSON object, got {type(d).__name__}")
     d = dict(d)
     mt = d.get("model_type")
+    if mt in DENSE_MODEL_TYPES:
+        return dense_config_from_hf(d)
     if mt not in MODEL_TYPES:
-        raise ValueError(f"config.json: model_type must be one of {MODEL_TYPES}, got {mt!r}")
+        raise ValueError(f"config.json: model_type must be one of {SUPPORTED_MODEL_TYPES}, got {mt!r}")
+    require_fields(d, REQUIRED)
     rp = d.pop("rope_parameters", None)
     if rp is not None and d.get("rope_scaling") is None:
         rp = dict(rp)
@@ -68,12 +92,15 @@ def config_from_hf(d: dict) -> ModelConfig:
 
 def _layer_spec(config, layer, prefix, path):
     """(hub name, tree path, shape, expert index or None) for one decoder layer."""
-    from ..attention import mla_param_shapes
+    from ..attention import mla_param_shapes, uses_mla
     d, out = config.hidden_size, []
     out += [(f"{prefix}input_layernorm.weight", path + ("input_layernorm",), (d,), None),
             (f"{prefix}post_attention_layernorm.weight", path + ("post_attention_layernorm",), (d,), None)]
-    out += [(f"{prefix}self_attn.{k}.weight", path + ("self_attn", k), s, None)
-            for k, s in mla_param_shapes(config).items()]
+    if uses_mla(config):
+        out += [(f"{prefix}self_attn.{k}.weight", path + ("self_attn", k), s, None)
+                for k, s in mla_param_shapes(config).items()]
+    else:
+        out += dense_attention_spec(config, prefix, path)
     mlp = path + ("mlp",)
     if config.is_moe_layer(layer):
         e, i, ns = config.n_routed_experts, config.moe_intermediate_size, config.n_shared_experts
@@ -92,6 +119,7 @@ def _layer_spec(config, layer, prefix, path):
         i = config.intermediate_size
         sh = {"gate_proj": (i, d), "up_proj": (i, d), "down_proj": (d, i)}
         out += [(f"{prefix}mlp.{p}.weight", mlp + (p,), sh[p], None) for p in _PROJ]
+        out += dense_mlp_bias_spec(config, prefix, path)
     return out
 
 
@@ -102,7 +130,9 @@ def hub_spec(config, mtp=None):
     spec = [("model.embed_tokens.weight", ("model", "embed_tokens"), (v, d), None)]
     for layer in range(n):
         spec += _layer_spec(config, layer, f"model.layers.{layer}.", ("model", "layers", layer))
-    spec += [("model.norm.weight", ("model", "norm"), (d,), None), ("lm_head.weight", ("lm_head",), (v, d), None)]
+    spec.append(("model.norm.weight", ("model", "norm"), (d,), None))
+    if not config.tie_word_embeddings:                 # tied: the file has no lm_head.weight
+        spec.append(("lm_head.weight", ("lm_head",), (v, d), None))
     if config.num_nextn_predict_layers if mtp is None else mtp:
         for k in range(max(config.num_nextn_predict_layers, 1)):
             pre, path = f"model.layers.{n + k}.", ("mtp", k)
@@ -125,7 +155,7 @@ def to_hub(params, config):
     out = {}
     for name, path, _, expert in hub_spec(config, mtp="mtp" in params):
         a = _get(params, path)
-        out[name] = np.ascontiguousarray(a if expert is None else a[expert])
+        out[name] = rope_rows(np.ascontiguousarray(a if expert is None else a[expert]), name, config, to_hub=True)
     for k in range(len(params.get("mtp", []))):
         pre = f"model.layers.{config.num_hidden_layers + k}."
         out[pre + "embed_tokens.weight"] = out["model.embed_tokens.weight"]
@@ -147,10 +177,13 @@ def from_hub(tensors, config, dtype=np.float64):
         if name not in tensors:
             raise ValueError(f"checkpoint: missing tensor '{name}' (expected shape {shape})")
         a = tensors[name]
+        where = f" in {a.file}" if hasattr(a, "file") else ""
         if tuple(a.shape) != shape:
-            raise ValueError(f"checkpoint: tensor '{name}' has shape {tuple(a.shape)}, expected {shape} "
+            raise ValueError(f"checkpoint: tensor '{name}'{where} has shape {tuple(a.shape)}, expected {shape} "
                              "from config.json")
-        a = np.array(a, dtype=dtype)                                      # a copy: never a view of the file
+        # one tensor at a time, read straight into the target dtype (lazy refs) or copied (arrays)
+        a = a.read(dtype) if hasattr(a, "read") else np.array(a, dtype=dtype)
+        a = rope_rows(a, name, config)
         if expert is not None:
             stacked.setdefault(path, []).append(a)
             continue
@@ -170,10 +203,18 @@ def from_hub(tensors, config, dtype=np.float64):
                 ref = _get(params, tuple(main.split(".")[:-1]))
                 if not np.array_equal(np.asarray(tensors[name], dtype=dtype), ref):
                     raise ValueError(f"checkpoint: tensor '{name}' differs from '{main}' (MTP shares it)")
+    if config.tie_word_embeddings and "lm_head.weight" in tensors:
+        known.add("lm_head.weight")               # some tied files repeat the head: it must be the embedding
+        if not np.array_equal(np.asarray(tensors["lm_head.weight"], dtype=dtype), params["model"]["embed_tokens"]):
+            raise ValueError("checkpoint: tensor 'lm_head.weight' differs from 'model.embed_tokens.weight' but "
+                             "config.json has tie_word_embeddings=true")
     extra = sorted(set(tensors) - known)
     if extra:
-        raise ValueError(f"checkpoint: unexpected tensor '{extra[0]}' ({len(extra)} unexpected in all) for "
+        where = f" in {tensors[extra[0]].file}" if hasattr(tensors[extra[0]], "file") else ""
+        raise ValueError(f"checkpoint: unexpected tensor '{extra[0]}'{where} ({len(extra)} unexpected in all) for "
                          f"this config.json")
+    if config.tie_word_embeddings:
+        params["lm_head"] = params["model"]["embed_tokens"]               # one array: the head is the embedding
     for lp in params["model"]["layers"] + params.get("mtp", []):
         if "experts" in lp["mlp"]:
             lp["mlp"] = {k: lp["mlp"][k] for k in ("gate", "experts", "shared_experts") if k in lp["mlp"]}
@@ -188,7 +229,11 @@ def from_hub(tensors, config, dtype=np.float64):
     return out
 
 
-def _hf_config_dict(config):
+def hf_config_dict(config):
+    """The ``config.json`` dict :func:`save_pretrained` writes (hub form for the dense students)."""
+    from ..attention import uses_mla
+    if not uses_mla(config):
+        return dense_config_to_hf(config)
     d = config.to_dict()
     d.setdefault("model_type", "deepseek_v3")
     d.setdefault("architectures", ["DeepseekV3ForCausalLM" if d["model_type"] == "deepseek_v3"
@@ -196,90 +241,103 @@ def _hf_config_dict(config):
     return d
 
 
-def save_pretrained(path, params, config):
-    """Write ``config.json`` and ``model.safetensors`` (hub names, per-expert tensors)."""
-    from safetensors.numpy import save_file
+def _leaves(tree, path=()):
+    if isinstance(tree, dict):
+        for k, v in tree.items():
+            yield from _leaves(v, path + (k,))
+    elif isinstance(tree, list):
+        for i, v in enumerate(tree):
+            yield from _leaves(v, path + (i,))
+    else:
+        yield path, tree
+
+
+def check_params_for_save(params, config):
+    """``ValueError`` (naming the parameter) unless ``params`` is exactly what :func:`load_pretrained`
+    would rebuild for ``config``: every tensor of :func:`hub_spec`, float32/float64, of the right shape,
+    and nothing else; with tied embeddings the head must equal the embedding."""
+    if not isinstance(params, dict) or "model" not in params:
+        raise ValueError("params: expected a parameter tree with a 'model' entry")
+    if "mtp" in params and len(params["mtp"]) != config.num_nextn_predict_layers:
+        raise ValueError(f"params: {len(params['mtp'])} MTP modules but config.num_nextn_predict_layers is "
+                         f"{config.num_nextn_predict_layers} (load_pretrained could not read them back)")
+    spec = hub_spec(config, mtp="mtp" in params)
+    want = {}
+    for name, path, shape, expert in spec:
+        want[path] = (name, shape if expert is None else (config.n_routed_experts,) + shape)
+    if config.tie_word_embeddings:
+        want[("lm_head",)] = ("lm_head.weight", (config.vocab_size, config.hidden_size))
+    have = dict(_leaves(params))
+    for path, (name, shape) in want.items():
+        if path not in have:
+            raise ValueError(f"params: missing {'/'.join(map(str, path))} (hub tensor '{name}', shape {shape})")
+        a = have[path]
+        if not isinstance(a, np.ndarray) or a.dtype not in (np.float32, np.float64):
+            raise ValueError(f"params: {'/'.join(map(str, path))} must be a float32/float64 array, "
+                             f"got {getattr(a, 'dtype', type(a).__name__)}")
+        if a.shape != shape:
+            raise ValueError(f"params: {'/'.join(map(str, path))} has shape {a.shape}, expected {shape} ('{name}')")
+    extra = sorted(map(str, set(have) - set(want)))
+    if extra:
+        raise ValueError(f"params: unexpected parameter {extra[0]} that config.json cannot describe "
+                         f"(load_pretrained could not read it back)")
+    if config.tie_word_embeddings and not np.array_equal(params["lm_head"], params["model"]["embed_tokens"]):
+        raise ValueError("params: lm_head differs from model/embed_tokens but config.tie_word_embeddings is true")
+
+
+def save_pretrained(path, params, config, *, dtype=None, max_shard_bytes=None):
+    """Write ``config.json`` and the weights in the hub layout (hub names, per-expert tensors; for the
+    dense students rotate-half q/k rows, biases, no ``lm_head.weight`` when tied).
+
+    ``dtype``: store floats as ``"bfloat16"`` (the hub's format), ``np.float32``, ... (default: the
+    params' own dtype, so a reload is exact). ``max_shard_bytes``: split into shards with a
+    ``model.safetensors.index.json`` above this size. Refuses (``ValueError``) a config or params
+    that :func:`load_pretrained` could not read back. Every file is written atomically.
+    """
+    d = hf_config_dict(config)
+    config_from_hf(json.loads(json.dumps(d)))                    # the file must read back
+    check_params_for_save(params, config)
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
-    with open(path / "config.json", "w") as f:
-        json.dump(_hf_config_dict(config), f, indent=2)
-    save_file(to_hub(params, config), str(path / "model.safetensors"), metadata={"format": "pt"})
-
-
-_DTYPES = {"F64": "<f8", "F32": "<f4", "F16": "<f2", "I64": "<i8", "I32": "<i4", "I16": "<i2", "I8": "i1",
-           "U8": "u1", "BOOL": "?"}
-
-
-def _e4m3_table():
-    """float32 value of every E4M3 (fn) byte: sign, 4 exponent bits (bias 7), 3 mantissa bits."""
-    b = np.arange(256)
-    sign = np.where(b & 0x80, -1.0, 1.0)
-    e, m = (b >> 3) & 0xF, b & 0x7
-    mag = np.where(e == 0, m / 8.0 * 2.0 ** -6, (1 + m / 8.0) * 2.0 ** (e - 7.0))
-    return np.where((b & 0x7F) == 0x7F, np.nan, sign * mag).astype(np.float32)
-
-
-def read_safetensors_file(path):
-    """One ``.safetensors`` file as ``{name: array}``, parsed directly (8-byte header length, JSON
-    header, raw little-endian data): no pickle, and also BF16 (widened to float32) and F8_E4M3
-    (decoded to float32), which NumPy has no dtype for. Arrays are read-only memory maps where possible.
-    """
-    path = os.fspath(path)
-    with open(path, "rb") as f:
-        n = int.from_bytes(f.read(8), "little")
-        header = json.loads(f.read(n))
-    out = {}
-    for name, info in header.items():
-        if name == "__metadata__":
-            continue
-        (start, end), dt, shape = info["data_offsets"], info["dtype"], tuple(info["shape"])
-        raw = (np.memmap(path, dtype=np.uint8, mode="r", offset=8 + n + start, shape=(end - start,))
-               if end > start else np.zeros(0, dtype=np.uint8))
-        if dt in _DTYPES:
-            a = raw.view(_DTYPES[dt])
-        elif dt == "BF16":
-            a = (raw.view("<u2").astype(np.uint32) << 16).view(np.float32)
-        elif dt == "F8_E4M3":
-            a = _e4m3_table()[raw]
-        else:
-            raise ValueError(f"checkpoint: tensor '{name}' has unsupported dtype {dt} in {path}")
-        out[name] = a.reshape(shape)
-    return out
+    with atomic_write(path / "config.json", "w") as f:
+        json.dump(d, f, indent=2)
+    write_checkpoint(path, to_hub(params, config), dtype=dtype, max_shard_bytes=max_shard_bytes)
 
 
 def read_safetensors(path):
-    """All tensors of every ``*.safetensors`` file in ``path`` (no pickle); names must be unique.
+    """All tensors of a checkpoint directory read eagerly as ``{name: array}`` (BF16 and FP8 widened
+    to float32; FP8 weights with ``<name>_scale_inv`` dequantized, ``W = W_fp8 * scale_inv[i // 128,
+    j // 128]``, and the scales dropped). :func:`load_pretrained` reads lazily instead."""
+    return {k: r.read() for k, r in read_checkpoint(path).items()}
 
-    FP8 weights with a ``<name>_scale_inv`` tensor (DeepSeek-V3's released format: one float32
-    scale per 128 x 128 block) are dequantized, ``W = W_fp8 * scale_inv[i // 128, j // 128]``
-    (:func:`refimpl.quant.fp8.dequantize_weight`), and the scale tensors dropped.
-    """
-    files = sorted(Path(path).glob("*.safetensors"))
-    if not files:
-        raise ValueError(f"path: no *.safetensors files in {os.fspath(path)!r}")
-    tensors = {}
-    for f in files:
-        for k, v in read_safetensors_file(f).items():
-            if k in tensors:
-                raise ValueError(f"checkpoint: tensor '{k}' appears in more than one shard ({f.name})")
-            tensors[k] = v
-    scales = [k for k in tensors if k.endswith(".weight_scale_inv")]
-    if scales:
-        from ..quant.fp8 import dequantize_weight
-        for k in scales:
-            w = k[:-len("_scale_inv")]
-            if w not in tensors:
-                raise ValueError(f"checkpoint: '{k}' has no weight '{w}' to scale")
-            tensors[w] = dequantize_weight(np.asarray(tensors[w], dtype=np.float32), tensors.pop(k))
-    return tensors
+
+def read_config(path):
+    """``config.json`` of a checkpoint directory as a :class:`~refimpl.config.ModelConfig`; ``ValueError``
+    naming the file for a missing file or invalid JSON, naming the field for a missing one."""
+    cfg = Path(path) / "config.json"
+    if not cfg.is_file():
+        raise ValueError(f"path: expected a directory with config.json, got {os.fspath(path)!r}")
+    try:
+        with open(cfg, encoding="utf-8") as f:
+            d = json.load(f)
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ValueError(f"{cfg}: not valid JSON ({e})") from None
+    try:
+        return config_from_hf(d)
+    except (ValueError, TypeError) as e:
+        raise ValueError(f"{cfg}: {e}") from None
 
 
 def load_pretrained(path, dtype=np.float64):
-    """Load a hub-layout DeepSeek-V2/V3 directory into a :class:`Model` (float64 by default)."""
-    path = Path(path)
-    if not (path / "config.json").is_file():
-        raise ValueError(f"path: expected a directory with config.json, got {os.fspath(path)!r}")
-    with open(path / "config.json") as f:
-        config = config_from_hf(json.load(f))
+    """Load a hub-layout directory (DeepSeek-V2/V3, or an R1-Distill Qwen2/Llama student; one file or
+    sharded) into a :class:`Model` in ``dtype`` (float64 by default, or float32). Tensors are read one
+    at a time straight into ``dtype``, so memory holds each weight once."""
+    dtype = np.dtype(dtype)
+    if dtype not in (np.float32, np.float64):
+        raise ValueError(f"dtype: expected float32 or float64, got {dtype}")
+    config = read_config(path)
     from .generate import Model
-    return Model(config, from_hub(read_safetensors(path), config, dtype))
+    try:
+        return Model(config, from_hub(read_checkpoint(Path(path)), config, dtype))
+    except ValueError as e:             # name the directory too (a missing tensor is in no file)
+        raise ValueError(f"{os.fspath(path)}: {e}") from None

@@ -47,8 +47,8 @@ def dense_student_config(vocab_size=TOKENIZER.vocab_size, hidden_size=48, interm
                          initializer_range=0.05, **changes):
     """A Llama-style dense decoder config: standard GQA attention with RoPE, SwiGLU FFN in every layer.
 
-    The student architecture of DeepSeek-R1 §2.4 (Llama 3 / Qwen2.5, here without Qwen2's q/k/v
-    biases and without tied embeddings, which refimpl's decoder does not implement). It is a
+    The student architecture of DeepSeek-R1 §2.4 (Llama 3 / Qwen2.5; ``model_type="qwen2"`` gives
+    Qwen2's q/k/v biases, as in R1-Distill-Qwen; embeddings stay untied for training). It is a
     :class:`~refimpl.config.ModelConfig` with ``n_routed_experts=0`` (no MoE layer) and the HF
     ``model_type`` in ``extra`` (``"llama"`` or ``"qwen2"``), which makes
     :func:`refimpl.attention.uses_mla` False: the model then builds, trains and decodes with

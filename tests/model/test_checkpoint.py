@@ -62,6 +62,7 @@ def test_checkpoint_without_mtp_tensors_loads_without_mtp(tiny, tmp_path):
 
 def test_config_from_transformers_rope_parameters():
     d = {"model_type": "deepseek_v3", "vocab_size": 10, "hidden_size": 8, "num_attention_heads": 2,
+         "intermediate_size": 16, "num_hidden_layers": 2,
          "num_key_value_heads": 2, "n_routed_experts": 4, "n_group": 2, "topk_group": 1, "num_experts_per_tok": 2,
          "rope_parameters": {"rope_type": "yarn", "factor": 4.0, "rope_theta": 5000.0,
                              "original_max_position_embeddings": 8}}
@@ -72,7 +73,7 @@ def test_config_from_transformers_rope_parameters():
                          "norm_topk_prob": True, "rope_parameters": {"rope_type": "default", "rope_theta": 1e4}})
     assert v2.scoring_func == "softmax" and not v2.norm_topk_prob and v2.n_group == 1 and v2.rope_scaling is None
     with pytest.raises(ValueError, match="model_type"):
-        config_from_hf({**d, "model_type": "llama"})
+        config_from_hf({**d, "model_type": "mistral"})
 
 
 def test_bf16_and_fp8_block_scaled_checkpoints(tiny, tmp_path):

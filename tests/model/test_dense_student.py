@@ -23,8 +23,10 @@ from refimpl.model import (
     model_backward,
     model_forward,
     model_infer,
+    to_hub,
 )
 from refimpl.model.generate import generate
+from refimpl.model.hub_dense import rope_rows
 from refimpl.recipes.distill import dense_student_config
 from refimpl.testing import check_grad, tol
 from refimpl.tree import tree_flatten
@@ -55,8 +57,11 @@ def test_config_is_dense_standard_attention():
     caches = init_caches(cfg, 3, 10)
     assert all(isinstance(c, KVCache) and c.k.shape == (3, 2, 10, 4) for c in caches)
     assert kv_cache_elements_per_token(cfg) == 2 * 2 * 4 * 2                             # 2 Hk Dh per layer
-    with pytest.raises(ValueError, match="attention_bias"):
-        init_params(student(attention_bias=True), np.random.default_rng(0))
+    biased = init_params(student(attention_bias=True), np.random.default_rng(0))["model"]["layers"][0]["self_attn"]
+    assert sorted(biased) == sorted(["q_proj", "k_proj", "v_proj", "o_proj", "q_proj_bias", "k_proj_bias",
+                                     "v_proj_bias", "o_proj_bias"])                  # Llama attention_bias
+    qwen = init_params(student(model_type="qwen2"), np.random.default_rng(0))["model"]["layers"][0]["self_attn"]
+    assert sorted(k for k in qwen if k.endswith("_bias")) == ["k_proj_bias", "q_proj_bias", "v_proj_bias"]
     with pytest.raises(ValueError, match="model_type"):
         dense_student_config(model_type="deepseek_v3")
 
@@ -152,22 +157,12 @@ def interleave(dh):
 
 
 def hf_state_dict(params, cfg, torch, permute=True):
-    """refimpl parameters as an HF Llama/Qwen2 state dict (q/k rows de-interleaved per head)."""
-    dh = cfg.extra["head_dim"]
-    perm = core.deinterleave_perm(dh) if permute else np.arange(dh)
-    sd = {"model.embed_tokens.weight": params["model"]["embed_tokens"], "model.norm.weight": params["model"]["norm"],
-          "lm_head.weight": params["lm_head"]}
-    for n, lp in enumerate(params["model"]["layers"]):
-        pre = f"model.layers.{n}."
-        for k in ("input_layernorm", "post_attention_layernorm"):
-            sd[pre + k + ".weight"] = lp[k]
-        for k, w in lp["self_attn"].items():
-            if k in ("q_proj", "k_proj"):
-                w = w.reshape(-1, dh, w.shape[1])[:, perm].reshape(w.shape)   # HF row = refimpl row perm[j]
-            sd[pre + f"self_attn.{k}.weight"] = w
-        for k, w in lp["mlp"].items():
-            sd[pre + f"mlp.{k}.weight"] = w
-    return {k: torch.tensor(v) for k, v in sd.items()}
+    """refimpl parameters as an HF Llama/Qwen2 state dict (:func:`refimpl.model.to_hub`: q/k rows and
+    biases de-interleaved per head); ``permute=False`` keeps refimpl's row order (a wrong load)."""
+    hub = to_hub(params, cfg)
+    if not permute:
+        hub = {k: rope_rows(v, k, cfg) for k, v in hub.items()}
+    return {k: torch.tensor(v) for k, v in hub.items()}
 
 
 @pytest.mark.parametrize("arch", ["llama", "qwen2"])
@@ -179,6 +174,8 @@ def test_logits_and_gradients_match_transformers(arch):
     params = init_params(cfg, rng)
     for lp in params["model"]["layers"]:
         lp["post_attention_layernorm"] = 1 + 0.3 * rng.standard_normal(cfg.hidden_size)
+        for k in [k for k in lp["self_attn"] if k.endswith("_bias")]:     # Qwen2's q/k/v biases, non-zero
+            lp["self_attn"][k] = 0.3 * rng.standard_normal(lp["self_attn"][k].shape)
     hf = dict(vocab_size=cfg.vocab_size, hidden_size=cfg.hidden_size, intermediate_size=cfg.intermediate_size,
               num_hidden_layers=cfg.num_hidden_layers, num_attention_heads=cfg.num_attention_heads,
               num_key_value_heads=cfg.num_key_value_heads, head_dim=4, max_position_embeddings=32,
@@ -190,8 +187,6 @@ def test_logits_and_gradients_match_transformers(arch):
         model = transformers.Qwen2ForCausalLM(transformers.Qwen2Config(**hf))
     model = model.to(torch.float64)
     sd = hf_state_dict(params, cfg, torch)
-    if arch == "qwen2":                     # Qwen2's q/k/v biases exist; zero them (refimpl has none)
-        sd.update({k: torch.zeros_like(v) for k, v in model.state_dict().items() if k.endswith(".bias")})
     missing, unexpected = model.load_state_dict(sd, strict=False)
     assert not unexpected and not [m for m in missing if "rotary" not in m]
     ids = rng.integers(0, cfg.vocab_size, (2, 7))
@@ -202,7 +197,8 @@ def test_logits_and_gradients_match_transformers(arch):
     hf_logits.backward(torch.tensor(dlogits))
     loose = tol("transformers64")            # transformers' RoPE tables and RMSNorm run in float32
     np.testing.assert_allclose(logits, hf_logits.detach().numpy(), **loose)
-    hf_grads = {n: p.grad.numpy() for n, p in model.named_parameters() if not n.endswith(".bias")}
+    hf_grads = {n: p.grad.numpy() for n, p in model.named_parameters()}
+    assert (arch == "qwen2") == any(n.endswith(".bias") for n in hf_grads)
     ours = {k: v.numpy() for k, v in hf_state_dict(grads, cfg, torch).items()}
     assert set(ours) == set(hf_grads)
     scale = max(np.abs(g).max() for g in hf_grads.values())
