@@ -208,8 +208,7 @@ assert len(twin) >= 3, "every benchmark with a Numba twin should have run"
 from benchmarks.report import render_markdown  # noqa: E402
 
 report = render_markdown(results).splitlines()
-print("
-".join(line for line in report[:12] if not line.startswith(("#", "- **Warning**"))))
+print("\n".join(line for line in report[:12] if not line.startswith(("#", "- **Warning**"))))
 if results.get("warnings"):                       # the harness's load warning, said once in words
     machine_info = results.get("machine", {})
     print(f"(the harness noted a busy machine for this run: load average {(machine_info.get('loadavg') or [0])[0]:.1f}, "
