@@ -36,7 +36,7 @@ import numpy as np
 from ..config import ModelConfig
 from .mtp import BLOCK_KEYS
 
-MODEL_TYPES = ("deepseek_v2", "deepseek_v3")
+MODEL_TYPES = ("deepseek_v2", "deepseek_v3", "deepseek_v32")
 _PROJ = ("gate_proj", "up_proj", "down_proj")
 
 
@@ -74,6 +74,7 @@ def _layer_spec(config, layer, prefix, path):
             (f"{prefix}post_attention_layernorm.weight", path + ("post_attention_layernorm",), (d,), None)]
     out += [(f"{prefix}self_attn.{k}.weight", path + ("self_attn", k), s, None)
             for k, s in mla_param_shapes(config).items()]
+    out += _indexer_spec(config, prefix, path)
     mlp = path + ("mlp",)
     if config.is_moe_layer(layer):
         e, i, ns = config.n_routed_experts, config.moe_intermediate_size, config.n_shared_experts
@@ -93,6 +94,19 @@ def _layer_spec(config, layer, prefix, path):
         sh = {"gate_proj": (i, d), "up_proj": (i, d), "down_proj": (d, i)}
         out += [(f"{prefix}mlp.{p}.weight", mlp + (p,), sh[p], None) for p in _PROJ]
     return out
+
+
+def _indexer_spec(config, prefix, path):
+    """DeepSeek-V3.2's ``self_attn.indexer.{wq_b, wk, k_norm (weight, bias), weights_proj}`` (none before V3.2)."""
+    from ..attention import indexer_param_shapes, uses_dsa
+    if not uses_dsa(config):
+        return []
+    pre, p = f"{prefix}self_attn.indexer.", path + ("self_attn", "indexer")
+    s = indexer_param_shapes(config)
+    return [(f"{pre}wq_b.weight", p + ("wq_b",), s["wq_b"], None), (f"{pre}wk.weight", p + ("wk",), s["wk"], None),
+            (f"{pre}k_norm.weight", p + ("k_norm", "weight"), s["k_norm"]["weight"], None),
+            (f"{pre}k_norm.bias", p + ("k_norm", "bias"), s["k_norm"]["bias"], None),
+            (f"{pre}weights_proj.weight", p + ("weights_proj",), s["weights_proj"], None)]
 
 
 def hub_spec(config, mtp=None):
@@ -191,6 +205,8 @@ def from_hub(tensors, config, dtype=np.float64):
 def _hf_config_dict(config):
     d = config.to_dict()
     d.setdefault("model_type", "deepseek_v3")
+    if d["model_type"] == "deepseek_v32":
+        d.setdefault("architectures", ["DeepseekV32ForCausalLM"])
     d.setdefault("architectures", ["DeepseekV3ForCausalLM" if d["model_type"] == "deepseek_v3"
                                    else "DeepseekV2ForCausalLM"])
     return d
