@@ -167,8 +167,8 @@ def index_scores(q, k, w):
 
     Shapes: q (B, T, HI, DI), k (B, S, DI), w (B, T, HI) -> I (B, T, S).
     """
-    z = np.einsum("bthd,bsd->bths", q, k)                               # (B, T, HI, S)
-    return np.einsum("bth,bths->bts", w, np.maximum(z, 0.0))            # (B, T, S)
+    z = q @ k[:, None].swapaxes(-1, -2)                                 # (B, T, HI, S) BLAS, not einsum
+    return (w[:, :, None, :] @ np.maximum(z, 0.0, out=z))[:, :, 0]      # (B, T, S)
 
 
 def select_topk(scores, index_topk, q_offset=0):
@@ -230,12 +230,12 @@ def indexer_backward(dscores, cache):
     like the indexer params.
     """
     b, t, hi, di, dr = cache.dims
-    z = np.einsum("bthd,bsd->bths", cache.q, cache.k)                   # (B, T, HI, S)
+    z = cache.q @ cache.k[:, None].swapaxes(-1, -2)                     # (B, T, HI, S)
     # forward: I = sum_j w_j relu(z_j)
-    dw = np.einsum("bts,bths->bth", dscores, np.maximum(z, 0.0))        # (B, T, HI)
+    dw = (np.maximum(z, 0.0) @ dscores[..., None])[..., 0]              # (B, T, HI)
     dz = dscores[:, :, None, :] * cache.w[..., None] * (z > 0)          # (B, T, HI, S)
-    dq = np.einsum("bths,bsd->bthd", dz, cache.k)                       # (B, T, HI, DI)
-    dk = np.einsum("bths,bthd->bsd", dz, cache.q)                       # (B, S, DI)
+    dq = dz @ cache.k[:, None]                                          # (B, T, HI, DI)
+    dk = dz.reshape(b, t * hi, -1).swapaxes(-1, -2) @ cache.q.reshape(b, t * hi, di)  # (B, S, DI)
     # forward: q = [rope_half(q_raw[:Dr]); q_raw[Dr:]],  k = [rope_half(n[:Dr]); n[Dr:]]
     dq = np.concatenate([rope_half_backward(dq[..., :dr], cache.q_rope), dq[..., dr:]], axis=-1)
     dn = np.concatenate([rope_half_backward(dk[..., :dr], cache.k_rope), dk[..., dr:]], axis=-1)
