@@ -174,3 +174,27 @@ def test_transformers_selects_like_refimpl_on_tie_free_scores(tmp_path):
     with torch.no_grad():
         ref = model(torch.from_numpy(ids)).logits.numpy()
     np.testing.assert_allclose(model_forward(ids, params, cfg)[0], ref, **tol("transformers64"))
+
+
+def test_a_transformers_checkpoint_loads_and_matches_with_index_topk_covering_the_sequence(tmp_path):
+    """The other direction: transformers writes the checkpoint (its config.json: rope_parameters,
+    layer_types, ...), refimpl loads it; index_topk >= T, so ties cannot matter."""
+    torch = pytest.importorskip("torch")
+    transformers = pytest.importorskip("transformers")
+    if not hasattr(transformers, "DeepseekV32ForCausalLM"):
+        pytest.skip("this transformers has no deepseek_v32")
+    torch.manual_seed(0)
+    cfg = transformers.DeepseekV32Config(
+        vocab_size=48, hidden_size=32, intermediate_size=48, moe_intermediate_size=16, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=4, kv_lora_rank=12, q_lora_rank=16, qk_rope_head_dim=4,
+        v_head_dim=8, qk_nope_head_dim=8, n_routed_experts=8, num_experts_per_tok=2, n_group=4, topk_group=2,
+        first_k_dense_replace=1, max_position_embeddings=64, initializer_range=0.2, index_topk=32,
+        index_head_dim=8, index_n_heads=4, experts_implementation="eager", attn_implementation="eager")
+    model = transformers.DeepseekV32ForCausalLM(cfg).to(torch.float64).eval()
+    model.save_pretrained(tmp_path)
+    m = load_pretrained(tmp_path)
+    assert m.config.extra["index_topk"] == 32
+    ids = ids_for(m.config, (2, 12), seed=6)
+    with torch.no_grad():
+        ref = model(torch.from_numpy(ids)).logits.numpy()
+    np.testing.assert_allclose(m(ids), ref, **tol("transformers64"))
