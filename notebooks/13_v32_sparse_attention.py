@@ -79,6 +79,36 @@ HI, DI, K = (v32.extra[n] for n in ("index_n_heads", "index_head_dim", "index_to
 assert (HI, DI, K) == (64, 128, 2048) and v32.extra["model_type"] == "deepseek_v32"
 
 # %% [markdown]
+# One DSA layer, as a data flow: the indexer (left) reads the same inputs as MLA and decides which
+# rows of MLA's latent cache the attention (right) may read.
+
+# %% tags=["hide-input"]
+fig, ax = plt.subplots(figsize=(9, 4.2))
+ax.set_axis_off()
+ax.set_xlim(0, 10)
+ax.set_ylim(0, 6)
+boxes = {
+    "x": (5.0, 0.5, "layer input $\\mathbf{x}_t$ (after attn_norm)"),
+    "cq": (6.6, 1.8, "query latent $c^Q_t$\n(q_a_proj, RMSNorm)"),
+    "ik": (1.6, 1.8, "indexer key $\\mathbf{k}^I_t$\n(wk, LayerNorm, half RoPE)"),
+    "iq": (4.0, 3.1, "indexer queries $\\mathbf{q}^I_{t,j}$ (wq_b)\nhead weights $w_{t,j}$ (weights_proj)"),
+    "kc": (1.6, 3.1, "indexer key cache\n$d^I$ values / token"),
+    "sc": (2.8, 4.4, "scores $I_{t,s}$, top-$k$ ∩ causal\n(ties: lower position)"),
+    "lc": (8.2, 3.1, "MLA latent cache\n$[c^{KV}_s; k^R_s]$"),
+    "mla": (7.2, 5.4, "MLA over the selected rows only\n(absorbed, all heads share $\\mathcal{S}_t$)"),
+}
+for name, (bx, by, text) in boxes.items():
+    ax.text(bx, by, text, ha="center", va="center", fontsize=8,
+            bbox=dict(boxstyle="round", fc="#e8f0fe" if name in ("ik", "iq", "kc", "sc") else "#fdf1e3"))
+arrows = [("x", "cq"), ("x", "ik"), ("x", "iq"), ("cq", "iq"), ("ik", "kc"), ("kc", "sc"), ("iq", "sc"),
+          ("x", "lc"), ("cq", "mla"), ("lc", "mla"), ("sc", "mla")]
+for a, b in arrows:
+    (xa, ya, _), (xb, yb, _) = boxes[a], boxes[b]
+    ax.annotate("", xy=(xb, yb - 0.3), xytext=(xa, ya + 0.3), arrowprops=dict(arrowstyle="->", color="grey"))
+ax.set_title("DeepSeek Sparse Attention: lightning indexer (blue) + MLA (orange)")
+plt.show()
+
+# %% [markdown]
 # ## The lightning indexer
 #
 # For query token $t$ and earlier token $s$ the indexer computes, with $H^I$ = `index_n_heads`
