@@ -19,6 +19,10 @@ there, which refimpl writes as copies and, on load, checks against the main mode
 does not keep MTP weights, so a directory whose config asks for MTP but holds none of its tensors
 loads without MTP (any partial set is an error).
 
+DeepSeek-V3.2 (``model_type`` ``deepseek_v32``) is V3 plus, in every layer, the lightning indexer's
+``self_attn.indexer.{wq_b, wk, k_norm (weight and bias), weights_proj}``; ``index_topk``,
+``index_head_dim`` and ``index_n_heads`` are kept in ``ModelConfig.extra`` (:mod:`refimpl.attention.dsa`).
+
 Semantics when reading a transformers config (transformers 5.24; reference §10): ``deepseek_v2``
 routes with a softmax, never renormalises (``norm_topk_prob`` is forced False) and always multiplies
 by ``routed_scaling_factor``; ``deepseek_v3`` routes with ``noaux_tc`` (sigmoid + bias, top-2 group
