@@ -76,7 +76,7 @@ def answer_accuracy(params, config, ids, labels):
 
 
 def indexer_recall(params, config, ids, topk, n_query=8):
-    """Mean over layers and query rows of |indexer top-k ∩ dense attention's top-k| / k (dense forward)."""
+    """Mean over layers and query rows of (keys in both the indexer's and the dense attention's top-k) / k."""
     t = ids.shape[1]
     cache = model_forward(ids, params, with_topk(config, t))[1]
     rec = []
