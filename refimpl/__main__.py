@@ -22,6 +22,7 @@ RECIPES = {
     "tiny-v3": ("refimpl.recipes.tiny_v3", "tiny_v3_run"),
     "r1-zero": ("refimpl.recipes.r1", "r1_zero_run"),
     "r1": ("refimpl.recipes.r1", "r1_run"),
+    "dsa-pretrain": ("refimpl.recipes.dsa_pretrain", "dsa_pretrain_run"),
 }
 
 

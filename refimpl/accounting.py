@@ -268,3 +268,54 @@ def summary(config: ModelConfig, *, seq_len: int = 4096, cache_dtype: str = "bf1
             "forward_6n": six["forward"], "training_6n": six["training"],
             "training_exact": training_flops_per_token(config, seq_len),
             "kv_bytes_per_token": kv_cache_bytes_per_token(config, cache_dtype)}
+
+
+# ------------------------------------------------------------------------------------------------
+# DeepSeek-V3.2's sparse attention (DSA): attention FLOPs and cache bytes against context length
+# ------------------------------------------------------------------------------------------------
+
+#: Bytes one token occupies per layer in the deployed caches (reference deepseek-v32.md §2.5, §5):
+#: FlashMLA's FP8 latent entry (512 FP8 values + 4 FP32 scales + 64 BF16 rope values = 656 B) and
+#: the indexer's FP8 key (128 values + one FP32 scale = 132 B).
+MLA_FP8_ENTRY_BYTES = 656
+INDEXER_FP8_ENTRY_BYTES = 132
+
+#: DeepSeek-V3.2 Fig. 3 (= V3.2-Exp report Fig. 3; H800 service at 2 USD per GPU-hour): cost in USD per
+#: million tokens at token position 128K, **read off the plot by eye** (reference §5), so approximate.
+V32_PRICE_AT_128K = {"prefill": {"v3.1-terminus": 0.66, "v3.2": 0.19},
+                     "decode": {"v3.1-terminus": 2.15, "v3.2": 0.25}}
+
+
+def indexer_parameters(config: ModelConfig) -> int:
+    """Lightning-indexer parameters of all layers (``wq_b``, ``wk``, ``k_norm`` gain and bias, ``weights_proj``)."""
+    from .attention.indexer import index_dims
+    hi, di, _ = index_dims(config)
+    per_layer = hi * di * config.q_lora_rank + di * config.hidden_size + 2 * di + hi * config.hidden_size
+    return per_layer * config.num_hidden_layers
+
+
+def dsa_attention_costs(config: ModelConfig, context: float, *, phase: str = "decode") -> dict:
+    r"""Per-token attention FLOPs and cache bytes read, dense MLA vs DSA, at ``context`` keys, all layers.
+
+    Per layer and (query, key) pair (reference §5, a textbook estimate, not DeepSeek's numbers):
+    MLA costs :math:`2H(2D_c + D_r)` in the absorbed/MQA form used for ``phase="decode"`` (278,528
+    for V3) and :math:`2H(D_{qk} + D_v)` in the MHA form of ``"prefill"`` (81,920); the indexer
+    costs :math:`2 H^I d^I` (16,384). Dense MLA scores all ``context`` keys; DSA scores
+    ``min(index_topk, context)`` keys plus the indexer over all of them. Bytes read per decoded
+    token: ``context x 656`` dense; ``min(k, context) x 656 + context x 132`` sparse. Returns
+    ``{"dense_flops", "sparse_flops", "indexer_flops", "dsa_flops", "dense_bytes", "dsa_bytes"}``.
+    """
+    from .attention.indexer import index_dims
+    if phase not in ("decode", "prefill"):
+        raise ValueError(f"phase: expected 'decode' or 'prefill', got {phase!r}")
+    if not context >= 0:
+        raise ValueError(f"context: expected a non-negative number, got {context!r}")
+    hi, di, k = index_dims(config)
+    n = config.num_hidden_layers
+    impl = "absorbed" if phase == "decode" else "naive"
+    dense = n * _attention_context_flops(config, context, impl)
+    sparse = n * _attention_context_flops(config, min(k, context), impl)
+    indexer = n * 2 * hi * di * context
+    return {"dense_flops": dense, "sparse_flops": sparse, "indexer_flops": indexer, "dsa_flops": sparse + indexer,
+            "dense_bytes": n * context * MLA_FP8_ENTRY_BYTES,
+            "dsa_bytes": n * (min(k, context) * MLA_FP8_ENTRY_BYTES + context * INDEXER_FP8_ENTRY_BYTES)}

@@ -208,3 +208,10 @@ PRESETS = {
                  scoring_func="sigmoid", norm_topk_prob=True, routed_scaling_factor=2.5,
                  first_k_dense_replace=1, max_position_embeddings=256, initializer_range=0.02),
 }
+# DeepSeek-V3.2 (model_type "deepseek_v32"): V3 plus a lightning indexer in every layer; the index_*
+# fields (transformers' DeepseekV32Config names) live in ``extra`` (refimpl.attention.index_dims).
+PRESETS["deepseek-v32"] = dict(PRESETS["deepseek-v3"], model_type="deepseek_v32",
+                               architectures=["DeepseekV32ForCausalLM"], index_n_heads=64, index_head_dim=128,
+                               index_topk=2048)
+PRESETS["tiny-v32"] = dict(PRESETS["tiny"], model_type="deepseek_v32", index_n_heads=4, index_head_dim=8,
+                           index_topk=8)

@@ -226,3 +226,20 @@ def test_v3_mtp_flops_counted_apart():
 def test_bad_input_names_the_argument(call, arg):
     with pytest.raises(ValueError, match=arg):
         call()
+
+
+def test_dsa_costs_reproduce_the_reference_arithmetic_for_v32():
+    """Reference deepseek-v32.md §2.1 and §5: indexer parameters and the 128K decode FLOPs."""
+    from refimpl.accounting import dsa_attention_costs, indexer_parameters
+    cfg = get_config("deepseek-v32")
+    assert indexer_parameters(cfg) == 851_524_864
+    c = dsa_attention_costs(cfg, 131072)
+    assert c["dense_flops"] / 61 == 278_528 * 131072                   # 36.5 GFLOP per layer
+    assert c["sparse_flops"] / 61 == 278_528 * 2048                    # 0.57 GFLOP
+    assert c["indexer_flops"] / 61 == 16_384 * 131072                  # 2.15 GFLOP
+    assert round(c["dense_flops"] / 1e12, 2) == 2.23 and round(c["dsa_flops"] / 1e12, 3) == 0.166
+    assert c["dsa_bytes"] / 61 == 2048 * 656 + 131072 * 132
+    p = dsa_attention_costs(cfg, 131072, phase="prefill")
+    assert p["dense_flops"] / 61 == 81_920 * 131072
+    short = dsa_attention_costs(cfg, 1000)                             # below k: DSA only adds the indexer
+    assert short["sparse_flops"] == short["dense_flops"] and short["dsa_bytes"] > short["dense_bytes"]

@@ -2,9 +2,20 @@
 
 DeepSeek-V2 §2.1 motivates MLA by the KV cache: :mod:`.kv_cache` counts what each scheme caches,
 :mod:`.mha` is the baseline family (and the shared causal attention core), :mod:`.mla` is MLA with
-its training backward and its naive and absorbed inference paths.
+its training backward and its naive and absorbed inference paths; :mod:`.indexer` and :mod:`.dsa`
+are DeepSeek-V3.2's lightning indexer and sparse attention.
 """
 
+from .dsa import (
+    DSACache,
+    dsa_backward,
+    dsa_forward,
+    dsa_indexer_loss,
+    dsa_infer,
+    init_dsa_cache,
+    init_dsa_params,
+)
+from .indexer import index_dims, indexer_param_shapes, select_topk, uses_dsa
 from .kv_cache import (
     SCHEMES,
     KVCache,
@@ -44,4 +55,6 @@ __all__ = [
     "sdpa_backward", "sdpa_forward",
     "LATENT_NORM_EPS", "absorbed_weights", "init_mla_params", "mla_backward", "mla_forward", "mla_infer",
     "mla_param_shapes",
+    "DSACache", "dsa_backward", "dsa_forward", "dsa_indexer_loss", "dsa_infer", "init_dsa_cache", "init_dsa_params",
+    "index_dims", "indexer_param_shapes", "select_topk", "uses_dsa",
 ]

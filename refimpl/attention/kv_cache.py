@@ -27,7 +27,7 @@ from .._validate import FLOAT_DTYPES, check_int
 
 #: ``model_type`` values whose attention is MLA; any other (e.g. ``"llama"`` for DeepSeek LLM 67B)
 #: means standard MHA/GQA/MQA with ``num_key_value_heads`` key/value heads.
-MLA_MODEL_TYPES = ("deepseek_v2", "deepseek_v3")
+MLA_MODEL_TYPES = ("deepseek_v2", "deepseek_v3", "deepseek_v32")
 SCHEMES = ("mha", "gqa", "mqa", "mla", "mla_naive")
 
 

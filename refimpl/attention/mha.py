@@ -72,8 +72,12 @@ def _softmax_inplace(s):
     return s
 
 
-def _attend(qh, kh, vh, scale, t, q_offset):
-    """Head-major core. qh (B, Hk, G*T, Dk), kh (B, Hk, S, Dk), vh (B, Hk, S, Dv)."""
+def _attend(qh, kh, vh, scale, t, q_offset, allowed=None):
+    """Head-major core. qh (B, Hk, G*T, Dk), kh (B, Hk, S, Dk), vh (B, Hk, S, Dv).
+
+    ``allowed`` (B, T, S) bool, optional: a per-query key set (DSA's top-k selection) intersected
+    with the causal mask; it must keep at least one causal key per row.
+    """
     qs = qh * scale                                                     # (B, Hk, G*T, Dk)
     if 4 * qh.shape[2] <= kh.shape[2]:
         # few query rows against a long cache (decode): OpenBLAS streams a long row-major
@@ -81,15 +85,18 @@ def _attend(qh, kh, vh, scale, t, q_offset):
         s = np.ascontiguousarray((kh @ qs.swapaxes(-1, -2)).swapaxes(-1, -2))  # (B, Hk, G*T, S)
     else:
         s = qs @ kh.swapaxes(-1, -2)                                    # (B, Hk, G*T, S)
-    allowed = causal_mask(t, kh.shape[2], q_offset)                     # (T, S)
-    if not allowed.all():
-        rows = np.tile(allowed, (qh.shape[2] // t, 1))                  # (G*T, S)
+    keep = causal_mask(t, kh.shape[2], q_offset)                        # (T, S)
+    if allowed is not None:
+        keep = keep & allowed                                           # (B, T, S)
+        s += np.where(np.tile(keep, (1, qh.shape[2] // t, 1))[:, None], 0.0, -np.inf).astype(s.dtype)
+    elif not keep.all():
+        rows = np.tile(keep, (qh.shape[2] // t, 1))                     # (G*T, S)
         s += np.where(rows, 0.0, -np.inf).astype(s.dtype)               # masked logits -> -inf
     p = _softmax_inplace(s)                                             # (B, Hk, G*T, S)
     return p @ vh, p                                                    # (B, Hk, G*T, Dv)
 
 
-def sdpa_forward(q, k, v, scale, *, q_offset=0):
+def sdpa_forward(q, k, v, scale, *, q_offset=0, allowed=None):
     r"""Causal scaled dot-product attention with grouped key/value heads.
 
     .. math:: o_{t,h} = \sum_{j \le t_0 + t} \mathrm{softmax}_j\bigl(s\, q_{t,h}\cdot k_{j,g(h)}\bigr)\, v_{j,g(h)},
@@ -99,7 +106,9 @@ def sdpa_forward(q, k, v, scale, *, q_offset=0):
     sequence index ``q_offset + i`` (:func:`causal_mask`); the softmax runs in the input dtype.
 
     Shapes: q (B, T, H, Dk), k (B, S, Hk, Dk), v (B, S, Hk, Dv) with H % Hk == 0 and
-    S >= q_offset + T -> o (B, T, H, Dv).
+    S >= q_offset + T -> o (B, T, H, Dv). ``allowed`` (B, T, S) bool, optional, further restricts
+    each query's keys (DeepSeek-V3.2's sparse attention, :mod:`refimpl.attention.dsa`); masked
+    probabilities are exactly 0, so :func:`sdpa_backward` needs no change.
     """
     check_float("q", q, ndim=4)
     check_float("k", k, ndim=4)
@@ -118,7 +127,9 @@ def sdpa_forward(q, k, v, scale, *, q_offset=0):
     qh = q.reshape(b, t, hk, g, dk).transpose(0, 2, 3, 1, 4).reshape(b, hk, g * t, dk)  # (B, Hk, G*T, Dk)
     kh = k.transpose(0, 2, 1, 3)                                        # (B, Hk, S, Dk)
     vh = v.transpose(0, 2, 1, 3)                                        # (B, Hk, S, Dv)
-    oh, p = _attend(qh, kh, vh, scale, t, q_offset)                     # (B, Hk, G*T, Dv)
+    if allowed is not None and np.shape(allowed) != (b, t, s_len):
+        raise ValueError(f"allowed: expected shape ({b}, {t}, {s_len}), got {np.shape(allowed)}")
+    oh, p = _attend(qh, kh, vh, scale, t, q_offset, allowed)            # (B, Hk, G*T, Dv)
     o = oh.reshape(b, hk, g, t, -1).transpose(0, 3, 1, 2, 4).reshape(b, t, h, -1)  # (B, T, H, Dv)
     return o, SDPACache(qh, kh, vh, p, scale, (b, t, h, hk, g))
 

@@ -159,7 +159,7 @@ class MLACache(NamedTuple):
     keys: tuple        # the params' keys, in their order (gradients come back in it)
 
 
-def mla_forward(x, params, config, positions=None):
+def mla_forward(x, params, config, positions=None, *, allowed=None):
     r"""MLA training forward with decompressed keys and values (DeepSeek-V2 App. C, eqs. 37-47).
 
     .. math::
@@ -171,7 +171,8 @@ def mla_forward(x, params, config, positions=None):
         + q^R_{t,h}\cdot k^R_j)\bigr)\, v_{j,h},\qquad y_t = W^O [o_{t,1}; \dots; o_{t,H}]
 
     with :math:`s` = :func:`~refimpl.core.softmax_scale`. The rope key :math:`k^R_j` is shared by
-    all heads. ``positions`` feed RoPE only; the mask is causal over sequence index.
+    all heads. ``positions`` feed RoPE only; the mask is causal over sequence index, intersected
+    with ``allowed`` (B, T, T) bool if given (DSA's selected keys, :func:`refimpl.attention.dsa_forward`).
 
     Shapes: x (B, T, D), positions (T,) or (B, T) int64 (default arange(T)) -> y (B, T, D).
     """
@@ -186,7 +187,8 @@ def mla_forward(x, params, config, positions=None):
     kv = kv.reshape(b, t, h, dn + dv)                                   # (B, T, H, Dn+Dv)
     k = np.concatenate([kv[..., :dn], np.broadcast_to(k_pe[:, :, None], (b, t, h, dr))], axis=-1)  # (B, T, H, Dqk)
     q = np.concatenate([q_nope, q_pe], axis=-1)                         # (B, T, H, Dqk)
-    o, c_at = sdpa_forward(q, k, kv[..., dn:], softmax_scale(dn + dr, config.rope_scaling))  # (B, T, H, Dv)
+    o, c_at = sdpa_forward(q, k, kv[..., dn:], softmax_scale(dn + dr, config.rope_scaling),
+                           allowed=allowed)                             # (B, T, H, Dv)
     y, c_o = linear_forward(o.reshape(b, t, h * dv), params["o_proj"])  # (B, T, D)
     return y, MLACache(c_qa, c_qn, c_qb, c_qr, c_kva, c_kvn, c_kr, c_kvb, c_at, c_o, (b, t, h, dn, dr, dv, dc),
                      tuple(params))
@@ -224,7 +226,7 @@ def mla_backward(dy, cache):
     return dx + dx_q, {k: grads[k] for k in cache.keys}
 
 
-def mla_infer(x, params, config, cache, start_pos=0, *, impl="absorb"):
+def mla_infer(x, params, config, cache, start_pos=0, *, impl="absorb", allowed=None):
     r"""Prefill, chunked prefill or one-token decode against a latent cache.
 
     Computes the new tokens' :math:`c^{KV}` (after ``kv_a_layernorm``) and :math:`k^R` (after
@@ -244,6 +246,10 @@ def mla_infer(x, params, config, cache, start_pos=0, *, impl="absorb"):
     and one value head ``c^{KV}`` (FlashMLA's layout), and :math:`W^{UV}_h` maps the Dc-wide head
     outputs back. Both equal :func:`mla_forward` on the whole sequence. Weights are checked for
     shape and dtype, not scanned for NaN at every step (:func:`~refimpl.attention.mha.check_weight`).
+
+    ``allowed`` (B, T, start_pos + T) bool, optional, restricts each query's keys further (DSA);
+    it must select the same number of keys in every batch row when T = 1, where the selected cache
+    rows are gathered so that only they are read (a one-token decode's selection is all causal).
 
     Shapes: x (B, T, D), cache.latent (B, Tmax, Dc + Dr) -> y (B, T, D).
     """
@@ -266,21 +272,28 @@ def mla_infer(x, params, config, cache, start_pos=0, *, impl="absorb"):
     c_kv, k_pe, _ = _latents(x, params, config, positions, project)     # (B, T, Dc), (B, T, Dr)
     cache.latent[:, start_pos:end, :dc] = c_kv
     cache.latent[:, start_pos:end, dc:] = k_pe
-    lat = cache.latent[:, :end]                                         # (B, S, Dc+Dr)
+    lat, off = cache.latent[:, :end], start_pos                         # (B, S, Dc+Dr)
+    if allowed is not None and t == 1:
+        # decode under a key selection (DSA): gather the selected rows (the same count in every
+        # row), so only those are read; the gathered set is all visible to the one query
+        rows = np.nonzero(allowed[:, 0])[1].reshape(b, -1)              # (B, K) ascending positions
+        lat = np.take_along_axis(lat, rows[..., None], axis=1)          # (B, K, Dc+Dr)
+        off, allowed = rows.shape[1] - 1, None
+    s_len = lat.shape[1]
     scale = softmax_scale(dn + dr, config.rope_scaling)
     if impl == "naive":
-        kv = (lat[..., :dc] @ params["kv_b_proj"].T).reshape(b, end, h, dn + dv)  # (B, S, H, Dn+Dv)
-        kh = np.concatenate([kv[..., :dn], np.broadcast_to(lat[:, :, None, dc:], (b, end, h, dr))],
+        kv = (lat[..., :dc] @ params["kv_b_proj"].T).reshape(b, s_len, h, dn + dv)  # (B, S, H, Dn+Dv)
+        kh = np.concatenate([kv[..., :dn], np.broadcast_to(lat[:, :, None, dc:], (b, s_len, h, dr))],
                             axis=-1).transpose(0, 2, 1, 3)                # (B, H, S, Dqk)
         qh = np.concatenate([q_nope, q_pe], axis=-1).transpose(0, 2, 1, 3)  # (B, H, T, Dqk)
-        oh, _ = _attend(qh, kh, kv[..., dn:].transpose(0, 2, 1, 3), scale, t, start_pos)  # (B, H, T, Dv)
+        oh, _ = _attend(qh, kh, kv[..., dn:].transpose(0, 2, 1, 3), scale, t, off, allowed)  # (B, H, T, Dv)
         o = oh.transpose(0, 2, 1, 3)                                    # (B, T, H, Dv)
     else:
         w_uk, w_uv = absorbed_weights(params, config)                   # (H, Dn, Dc), (H, Dv, Dc)
         q_abs = _per_head(q_nope, w_uk)                                 # (B, T, H, Dc)
         qh = np.concatenate([q_abs, q_pe], axis=-1)                     # (B, T, H, Dc+Dr)
         qh = qh.transpose(0, 2, 1, 3).reshape(b, 1, h * t, dc + dr)     # (B, 1, H*T, Dc+Dr): MQA rows
-        oh, _ = _attend(qh, lat[:, None], lat[:, None, :, :dc], scale, t, start_pos)  # (B, 1, H*T, Dc)
+        oh, _ = _attend(qh, lat[:, None], lat[:, None, :, :dc], scale, t, off, allowed)  # (B, 1, H*T, Dc)
         o_lat = oh.reshape(b, h, t, dc).transpose(0, 2, 1, 3)           # (B, T, H, Dc)
         o = _per_head(o_lat, w_uv.transpose(0, 2, 1))                   # (B, T, H, Dv)
     return o.reshape(b, t, h * dv) @ params["o_proj"].T                 # (B, T, D)

@@ -39,6 +39,8 @@ from ..attention import (
     mla_infer,
     uses_mla,
 )
+from ..attention.dsa import DSATrainCache, dsa_backward, dsa_forward, dsa_infer, init_dsa_params
+from ..attention.indexer import uses_dsa
 from ..attention.mha import MHACache, project
 from ..core.activations import swiglu_forward, swiglu_mlp_backward, swiglu_mlp_forward
 from ..core.rmsnorm import rmsnorm_backward, rmsnorm_forward
@@ -68,6 +70,8 @@ def init_block_params(config, layer, rng, dtype=np.float64):
     if uses_mla(config) and config.attention_bias:
         raise ValueError("config.attention_bias: MLA has no projection biases (DeepSeek-V2/V3); expected False")
     attn = init_mla_params(config, rng, dtype) if uses_mla(config) else init_mha_params(config, rng, dtype=dtype)
+    if uses_dsa(config):                 # DeepSeek-V3.2: MLA plus the lightning indexer
+        attn = init_dsa_params(config, rng, dtype)
     return {"input_layernorm": np.ones(d, dtype=dtype), "self_attn": attn,
             "post_attention_layernorm": np.ones(d, dtype=dtype), "mlp": mlp}
 
@@ -84,6 +88,8 @@ def block_forward(x, params, config, layer, positions=None, *, backend=None):
     eps = config.rms_norm_eps
     h1, c1 = rmsnorm_forward(x, params["input_layernorm"], eps)          # (B, T, D)
     attend = mla_forward if uses_mla(config) else mha_forward
+    if uses_dsa(config):                 # DeepSeek-V3.2 sparse attention (refimpl.attention.dsa)
+        attend = lambda *a: dsa_forward(*a)[:2]
     a, ca = attend(h1, params["self_attn"], config, positions)           # (B, T, D)
     u = x + a                                                            # (B, T, D)
     h2, c2 = rmsnorm_forward(u, params["post_attention_layernorm"], eps)  # (B, T, D)
@@ -110,6 +116,8 @@ def block_backward(dy, cache, dscores=None):
     du = dy + dx_n2                                                      # (B, T, D)
     # forward: u = x + attention(rmsnorm(x))   (MLA, or MHA/GQA)
     attend_backward = mha_backward if isinstance(cache.attn, MHACache) else mla_backward
+    if isinstance(cache.attn, DSATrainCache):
+        attend_backward = dsa_backward
     dh1, grads["self_attn"] = attend_backward(du, cache.attn)            # (B, T, D)
     dx_n1, grads["input_layernorm"] = rmsnorm_backward(dh1, cache.norm1)  # (B, T, D)
     dx = du + dx_n1                                                      # (B, T, D)
@@ -127,7 +135,9 @@ def block_infer(x, params, config, layer, kv_cache, start_pos=0, *, impl="absorb
     """
     eps = config.rms_norm_eps
     h1, _ = rmsnorm_forward(x, params["input_layernorm"], eps)           # (B, T, D)
-    if uses_mla(config):                 # by the config, as block_forward: a wrong cache is a TypeError
+    if uses_dsa(config):                 # MLA latent cache + indexer key cache (a DSACache)
+        a = dsa_infer(h1, params["self_attn"], config, kv_cache, start_pos, impl=impl)  # (B, T, D)
+    elif uses_mla(config):               # by the config, as block_forward: a wrong cache is a TypeError
         a = mla_infer(h1, params["self_attn"], config, kv_cache, start_pos, impl=impl)  # (B, T, D)
     else:
         a = mha_infer(h1, params["self_attn"], config, kv_cache, start_pos)  # (B, T, D)

@@ -24,6 +24,10 @@ The R1-Distill students (``model_type`` ``qwen2`` and ``llama``, DeepSeek-R1 §2
 same table with standard attention: :mod:`refimpl.model.hub_dense` reads their configs, adds the
 q/k/v biases and the tied head, and reorders the q/k rows for refimpl's RoPE layout.
 
+DeepSeek-V3.2 (``model_type`` ``deepseek_v32``) is V3 plus, in every layer, the lightning indexer's
+``self_attn.indexer.{wq_b, wk, k_norm (weight and bias), weights_proj}``; ``index_topk``,
+``index_head_dim`` and ``index_n_heads`` are kept in ``ModelConfig.extra`` (:mod:`refimpl.attention.dsa`).
+
 Semantics when reading a transformers config (transformers 5.24; reference §10): ``deepseek_v2``
 routes with a softmax, never renormalises (``norm_topk_prob`` is forced False) and always multiplies
 by ``routed_scaling_factor``; ``deepseek_v3`` routes with ``noaux_tc`` (sigmoid + bias, top-2 group
@@ -53,7 +57,7 @@ from .hub_dense import (
 from .mtp import BLOCK_KEYS
 from .shards import read_checkpoint, write_checkpoint
 
-MODEL_TYPES = ("deepseek_v2", "deepseek_v3")
+MODEL_TYPES = ("deepseek_v2", "deepseek_v3", "deepseek_v32")
 #: Every ``model_type`` :func:`load_pretrained` reads.
 SUPPORTED_MODEL_TYPES = MODEL_TYPES + DENSE_MODEL_TYPES
 _PROJ = ("gate_proj", "up_proj", "down_proj")
@@ -99,6 +103,7 @@ def _layer_spec(config, layer, prefix, path):
     if uses_mla(config):
         out += [(f"{prefix}self_attn.{k}.weight", path + ("self_attn", k), s, None)
                 for k, s in mla_param_shapes(config).items()]
+        out += _indexer_spec(config, prefix, path)
     else:
         out += dense_attention_spec(config, prefix, path)
     mlp = path + ("mlp",)
@@ -121,6 +126,19 @@ def _layer_spec(config, layer, prefix, path):
         out += [(f"{prefix}mlp.{p}.weight", mlp + (p,), sh[p], None) for p in _PROJ]
         out += dense_mlp_bias_spec(config, prefix, path)
     return out
+
+
+def _indexer_spec(config, prefix, path):
+    """DeepSeek-V3.2's ``self_attn.indexer.{wq_b, wk, k_norm (weight, bias), weights_proj}`` (none before V3.2)."""
+    from ..attention import indexer_param_shapes, uses_dsa
+    if not uses_dsa(config):
+        return []
+    pre, p = f"{prefix}self_attn.indexer.", path + ("self_attn", "indexer")
+    s = indexer_param_shapes(config)
+    return [(f"{pre}wq_b.weight", p + ("wq_b",), s["wq_b"], None), (f"{pre}wk.weight", p + ("wk",), s["wk"], None),
+            (f"{pre}k_norm.weight", p + ("k_norm", "weight"), s["k_norm"]["weight"], None),
+            (f"{pre}k_norm.bias", p + ("k_norm", "bias"), s["k_norm"]["bias"], None),
+            (f"{pre}weights_proj.weight", p + ("weights_proj",), s["weights_proj"], None)]
 
 
 def hub_spec(config, mtp=None):
@@ -236,6 +254,8 @@ def hf_config_dict(config):
         return dense_config_to_hf(config)
     d = config.to_dict()
     d.setdefault("model_type", "deepseek_v3")
+    if d["model_type"] == "deepseek_v32":
+        d.setdefault("architectures", ["DeepseekV32ForCausalLM"])
     d.setdefault("architectures", ["DeepseekV3ForCausalLM" if d["model_type"] == "deepseek_v3"
                                    else "DeepseekV2ForCausalLM"])
     return d

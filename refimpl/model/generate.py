@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import numpy as np
 
-from ..attention import init_latent_cache
 from .transformer import check_input_ids, init_caches, model_forward, model_infer
 
 
@@ -139,7 +138,7 @@ def speculative_generate(params, config, input_ids, max_new_tokens, *, impl="abs
     _check_length(t, max_new_tokens + 1, config)
     dtype = params["lm_head"].dtype
     caches = init_caches(config, 1, t + max_new_tokens + 2, dtype)
-    mcache = init_latent_cache(config, 1, t + max_new_tokens + 2, dtype)
+    mcache = init_caches(config, 1, t + max_new_tokens + 2, dtype, n_layers=1)[0]   # the MTP block's (MLA or DSA)
     logits, hid = model_infer(ids, params, config, caches, 0, impl=impl)  # (1, T, V), (1, T, D)
     x = int(np.argmax(logits[0, -1]))
     out, drafted, accepted, forwards = [x], 0, 0, 1

@@ -233,6 +233,9 @@ def init_caches(config, batch_size, max_len, dtype=np.float64, n_layers=None):
     n = config.num_hidden_layers if n_layers is None else n_layers
     if not uses_mla(config):
         return [init_kv_cache(config, batch_size, max_len, dtype=dtype) for _ in range(n)]
+    from ..attention import init_dsa_cache, uses_dsa
+    if uses_dsa(config):                 # DeepSeek-V3.2: latent cache + indexer key cache per layer
+        return [init_dsa_cache(config, batch_size, max_len, dtype) for _ in range(n)]
     return [init_latent_cache(config, batch_size, max_len, dtype) for _ in range(n)]
 
 
