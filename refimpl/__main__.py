@@ -22,6 +22,7 @@ RECIPES = {
     "tiny-v3": ("refimpl.recipes.tiny_v3", "tiny_v3_run"),
     "r1-zero": ("refimpl.recipes.r1", "r1_zero_run"),
     "r1": ("refimpl.recipes.r1", "r1_run"),
+    "moe-rl-stability": ("refimpl.recipes.moe_rl_stability", "moe_rl_stability_run"),
 }
 
 

@@ -332,19 +332,28 @@ def router_choice(info, gate_params, config):
     return idx.reshape(*scores.shape[:-1], -1)
 
 
-def routing_drift(moe_infos, routes, params, config, positions=None):
-    r"""Fraction of tokens whose top-K expert *set* differs between the recorded routes and the router's
-    current choice, over all MoE layers (each token and layer counts once).
-
-    ``moe_infos``: ``model_forward``'s ``info["moe"]``; ``routes``: :attr:`SamplingRecord.routes`;
-    ``positions`` (B, T) bool: which tokens count (default all).
-    """
-    changed = total = 0
+def drifted_routes(moe_infos, routes, params, config):
+    """Per MoE layer, which tokens' top-K expert *set* differs between the recorded ``routes``
+    (:attr:`SamplingRecord.routes`) and the router's current choice (from ``model_forward``'s
+    ``info["moe"]`` at the current ``params``). Shapes: -> list of (B, T) bool (None for dense layers)."""
+    out = []
     for n, (info, rec) in enumerate(zip(moe_infos, routes, strict=True)):
         if info is None:
+            out.append(None)
             continue
         own = np.sort(router_choice(info, params["model"]["layers"][n]["mlp"]["gate"], config), axis=-1)  # (B, T, K)
-        diff = (own != np.sort(rec, axis=-1)).any(axis=-1)              # (B, T)
+        out.append((own != np.sort(rec, axis=-1)).any(axis=-1))         # (B, T)
+    return out
+
+
+def routing_drift(moe_infos, routes, params, config, positions=None):
+    r"""Fraction of tokens whose top-K expert set changed since sampling (:func:`drifted_routes`), over all
+    MoE layers (each token and layer counts once); ``positions`` (B, T) bool: which tokens count (default all).
+    """
+    changed = total = 0
+    for diff in drifted_routes(moe_infos, routes, params, config):
+        if diff is None:
+            continue
         sel = np.ones(diff.shape, bool) if positions is None else positions
         changed += int(diff[sel].sum())
         total += int(sel.sum())
