@@ -87,6 +87,8 @@ class GRPOConfig:
     DAPO's overlong penalty with that buffer. ``dynamic_sampling``: DAPO's filter of zero-std
     groups with at most ``max_resample_rounds`` extra generation rounds per step. ``eval_n``:
     held-out prompts for the periodic greedy evaluation. ``backend``: ``"numpy"``/``"numba"``/None.
+    DeepSeek-V3.2 §3.1 (:mod:`refimpl.rl.stable`): ``use_bias_correction_kl``,
+    ``off_policy_mask_threshold`` (TRL's names), ``keep_routing``, ``keep_sampling_mask``.
 
     Defaults: DAPO's token-level loss and clip-higher (ε_lo 0.2, ε_hi 0.28) with β = 0 (no
     reference model, as DAPO and TRL's default; R1 used β = 0.001), G = 8, and a learning rate
