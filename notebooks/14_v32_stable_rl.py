@@ -16,8 +16,8 @@
 # # After R1: DeepSeek-V3.2 — stable RL for MoE policies
 #
 # DeepSeek-V3.2 {cite}`deepseekai2025v32` spent more than a tenth of its pre-training compute on
-# reinforcement learning, in one mixed RL stage over reasoning, agent and alignment tasks (§3,
-# §4.1). At that scale GRPO ({doc}`06_grpo`) on a mixture-of-experts policy ({doc}`04_moe`) was
+# reinforcement learning (§1, §4.1), in one mixed RL stage over reasoning, agent and alignment
+# tasks (§3). At that scale GRPO ({doc}`06_grpo`) on a mixture-of-experts policy ({doc}`04_moe`) was
 # not stable as written, and §3.1 of the paper lists four changes that made it so:
 #
 # 1. an **unbiased KL estimate** (eq. 7), which corrects GRPO's k3 estimator by the importance ratio;
@@ -41,12 +41,14 @@ import os
 os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 
+import inspect  # noqa: E402
 import time  # noqa: E402
 
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 from IPython.display import Markdown, display  # noqa: E402
 
+from refimpl.config import ModelConfig  # noqa: E402
 from refimpl.display import show_source  # noqa: E402
 from refimpl.model.generate import top_p_mask  # noqa: E402
 from refimpl.recipes.moe_rl_stability import moe_rl_stability_run  # noqa: E402
@@ -262,7 +264,7 @@ show_source(gating.check_routes)
 #
 # `refimpl.recipes.moe_rl_stability` (CLI `python -m refimpl moe-rl-stability`) starts from the
 # pretrained base of the R1-Zero miniature ({doc}`06_grpo`: one dense and one MoE layer, 8 routed
-# experts, top-2 with V3's group-limited sigmoid router, ~100k parameters) and the same addition
+# experts, top-2 with V3's group-limited sigmoid router) and the same addition
 # task and GRPO settings. refimpl's "engine" is the same NumPy model as its trainer, so the
 # engine/trainer mismatch of real systems is absent here; what remains is the drift caused by the
 # off-policy updates themselves. Two parts:
@@ -272,12 +274,17 @@ show_source(gating.check_routes)
 #   recorded ones;
 # * **training**: for several μ, the unmodified recipe against the V3.2 recipe (all four changes;
 #   δ = 0.05 and β = 0.01 are this miniature's choices), with nucleus sampling at top-p 0.95,
-#   and a stressed run with a 3× larger learning rate and μ = 8.
+#   and a stressed run with a larger learning rate and more updates per batch.
 
 # %%
 res = moe_rl_stability_run(cache_dir="_cache", progress=False)
 mech, sweep, stress = res["mechanism"], res["sweep"], res["stress"]
 mus = sorted(sweep)
+cfg, defaults = res["config"], inspect.signature(moe_rl_stability_run).parameters
+assert (cfg.n_routed_experts, cfg.num_experts_per_tok, cfg.num_hidden_layers, cfg.first_k_dense_replace) == (8, 2, 2, 1)
+assert (defaults["delta"].default, defaults["beta"].default, defaults["top_p"].default) == (0.05, 0.01, 0.95)
+v3 = ModelConfig.preset("deepseek-v3")
+assert (v3.num_hidden_layers - v3.first_k_dense_replace, v3.n_routed_experts) == (58, 256)  # quoted in section 7
 print(f"recipe: {res['seconds']:.0f} s; base model: greedy held-out accuracy {res['base_eval']:.3f}")
 
 # %% tags=["hide-input"]
@@ -338,7 +345,7 @@ plt.show()
 
 # %%
 rows = []
-for label, runs in [(f"lr {res['grpo_config'].lr:g}", sweep), (f"lr {1e-3:g} (stressed)", stress)]:
+for label, runs in [(f"{res['grpo_config'].lr:g}", sweep), (f"{res['stress_lr']:g} (stressed)", stress)]:
     for mu in sorted(runs):
         for name in ("grpo", "v32"):
             r = runs[mu][name]
@@ -383,7 +390,7 @@ display(Markdown(
     f"in {len(sweep[mus[0]]['grpo']['reward'])} steps**, and the V3.2 recipe ended with the higher held-out "
     f"accuracy for {sum(v32_better.values())} of {len(v32_better)} values of μ > 1 (one seed, a noisy "
     f"measure).\n"
-    f"* **Stressed (learning rate 1e-3, μ = {mu_hi}), the unmodified recipe "
+    f"* **Stressed (learning rate {res['stress_lr']:g}, μ = {mu_hi}), the unmodified recipe "
     f"{says(collapsed['grpo'], 'collapses', 'does not collapse')} "
     f"({st['grpo']['eval_before']:.3f} → {st['grpo']['eval_after']:.3f}) and the V3.2 recipe "
     f"{says(collapsed['v32'], 'collapses too', 'does not')} "

@@ -154,7 +154,7 @@ def moe_rl_stability_run(steps=5, num_iterations=(1, 2, 4), seed=0, progress=Tru
     ``stress_num_iterations`` (``stress_lr=None`` skips it). The base model is
     :func:`~refimpl.recipes.r1.pretrain_base` (``base_steps``, cached in ``cache_dir``).
 
-    Returns ``dict(config, grpo_config, mechanism, sweep, stress, base_eval, seconds)``.
+    Returns ``dict(config, grpo_config, mechanism, sweep, stress, stress_lr, base_eval, seconds)``.
     """
     t0 = time.perf_counter()
     base = pretrain_base(base_steps, seed, eval_n=128, progress=progress, cache_dir=cache_dir)
@@ -170,4 +170,4 @@ def moe_rl_stability_run(steps=5, num_iterations=(1, 2, 4), seed=0, progress=Tru
                                  beta=beta, progress=progress, **{**opts, "lr": stress_lr})
     ev = evaluate(params, config, TASK, n=eval_n, max_new_tokens=gc.max_completion_length)
     return {"config": config, "grpo_config": gc, "mechanism": mech, "sweep": sweep, "stress": stress,
-            "base_eval": ev["accuracy"], "seconds": time.perf_counter() - t0}
+            "stress_lr": stress_lr, "base_eval": ev["accuracy"], "seconds": time.perf_counter() - t0}
