@@ -9,6 +9,10 @@ dense and one MoE layer, 8 routed experts, top-2 of V3's group-limited sigmoid r
 shared with the R1-Zero chapter) and its addition task and GRPO settings, with ``num_iterations``
 (TRL's μ) AdamW updates per rollout batch, so every update after the first is off-policy.
 
+**Part 0 — engine/trainer mismatch** (:func:`engine_mismatch`). A sampling engine whose weights are
+rounded to bfloat16 or FP8 samples and records a batch; the float32 trainer scores it before any
+update (μ = 1), with its own routing and with the engine's.
+
 **Part 1 — the mechanism** (:func:`routing_mechanism`). One rollout batch is sampled and recorded
 (:func:`~refimpl.rl.stable.sampling_record`); then ``n_updates`` plain GRPO updates are taken on it.
 After each, the policy is evaluated on the batch twice *at the same parameters*: with its router's
@@ -35,12 +39,15 @@ import numpy as np
 from ..model.generate import generate
 from ..model.transformer import model_forward
 from ..optim import adamw_init, adamw_update, clip_grad_norm
+from ..quant.fp8 import round_to_fp8
+from ..quant.fp8_train import round_to_bf16
 from ..rl import accuracy_reward, combine_rewards, format_reward, group_advantages
 from ..rl.logprobs import logps_entropy_forward
 from ..rl.rollout import RolloutBatch
 from ..rl.stable import drifted_routes, sampling_record
 from ..rl.trainer import evaluate, grpo_objective, grpo_train
 from ..tasks import TOKENIZER, make_dataset
+from ..tree import tree_map
 from .r1 import TASK, pretrain_base, r1_zero_grpo_config
 
 #: the V3.2 options of the sweep's second recipe (δ and β are this miniature's, not DeepSeek's)
@@ -102,14 +109,60 @@ def routing_mechanism(params, config, gc, n_updates=8, seed=0):
             if mode == "own":
                 flags = drifted_routes(info["moe"], rec.routes, params, config)
                 changed = np.any([f for f in flags if f is not None], axis=0)  # (B, T)
-                out["drift"].append(float(np.mean([f[counted].mean() for f in flags if f is not None])))
+                out["drift"].append(float(np.mean([f[counted].mean() for f in flags if f is not None]))
+                                    if counted.any() else 0.0)
             ch = changed[batch.rows, batch.pos] & batch.mask            # (B, Tc) loss tokens whose experts moved
             un = ~changed[batch.rows, batch.pos] & batch.mask           # (B, Tc)
             for g, sel in (("changed", ch), ("unchanged", un), ("all", batch.mask)):
                 out["abs_log_ratio"][mode][g].append(float(lr_[sel].mean()) if sel.any() else float("nan"))
-            out["ratio_std"][mode].append(float(np.exp(lp - rec.logps)[batch.mask].std()))
+            out["ratio_std"][mode].append(float(np.exp(lp - rec.logps)[batch.mask].std()) if batch.mask.any() else 0.0)
         out["changed_tokens"].append(int((changed[batch.rows, batch.pos] & batch.mask).sum()))
     out["tokens"] = int(batch.mask.sum())
+    return out
+
+
+def engine_weights(params, precision):
+    """The sampling engine's copy of ``params``: every float tensor rounded to bfloat16
+    (:func:`~refimpl.quant.fp8_train.round_to_bf16`) or to e4m3 FP8 with one scale per tensor
+    (amax / 448; :func:`~refimpl.quant.fp8.round_to_fp8`), returned as float32."""
+    if precision == "bf16":
+        return tree_map(lambda a: round_to_bf16(a) if a.dtype.kind == "f" else a, params)
+    if precision == "fp8":
+        def q(a):
+            s = np.float32(max(float(np.abs(a).max()), 1e-12) / 448.0)
+            return (round_to_fp8((a / s).astype(np.float32)) * s).astype(np.float32)
+        return tree_map(lambda a: q(a) if a.dtype.kind == "f" else a, params)
+    raise ValueError(f"precision: expected 'bf16' or 'fp8', got {precision!r}")
+
+
+def engine_mismatch(params, config, gc, seed=0, precision="fp8"):
+    r"""Part 0: an inference engine whose weights are rounded to ``precision`` (:func:`engine_weights`)
+    samples and records a batch; the float32 trainer then scores it *before any update* (μ = 1), with
+    its own routing and with the engine's (Keep Routing).
+
+    Returns ``dict(drift, tokens, abs_log_ratio, ratio_std)``: ``drift`` the fraction of the loss's
+    (token, MoE layer) pairs routed differently by trainer and engine; ``abs_log_ratio[mode][group]``
+    and ``ratio_std[mode]`` as in :func:`routing_mechanism` (one value each).
+    """
+    engine = engine_weights(params, precision)
+    rng = np.random.default_rng(seed)
+    batch, _, _ = rollout_batch(engine, config, gc, rng)
+    rec = sampling_record(engine, config, batch, gc)                    # what the engine returns
+    counted = np.zeros(batch.ids.shape, bool)                          # (B, T) positions the loss reads
+    counted[batch.rows, batch.pos] = batch.mask
+    out = {"abs_log_ratio": {}, "ratio_std": {}, "tokens": int(batch.mask.sum())}
+    for mode, routes in (("own", None), ("kept", rec.routes)):
+        logits, _, info = model_forward(batch.ids, params, config, backend=gc.backend, routes=routes)
+        lp = logps_entropy_forward(batch.gather(logits), batch.comp, temperature=gc.temperature)[0]  # (B, Tc)
+        if mode == "own":
+            flags = [f for f in drifted_routes(info["moe"], rec.routes, params, config) if f is not None]
+            changed = np.any(flags, axis=0)[batch.rows, batch.pos]      # (B, Tc)
+            out["drift"] = float(np.mean([f[counted].mean() for f in flags])) if counted.any() else 0.0
+        a = np.abs(lp - rec.logps)                                      # (B, Tc) |log rho| at mu = 1
+        out["abs_log_ratio"][mode] = {g: float(a[sel].mean()) if sel.any() else float("nan") for g, sel in
+                                      (("changed", changed & batch.mask), ("unchanged", ~changed & batch.mask),
+                                       ("all", batch.mask))}
+        out["ratio_std"][mode] = float(np.exp(lp - rec.logps)[batch.mask].std()) if batch.mask.any() else 0.0
     return out
 
 
@@ -154,7 +207,7 @@ def moe_rl_stability_run(steps=5, num_iterations=(1, 2, 4), seed=0, progress=Tru
     ``stress_num_iterations`` (``stress_lr=None`` skips it). The base model is
     :func:`~refimpl.recipes.r1.pretrain_base` (``base_steps``, cached in ``cache_dir``).
 
-    Returns ``dict(config, grpo_config, mechanism, sweep, stress, stress_lr, base_eval, seconds)``.
+    Returns ``dict(config, grpo_config, mechanism, mismatch, sweep, stress, stress_lr, base_eval, seconds)``.
     """
     t0 = time.perf_counter()
     base = pretrain_base(base_steps, seed, eval_n=128, progress=progress, cache_dir=cache_dir)
@@ -162,6 +215,7 @@ def moe_rl_stability_run(steps=5, num_iterations=(1, 2, 4), seed=0, progress=Tru
     opts = dict(prompts_per_step=prompts_per_step, top_p=top_p, eval_n=eval_n, **overrides)
     gc = r1_zero_grpo_config(1, seed, num_iterations=max(n_updates, 1), **opts)
     mech = routing_mechanism(params, config, gc, n_updates, seed)
+    mismatch = {p: engine_mismatch(params, config, gc, seed, p) for p in ("bf16", "fp8")}
     sweep = stability_sweep(params, config, tuple(num_iterations), steps, seed, delta=delta, beta=beta,
                             progress=progress, **opts)
     stress = None
@@ -169,5 +223,6 @@ def moe_rl_stability_run(steps=5, num_iterations=(1, 2, 4), seed=0, progress=Tru
         stress = stability_sweep(params, config, tuple(stress_num_iterations), stress_steps, seed, delta=delta,
                                  beta=beta, progress=progress, **{**opts, "lr": stress_lr})
     ev = evaluate(params, config, TASK, n=eval_n, max_new_tokens=gc.max_completion_length)
-    return {"config": config, "grpo_config": gc, "mechanism": mech, "sweep": sweep, "stress": stress,
+    return {"config": config, "grpo_config": gc, "mechanism": mech, "mismatch": mismatch, "sweep": sweep,
+            "stress": stress,
             "stress_lr": stress_lr, "base_eval": ev["accuracy"], "seconds": time.perf_counter() - t0}
