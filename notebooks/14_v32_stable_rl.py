@@ -265,10 +265,12 @@ show_source(gating.check_routes)
 # `refimpl.recipes.moe_rl_stability` (CLI `python -m refimpl moe-rl-stability`) starts from the
 # pretrained base of the R1-Zero miniature ({doc}`06_grpo`: one dense and one MoE layer, 8 routed
 # experts, top-2 with V3's group-limited sigmoid router) and the same addition
-# task and GRPO settings. refimpl's "engine" is the same NumPy model as its trainer, so the
-# engine/trainer mismatch of real systems is absent here; what remains is the drift caused by the
-# off-policy updates themselves. Two parts:
+# task and GRPO settings. Three parts:
 #
+# * **engine/trainer mismatch**: a sampling engine whose weights are rounded to bfloat16 or to FP8
+#   (e4m3, one scale per tensor; V3's deployed inference runs in FP8) samples and records a batch,
+#   and the float32 trainer scores it before any update (μ = 1), with its own routing and with the
+#   engine's;
 # * **the mechanism**: one recorded rollout batch, then plain GRPO updates on it; after each, the
 #   batch is scored twice at the same parameters, with the router's own experts and with the
 #   recorded ones;
@@ -286,6 +288,34 @@ assert (defaults["delta"].default, defaults["beta"].default, defaults["top_p"].d
 v3 = ModelConfig.preset("deepseek-v3")
 assert (v3.num_hidden_layers - v3.first_k_dense_replace, v3.n_routed_experts) == (58, 256)  # quoted in section 7
 print(f"recipe: {res['seconds']:.0f} s; base model: greedy held-out accuracy {res['base_eval']:.3f}")
+
+# %% [markdown]
+# First the engine/trainer mismatch, before any update:
+
+# %%
+mm = res["mismatch"]
+table(["engine weights", "tokens routed differently (%)", "mean abs log ρ, those tokens, own routing",
+       "… with Keep Routing", "mean abs log ρ, other tokens", "std ρ, own routing", "std ρ, Keep Routing"],
+      [(p, f"{100 * m['drift']:.1f}", f"{m['abs_log_ratio']['own']['changed']:.4f}",
+        f"{m['abs_log_ratio']['kept']['changed']:.4f}", f"{m['abs_log_ratio']['own']['unchanged']:.4f}",
+        f"{m['ratio_std']['own']:.4f}", f"{m['ratio_std']['kept']:.4f}") for p, m in mm.items()])
+f8 = mm["fp8"]
+assert f8["drift"] > 0.01                                                   # FP8 rounding moves routes
+assert f8["abs_log_ratio"]["kept"]["changed"] < 0.5 * f8["abs_log_ratio"]["own"]["changed"]
+assert f8["ratio_std"]["kept"] < f8["ratio_std"]["own"]
+assert mm["bf16"]["drift"] < f8["drift"]
+display(Markdown(
+    f"With FP8 engine weights the trainer routes {100 * f8['drift']:.1f}% of the loss's tokens to another "
+    f"top-2 set than the engine did, *before any update*. Their mean $|\\log\\rho|$ is "
+    f"{f8['abs_log_ratio']['own']['changed']:.4f}, against {f8['abs_log_ratio']['own']['unchanged']:.4f} for "
+    f"the other tokens; with Keep Routing it drops to {f8['abs_log_ratio']['kept']['changed']:.4f}, and the "
+    f"spread of ρ over all tokens from {f8['ratio_std']['own']:.4f} to {f8['ratio_std']['kept']:.4f}. With "
+    f"bfloat16 weights {100 * mm['bf16']['drift']:.1f}% of the tokens are routed differently. This is "
+    f"the case V3.2 describes: π_old and π_θ disagree from the start because the engine and the trainer "
+    f"pick different experts, and Keep Routing removes most of that disagreement."))
+
+# %% [markdown]
+# Then the mechanism, with the engine and the trainer computing identically, during off-policy updates:
 
 # %% tags=["hide-input"]
 k = np.array(mech["updates"])
@@ -378,7 +408,11 @@ display(Markdown(
     f"* **Routing drift is real and grows with off-policy updates.** On-policy (μ = 1) nothing drifts and "
     f"ρ ≡ 1. The mean drift rises from {100 * d_mu[1]:.1f}% at μ = {mus[1]} to {100 * d_mu[-1]:.1f}% at "
     f"μ = {mus[-1]}, and the spread of ρ with it ({s_mu[1]:.3f} → {s_mu[-1]:.3f}).\n"
-    f"* **Keep Routing removes the routing change, but little of the ratio spread here.** The tokens whose "
+    f"* **Engine/trainer mismatch moves routes before any update, and Keep Routing undoes it.** With FP8 engine "
+    f"weights {100 * f8['drift']:.1f}% of the tokens change experts at μ = 1, and Keep Routing cuts their mean "
+    f"$|\\log\\rho|$ from {f8['abs_log_ratio']['own']['changed']:.4f} to "
+    f"{f8['abs_log_ratio']['kept']['changed']:.4f}.\n"
+    f"* **During updates, Keep Routing removes the routing change, but little of the ratio spread.** The tokens whose "
     f"experts change are the ones with large log-ratios, yet forcing the recorded experts moves their "
     f"log-probs by only {np.mean(swap):.3f} nats on average (their mean $|\\log\\rho|$: {np.mean(ch):.3f}). "
     f"Presumably, with 8 small experts in one layer, the two candidates at a routing tie compute similar "
@@ -400,13 +434,13 @@ display(Markdown(
            "bounds: the clipping and OPSM act only on the tokens and sequences they select.", "")))
 
 # %% [markdown]
-# So the miniature reproduces the *mechanism* V3.2 guards against (routes drift with μ, and the
-# drifted tokens carry the large importance ratios) but not its *magnitude*: with one small MoE
-# layer and an engine that computes exactly what the trainer computes, the four changes do not
-# separate a stable from an unstable run. Making them matter would need what this miniature leaves
-# out: many MoE layers (drift compounds through the residual stream), an engine whose numerics
-# differ from the trainer's (drift at μ = 1, the case Keep Routing and OPSM's use of the engine's
-# probabilities were designed for), and long generations. `python -m refimpl moe-rl-stability`
+# So the miniature reproduces the *mechanisms* V3.2 guards against: a lower-precision engine routes
+# tokens differently from the trainer before any update, Keep Routing removes most of the resulting
+# ratio error, and routes drift further with every off-policy update. It does not reproduce their
+# *consequence*: in these short runs the four changes do not separate a stable from an unstable run
+# (the training runs use an engine that computes exactly what the trainer computes). Making them
+# matter would need what this miniature leaves out: many MoE layers (drift compounds through the
+# residual stream), an FP8 engine inside the training loop, and long generations. `python -m refimpl moe-rl-stability`
 # with `--steps`, `--num-iterations`, `--lr` and `--stress-lr` runs larger versions.
 #
 # ## Exercises
