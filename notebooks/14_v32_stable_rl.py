@@ -294,10 +294,11 @@ print(f"recipe: {res['seconds']:.0f} s; base model: greedy held-out accuracy {re
 
 # %%
 mm = res["mismatch"]
+fmt4 = lambda x: f"{x:.4f}" if np.isfinite(x) else "(no such token)"  # noqa: E731
 table(["engine weights", "tokens routed differently (%)", "mean abs log ρ, those tokens, own routing",
        "… with Keep Routing", "mean abs log ρ, other tokens", "std ρ, own routing", "std ρ, Keep Routing"],
-      [(p, f"{100 * m['drift']:.1f}", f"{m['abs_log_ratio']['own']['changed']:.4f}",
-        f"{m['abs_log_ratio']['kept']['changed']:.4f}", f"{m['abs_log_ratio']['own']['unchanged']:.4f}",
+      [(p, f"{100 * m['drift']:.1f}", fmt4(m['abs_log_ratio']['own']['changed']),
+        fmt4(m['abs_log_ratio']['kept']['changed']), fmt4(m['abs_log_ratio']['own']['unchanged']),
         f"{m['ratio_std']['own']:.4f}", f"{m['ratio_std']['kept']:.4f}") for p, m in mm.items()])
 f8 = mm["fp8"]
 assert f8["drift"] > 0.01                                                   # FP8 rounding moves routes
