@@ -23,6 +23,7 @@ RECIPES = {
     "r1-zero": ("refimpl.recipes.r1", "r1_zero_run"),
     "r1": ("refimpl.recipes.r1", "r1_run"),
     "dsa-pretrain": ("refimpl.recipes.dsa_pretrain", "dsa_pretrain_run"),
+    "moe-rl-stability": ("refimpl.recipes.moe_rl_stability", "moe_rl_stability_run"),
 }
 
 

@@ -76,12 +76,13 @@ def init_block_params(config, layer, rng, dtype=np.float64):
             "post_attention_layernorm": np.ones(d, dtype=dtype), "mlp": mlp}
 
 
-def block_forward(x, params, config, layer, positions=None, *, backend=None):
+def block_forward(x, params, config, layer, positions=None, *, backend=None, routes=None):
     r"""Decoder layer ``layer`` (0-based) for training: :math:`h' = u + \mathrm{FFN}(\mathrm{RMSNorm}(u))`,
     :math:`u = h + \mathrm{MLA}(\mathrm{RMSNorm}(h))` (DeepSeek-V3 §2.1, Figure 2).
 
     Returns ``(y, cache, info)``; ``info`` is the MoE layer's info dict (``idx``, ``weights``,
-    ``scores``, ``load``) or None for a dense layer.
+    ``scores``, ``load``) or None for a dense layer. ``routes`` (B, T, K): recorded experts for an
+    MoE layer (Keep Routing, :func:`~refimpl.moe.moe_forward`); ignored by a dense layer.
 
     Shapes: x (B, T, D), positions (T,) or (B, T) -> y (B, T, D).
     """
@@ -95,7 +96,7 @@ def block_forward(x, params, config, layer, positions=None, *, backend=None):
     h2, c2 = rmsnorm_forward(u, params["post_attention_layernorm"], eps)  # (B, T, D)
     moe = config.is_moe_layer(layer)
     if moe:
-        f, cf, info = moe_forward(h2, params["mlp"], config, backend=backend)  # (B, T, D)
+        f, cf, info = moe_forward(h2, params["mlp"], config, backend=backend, routes=routes)  # (B, T, D)
     else:
         (f, cf), info = swiglu_mlp_forward(h2, params["mlp"]), None      # (B, T, D)
     return u + f, BlockCache(c1, ca, c2, cf, moe), info

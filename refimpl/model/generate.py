@@ -27,6 +27,33 @@ import numpy as np
 from .transformer import check_input_ids, init_caches, model_forward, model_infer
 
 
+def _nucleus(logits, temperature, top_p):
+    """Probabilities, their descending order and the nucleus flags in that order (Holtzman et al. 2020)."""
+    z = np.asarray(logits, dtype=np.float64) / temperature              # (..., V)
+    p = np.exp(z - z.max(axis=-1, keepdims=True))                       # (..., V)
+    p /= p.sum(axis=-1, keepdims=True)
+    order = np.argsort(-p, axis=-1, kind="stable")                      # (..., V) most likely first
+    ps = np.take_along_axis(p, order, axis=-1)                          # (..., V)
+    keep = (np.cumsum(ps, axis=-1) - ps) < top_p                        # (..., V) mass before it < top_p
+    return p, order, keep
+
+
+def top_p_mask(logits, *, temperature=1.0, top_p=1.0):
+    r"""The vocabulary :func:`sample_next` may draw from: the nucleus of mass ``top_p`` of
+    :math:`\mathrm{softmax}(z/\tau)` (DeepSeek-V3.2 §3.1 keeps this mask for training).
+
+    Shapes: logits (..., V) -> bool (..., V), True for kept tokens.
+    """
+    if not temperature > 0:
+        raise ValueError(f"temperature: expected a positive number, got {temperature!r}")
+    if not 0 < top_p <= 1:
+        raise ValueError(f"top_p: expected a number in (0, 1], got {top_p!r}")
+    _, order, keep = _nucleus(logits, temperature, top_p)
+    mask = np.zeros(keep.shape, dtype=bool)                             # (..., V)
+    np.put_along_axis(mask, order, keep, axis=-1)
+    return mask
+
+
 def sample_next(logits, *, temperature=0.0, top_p=1.0, rng=None):
     r"""Next token per row: argmax if ``temperature == 0``, else a draw from
     :math:`\mathrm{softmax}(z/\tau)` truncated to the smallest set of tokens with mass >= ``top_p``.
@@ -41,13 +68,8 @@ def sample_next(logits, *, temperature=0.0, top_p=1.0, rng=None):
         raise ValueError(f"top_p: expected a number in (0, 1], got {top_p!r}")
     if not isinstance(rng, np.random.Generator):
         raise TypeError(f"rng: sampling (temperature > 0) needs a numpy.random.Generator, got {type(rng).__name__}")
-    z = np.asarray(logits, dtype=np.float64) / temperature              # (B, V)
-    p = np.exp(z - z.max(axis=-1, keepdims=True))                       # (B, V)
-    p /= p.sum(axis=-1, keepdims=True)
-    order = np.argsort(-p, axis=-1, kind="stable")                      # (B, V) most likely first
-    ps = np.take_along_axis(p, order, axis=-1)                          # (B, V)
-    keep = (np.cumsum(ps, axis=-1) - ps) < top_p                        # (B, V) mass before it < top_p
-    ps = np.where(keep, ps, 0.0)
+    p, order, keep = _nucleus(logits, temperature, top_p)              # (B, V) each
+    ps = np.where(keep, np.take_along_axis(p, order, axis=-1), 0.0)     # (B, V) sorted, truncated
     cdf = np.cumsum(ps, axis=-1)                                        # (B, V)
     u = rng.random(p.shape[0]) * cdf[:, -1]                             # (B,)
     j = np.minimum((cdf <= u[:, None]).sum(axis=-1), p.shape[1] - 1)    # (B,)

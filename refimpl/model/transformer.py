@@ -78,12 +78,14 @@ class ModelCache(NamedTuple):
     keys: tuple        # the params' top-level keys
 
 
-def model_forward(input_ids, params, config, positions=None, *, backend=None):
+def model_forward(input_ids, params, config, positions=None, *, backend=None, routes=None):
     r"""Logits of every position (DeepSeek-V3 §2.1): :math:`z = W_{head}\,\mathrm{RMSNorm}(h^{(N)})`.
 
     Returns ``(logits, cache, info)``: ``info["moe"]`` is a list with one MoE info dict per layer
     (None for dense layers); ``info["hidden"]`` (B, T, D) is the final-normed hidden state that the
     head reads (what the MTP modules take as :math:`h^0`, as vLLM's DeepSeek MTP does).
+    ``routes``: Keep Routing (DeepSeek-V3.2 §3.1), a list with one (B, T, K) array of recorded
+    experts (e.g. ``info["moe"][n]["idx"]`` of the sampling policy) or None per layer.
 
     Shapes: input_ids (B, T) int64 -> logits (B, T, V) in the params' dtype.
     """
@@ -91,8 +93,11 @@ def model_forward(input_ids, params, config, positions=None, *, backend=None):
     m = params["model"]
     h, c_emb = embedding_forward(ids, m["embed_tokens"])                 # (B, T, D)
     caches, infos = [], []
+    if routes is not None and len(routes) != len(m["layers"]):
+        raise ValueError(f"routes: expected one entry per layer ({len(m['layers'])}), got {len(routes)}")
     for n, lp in enumerate(m["layers"]):
-        h, c, info = block_forward(h, lp, config, n, positions, backend=backend)  # (B, T, D)
+        r = None if routes is None else routes[n]
+        h, c, info = block_forward(h, lp, config, n, positions, backend=backend, routes=r)  # (B, T, D)
         caches.append(c)
         infos.append(info)
     hn, c_norm = rmsnorm_forward(h, m["norm"], config.rms_norm_eps)      # (B, T, D)

@@ -140,7 +140,7 @@ def select_experts(sel, k, *, n_group=1, topk_group=1, group_score=None, mask_va
     return np.argsort(-sel, axis=-1, kind="stable")[:, :k].astype(np.int64)  # (N, K)
 
 
-def gate_forward(x, params, config, *, mask_value=-np.inf, backend=None):
+def gate_forward(x, params, config, *, mask_value=-np.inf, backend=None, routes=None):
     r"""DeepSeek-V2/V3 router, as ``DeepseekV2TopkRouter`` / ``DeepseekV3TopkRouter`` compute it.
 
     .. math::
@@ -154,6 +154,11 @@ def gate_forward(x, params, config, *, mask_value=-np.inf, backend=None):
     docstring. ``params = {"weight": (E, D), "e_score_correction_bias": (E,)}`` (the bias only for
     ``noaux_tc``). Logits are computed in the input's dtype (HF uses float32 even for float64 models).
 
+    ``routes`` (N, K) int64, optional: DeepSeek-V3.2's *Keep Routing* (arXiv 2512.02556 §3.1) —
+    use these experts (recorded at sampling time) instead of choosing: the selection step (bias,
+    group limit, top-K) is skipped, and the gate values are formed from the *current* scores on the
+    given experts exactly as above, so the gate weights of those experts still get gradients.
+
     Shapes: x (N, D) -> Routing(idx (N, K), weights (N, K), scores (N, E), logits (N, E)), GateCache.
     """
     check_router_config(config)
@@ -164,10 +169,13 @@ def gate_forward(x, params, config, *, mask_value=-np.inf, backend=None):
         scores, _ = softmax_forward(logits)                               # (N, E)
     else:
         scores = sigmoid(logits)                                          # (N, E)
-    choice = scores + bias.astype(scores.dtype) if bias is not None else scores  # (N, E) selection only
-    idx = select_experts(choice, config.num_experts_per_tok, n_group=config.n_group,
-                         topk_group=config.topk_group, group_score=GROUP_SCORE[config.topk_method],
-                         mask_value=mask_value, backend=backend)          # (N, K)
+    if routes is not None:                                                # Keep Routing: no selection
+        idx = check_routes(routes, x.shape[0], config)                    # (N, K)
+    else:
+        choice = scores + bias.astype(scores.dtype) if bias is not None else scores  # (N, E) selection only
+        idx = select_experts(choice, config.num_experts_per_tok, n_group=config.n_group,
+                             topk_group=config.topk_group, group_score=GROUP_SCORE[config.topk_method],
+                             mask_value=mask_value, backend=backend)      # (N, K)
     sel = np.take_along_axis(scores, idx, axis=1)                         # (N, K) unbiased
     denom = None
     if config.norm_topk_prob:
@@ -179,6 +187,21 @@ def gate_forward(x, params, config, *, mask_value=-np.inf, backend=None):
     cache = GateCache(x, w, scores, idx, sel, denom, config.scoring_func, float(config.routed_scaling_factor),
                       bias is not None)
     return Routing(idx, weights, scores, logits), cache
+
+
+def check_routes(routes, n, config):
+    """Validate recorded expert indices for Keep Routing: (n, K) ints in [0, E), distinct per row."""
+    r = np.asarray(routes)
+    k, e = config.num_experts_per_tok, config.n_routed_experts
+    if r.dtype.kind not in "iu":
+        raise TypeError(f"routes: expected integer expert indices, got dtype {r.dtype}")
+    if r.shape != (n, k):
+        raise ValueError(f"routes: expected shape ({n}, {k}) (tokens, num_experts_per_tok), got {r.shape}")
+    if r.size and (r.min() < 0 or r.max() >= e):
+        raise ValueError(f"routes: expected expert indices in [0, {e}), got values in [{r.min()}, {r.max()}]")
+    if k > 1 and (np.diff(np.sort(r, axis=1), axis=1) == 0).any():
+        raise ValueError("routes: expected distinct experts in every row")
+    return r.astype(np.int64, copy=False)
 
 
 def gate_backward(dweights, cache, dscores=None):

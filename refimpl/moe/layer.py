@@ -92,7 +92,8 @@ def check_moe_params(params, config, dtype):
             check_shape(f"params['shared_experts']['{name}']", sh[name], shape, "(out, in), width Es*I")
 
 
-def moe_forward(x, params, config, *, capacity_factor=None, n_devices=None, mask_value=-np.inf, backend=None):
+def moe_forward(x, params, config, *, capacity_factor=None, n_devices=None, mask_value=-np.inf, backend=None,
+                routes=None):
     r"""DeepSeekMoE layer output (without the residual), computed sparsely.
 
     Parameters
@@ -109,6 +110,10 @@ def moe_forward(x, params, config, *, capacity_factor=None, n_devices=None, mask
     mask_value : float
         Selection value of experts in excluded groups (``-inf``; ``0.0`` reproduces the old HF bug).
     backend : "auto", "numpy", "numba" or None.
+    routes : (..., K) int array, optional
+        Keep Routing (DeepSeek-V3.2 §3.1): the experts recorded at sampling time (``info["idx"]``
+        of that forward), used instead of the router's choice; the gate values are recomputed from
+        the current router on them (:func:`~refimpl.moe.gating.gate_forward`).
 
     Returns
     -------
@@ -128,7 +133,13 @@ def moe_forward(x, params, config, *, capacity_factor=None, n_devices=None, mask
     lead = x.shape[:-1]
     u = x.reshape(-1, x.shape[-1])                                        # (N, D)
     backend = resolve_backend(backend, work=u.size * k)                   # one choice for every step
-    routing, gcache = gate_forward(u, params["gate"], config, mask_value=mask_value, backend=backend)
+    if routes is not None:
+        routes = np.asarray(routes)
+        if routes.shape[:-1] != lead:
+            raise ValueError(f"routes: expected shape {(*lead, k)} to match x's leading axes, got {routes.shape}")
+        routes = routes.reshape(-1, routes.shape[-1])                     # (N, K)
+    routing, gcache = gate_forward(u, params["gate"], config, mask_value=mask_value, backend=backend,
+                                   routes=routes)
     keep, info = None, {}
     if capacity_factor is not None:
         affinity = np.take_along_axis(routing.scores, routing.idx, axis=1)  # (N, K) unbiased s

@@ -9,6 +9,8 @@
   language consistency, weighted sums.
 * :mod:`~refimpl.rl.rollout` — sampling with the KV cache, the loss's batch layout, held-out
   evaluation, rejection sampling.
+* :mod:`~refimpl.rl.stable` — DeepSeek-V3.2's stable-RL changes for MoE policies: the unbiased
+  KL estimate, off-policy sequence masking, Keep Routing and Keep Sampling Mask (trainer options).
 * :mod:`~refimpl.rl.trainer` — the GRPO trainer (π_old/π_ref, DAPO dynamic sampling, metrics,
   deterministic by seed) and supervised fine-tuning.
 
@@ -36,6 +38,14 @@ from .rewards import (
     overlong_penalty,
     tag_count_reward,
 )
+from .stable import (
+    SamplingRecord,
+    off_policy_sequence_mask,
+    sampling_record,
+    unbiased_kl,
+    v32_grpo_loss,
+    v32_grpo_loss_from_logits,
+)
 from .trainer import (
     GRPOConfig,
     RolloutBatch,
@@ -54,5 +64,6 @@ __all__ = [
     "logps_entropy_forward", "logps_entropy_backward", "accuracy_reward", "format_reward", "extract_answer",
     "overlong_penalty", "language_consistency_reward", "combine_rewards", "exact_match", "tag_count_reward",
     "GRPOConfig", "grpo_train", "evaluate", "sft_train", "rejection_sample", "RolloutBatch", "grpo_objective",
-    "completion_logps",
+    "completion_logps", "unbiased_kl", "off_policy_sequence_mask", "v32_grpo_loss", "v32_grpo_loss_from_logits",
+    "sampling_record", "SamplingRecord",
 ]

@@ -357,3 +357,16 @@ def grpo_loss_from_logits(logits, completion_ids, old_logps, ref_logps, advantag
     info["entropy"] = float((ent * m).sum() / max(float(m.sum()), 1.0))
     dlogits = logps_entropy_backward(dlogps, dent, cache)              # (B, T, V)
     return np.asarray(loss, dtype=logits.dtype), dlogits, info
+
+
+def aggregation_weights(loss_type, mask, *, max_completion_length=None, num_items_in_batch=None):
+    r"""The weights :math:`W_{i,t}` of :math:`J=\sum_{i,t}W_{i,t}L_{i,t}` that :func:`grpo_loss` uses for
+    ``loss_type`` (TRL's single-process normalisers, see the module docstring), for terms added to
+    the same per-token loss (e.g. :mod:`refimpl.rl.stable`'s unbiased KL).
+
+    Shapes: mask (B, T) bool -> W (B, T) float64.
+    """
+    if loss_type not in LOSS_TYPES:
+        raise ValueError(f"loss_type: expected one of {LOSS_TYPES}, got {loss_type!r}")
+    m = _check_mask(mask, np.shape(mask))
+    return _weights(loss_type, m, max_completion_length, num_items_in_batch)[0]

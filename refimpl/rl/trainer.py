@@ -59,6 +59,14 @@ from .rollout import (  # noqa: F401 - evaluate, rejection_sample, RolloutBatch,
     evaluate,
     rejection_sample,
 )
+from .stable import (
+    check_stable_options,
+    policy_logps,
+    routing_drift,
+    sampling_record,
+    uses_stable,
+    v32_grpo_loss_from_logits,
+)
 
 REWARD_NAMES = ("accuracy", "format")
 
@@ -79,6 +87,8 @@ class GRPOConfig:
     DAPO's overlong penalty with that buffer. ``dynamic_sampling``: DAPO's filter of zero-std
     groups with at most ``max_resample_rounds`` extra generation rounds per step. ``eval_n``:
     held-out prompts for the periodic greedy evaluation. ``backend``: ``"numpy"``/``"numba"``/None.
+    DeepSeek-V3.2 §3.1 (:mod:`refimpl.rl.stable`): ``use_bias_correction_kl``,
+    ``off_policy_mask_threshold`` (TRL's names), ``keep_routing``, ``keep_sampling_mask``.
 
     Defaults: DAPO's token-level loss and clip-higher (ε_lo 0.2, ε_hi 0.28) with β = 0 (no
     reference model, as DAPO and TRL's default; R1 used β = 0.001), G = 8, and a learning rate
@@ -115,6 +125,11 @@ class GRPOConfig:
     eval_n: int = 128
     seed: int = 0
     backend: str | None = "numpy"
+    # DeepSeek-V3.2 §3.1 (refimpl.rl.stable): unbiased KL, OPSM's delta, Keep Routing, Keep Sampling Mask
+    use_bias_correction_kl: bool = False
+    off_policy_mask_threshold: float | None = None
+    keep_routing: bool = False
+    keep_sampling_mask: bool = False
 
     def __post_init__(self):
         def whole(name, low):
@@ -168,6 +183,7 @@ class GRPOConfig:
                              f"got {self.soft_punish_cache}")
         if self.backend not in (None, "auto", "numpy", "numba"):
             raise ValueError(f"backend: expected None, 'auto', 'numpy' or 'numba', got {self.backend!r}")
+        check_stable_options(self)
 
     def replace(self, **changes) -> GRPOConfig:
         """A copy with ``changes`` (unknown names raise ValueError)."""
@@ -238,22 +254,35 @@ def _grads_like(grads, params):
     return {k: grads[k] if k in grads else tree_map(np.zeros_like, params[k]) for k in params}
 
 
-def grpo_objective(params, config, batch, advantages, old_logps, ref_logps, gc):
+def grpo_objective(params, config, batch, advantages, old_logps, ref_logps, gc, record=None):
     r"""The GRPO loss of a rollout batch and its gradient for every parameter (no update).
 
     :math:`J(\theta)` of :func:`refimpl.rl.grpo_loss_from_logits` (with ``gc``'s loss options and
     the sampling temperature) on the completion-aligned logits of :func:`refimpl.model.model_forward`;
     the gradient goes logits → :meth:`RolloutBatch.scatter` → :func:`refimpl.model.model_backward`.
     ``old_logps`` None means on-policy (ratio 1 in value); ``ref_logps`` is needed when β ≠ 0.
+    ``record``: the batch's :class:`~refimpl.rl.stable.SamplingRecord`; with it the V3.2 options of
+    ``gc`` apply (:func:`~refimpl.rl.stable.v32_grpo_loss_from_logits`) and ``info`` adds
+    ``routing_drift`` (:func:`~refimpl.rl.stable.routing_drift` over the loss's tokens).
 
     Shapes: advantages (B,), old_logps / ref_logps (B, Tc) or None -> loss (), grads (params' tree), info.
     """
-    logits, cache, _ = model_forward(batch.ids, params, config, backend=gc.backend)  # (B, T, V)
-    loss, dlc, info = grpo_loss_from_logits(
-        batch.gather(logits), batch.comp, old_logps, ref_logps, advantages.astype(logits.dtype), batch.mask,
-        temperature=gc.temperature, entropy_coef=gc.entropy_coef, loss_type=gc.loss_type, epsilon=gc.epsilon,
-        epsilon_high=gc.epsilon_high, delta=gc.delta, beta=gc.beta, kl_estimator=gc.kl_estimator,
-        importance_sampling_level=gc.importance_sampling_level, max_completion_length=gc.max_completion_length)
+    routes = record.routes if record is not None and gc.keep_routing else None
+    logits, cache, minfo = model_forward(batch.ids, params, config, backend=gc.backend, routes=routes)  # (B, T, V)
+    kw = dict(temperature=gc.temperature, entropy_coef=gc.entropy_coef, loss_type=gc.loss_type, epsilon=gc.epsilon,
+              epsilon_high=gc.epsilon_high, delta=gc.delta, beta=gc.beta, kl_estimator=gc.kl_estimator,
+              importance_sampling_level=gc.importance_sampling_level, max_completion_length=gc.max_completion_length)
+    args = (batch.gather(logits), batch.comp, old_logps, ref_logps, advantages.astype(logits.dtype), batch.mask)
+    if record is None:
+        loss, dlc, info = grpo_loss_from_logits(*args, **kw)
+    else:
+        loss, dlc, info = v32_grpo_loss_from_logits(
+            *args, sampling_mask=record.vocab_mask, sampling_logps=record.logps,
+            use_bias_correction_kl=gc.use_bias_correction_kl, off_policy_mask_threshold=gc.off_policy_mask_threshold,
+            **kw)
+        counted = np.zeros(batch.ids.shape, bool)                       # (B, T) positions the loss reads
+        counted[batch.rows, batch.pos] = batch.mask
+        info["routing_drift"] = routing_drift(minfo["moe"], record.routes, params, config, counted)
     grads = _grads_like(model_backward(batch.scatter(dlc, logits.shape), cache), params)
     return loss, grads, info
 
@@ -263,9 +292,9 @@ def _rl_decay_mask(path, p):
     return default_decay_mask(path, p) and not path.startswith("mtp.")
 
 
-def _update(params, opt, config, batch, adv, old, ref, gc, lr):
+def _update(params, opt, config, batch, adv, old, ref, gc, lr, record=None):
     """One AdamW update on a rollout batch: loss and gradients, clip, step."""
-    loss, grads, info = grpo_objective(params, config, batch, adv, old, ref, gc)
+    loss, grads, info = grpo_objective(params, config, batch, adv, old, ref, gc, record)
     grads, norm = clip_grad_norm(grads, gc.max_grad_norm)
     params, opt = adamw_update(params, grads, opt, lr=lr, betas=tuple(gc.betas), weight_decay=gc.weight_decay,
                                decay_mask=_rl_decay_mask)
@@ -274,7 +303,8 @@ def _update(params, opt, config, batch, adv, old, ref, gc, lr):
 
 
 ITER_KEYS = ("loss", "ratio_mean", "clip_ratio/low_mean", "clip_ratio/high_mean", "clip_ratio/region_mean",
-             "entropy", "kl", "grad_norm")
+             "entropy", "kl", "grad_norm", "routing_drift", "ratio_std", "ratio_max", "ratio_min",
+             "opsm_masked_fraction")
 
 
 def grpo_train(params, config, task, gc, *, ref_params=None, progress=True, eval_every=25, callback=None):
@@ -333,13 +363,15 @@ def grpo_train(params, config, task, gc, *, ref_params=None, progress=True, eval
         if len(rewards):
             batch = RolloutBatch(ids, comps, gc)
             adv, _ = group_advantages(rewards, gc.num_generations, scale_rewards=gc.scale_rewards)  # (B,)
-            old = ref = None
+            old = ref = record = None
+            if gc.num_iterations > 1 or uses_stable(gc):   # what the sampler knew (refimpl.rl.stable)
+                record = sampling_record(params, config, batch, gc)
             if gc.num_iterations > 1:   # pi_old: the sampling policy, fixed for the step's updates
-                old = completion_logps(params, config, batch, gc.temperature, gc.backend)  # (B, Tc)
+                old = record.logps                                      # (B, Tc)
             if gc.beta != 0:
-                ref = completion_logps(ref_params, config, batch, gc.temperature, gc.backend)  # (B, Tc)
+                ref = policy_logps(ref_params, config, batch, gc, record)  # (B, Tc)
             for _ in range(gc.num_iterations):
-                params, opt, info = _update(params, opt, config, batch, adv, old, ref, gc, lr)
+                params, opt, info = _update(params, opt, config, batch, adv, old, ref, gc, lr, record)
                 iters.append({k: info[k] for k in ITER_KEYS if k in info})
         for k in ITER_KEYS:
             vals = [it[k] for it in iters if k in it]
