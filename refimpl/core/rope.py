@@ -20,7 +20,7 @@ from typing import NamedTuple
 
 import numpy as np
 
-from .._validate import check_float, check_int
+from .._validate import check_bool, check_float, check_int, check_integer, check_real
 
 
 def _rope_type(rope_scaling):
@@ -33,8 +33,32 @@ def _rope_type(rope_scaling):
         return None
     if kind != "yarn":
         raise ValueError(f"rope_scaling: only 'yarn' (or 'default') is supported, got type {kind!r}")
-    if not rope_scaling.get("factor", 0) >= 1:
+    if not isinstance(rope_scaling.get("factor", 0), int | float) or not rope_scaling.get("factor", 0) >= 1:
         raise ValueError(f"rope_scaling: 'factor' must be >= 1, got {rope_scaling.get('factor')!r}")
+    return kind
+
+
+def check_rope_scaling(rope_scaling):
+    """Validate a ``rope_scaling`` dict (None, ``default`` or ``yarn``); return its type (None or "yarn").
+
+    Every YaRN field refimpl reads is checked, so a bad value fails here, naming the key, and not
+    later as a ZeroDivisionError or a NaN frequency.
+    """
+    kind = _rope_type(rope_scaling)
+    if kind is None:
+        return None
+    check_real("rope_scaling['factor']", rope_scaling["factor"], low=1.0)
+    for key in ("beta_fast", "beta_slow"):
+        if key in rope_scaling:
+            check_real(f"rope_scaling[{key!r}]", rope_scaling[key], low=0.0, low_open=True)
+    for key in ("mscale", "mscale_all_dim", "attention_factor"):
+        if rope_scaling.get(key) is not None:
+            check_real(f"rope_scaling[{key!r}]", rope_scaling[key], low=0.0)
+    if "original_max_position_embeddings" in rope_scaling:
+        check_integer("rope_scaling['original_max_position_embeddings']",
+                      rope_scaling["original_max_position_embeddings"], low=1)
+    if "truncate" in rope_scaling:
+        check_bool("rope_scaling['truncate']", rope_scaling["truncate"])
     return kind
 
 

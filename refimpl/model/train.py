@@ -22,6 +22,7 @@ from typing import NamedTuple
 
 import numpy as np
 
+from .._validate import BACKENDS, check_betas, check_choice, check_integer, check_real
 from ..config import ModelConfig
 from ..moe import bias_update, max_violation
 from ..optim import AdamWState, adamw_init, adamw_update, clip_grad_norm, warmup_cosine_lr
@@ -43,6 +44,18 @@ class TrainConfig:
     mtp_lambda: float = 0.3
     balance: str = "auto"
     backend: str | None = None
+
+    def __post_init__(self):
+        check_integer("steps", self.steps, low=0)
+        check_integer("warmup_steps", self.warmup_steps, low=0, high=self.steps)
+        check_real("lr", self.lr, low=0.0)
+        check_real("min_lr", self.min_lr, low=0.0, high=self.lr)
+        check_betas("betas", self.betas)
+        for name in ("weight_decay", "bias_update_speed", "mtp_lambda"):
+            check_real(name, getattr(self, name), low=0.0)
+        check_real("max_grad_norm", self.max_grad_norm, low=0.0, low_open=True)
+        check_choice("balance", self.balance, ("auto", "seq", "expert", "none"))
+        check_choice("backend", self.backend, BACKENDS)
 
 
 class TrainState(NamedTuple):

@@ -175,7 +175,7 @@ def task_bad(args):
             ids, labels = batch_fn(np.random.default_rng(0), 0)
             if comm.rank == comm.size - 1:
                 ids = ids + config.vocab_size
-            dp_train_step(state, config, (ids, labels), TrainConfig(steps=1), comm)
+            dp_train_step(state, config, (ids, labels), TrainConfig(steps=1, warmup_steps=1), comm)
         else:
             raise SystemExit(f"--kind: unknown {args.kind!r}")
     except (ValueError, TypeError) as e:
