@@ -199,6 +199,9 @@ def _hf_config_dict(config):
 def save_pretrained(path, params, config):
     """Write ``config.json`` and ``model.safetensors`` (hub names, per-expert tensors)."""
     from safetensors.numpy import save_file
+
+    from .structure import check_params
+    check_params(params, config)   # a tree load_pretrained could not read back is never written
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
     with open(path / "config.json", "w") as f:

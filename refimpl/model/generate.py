@@ -25,6 +25,7 @@ from __future__ import annotations
 import numpy as np
 
 from ..attention import init_latent_cache
+from .structure import check_params
 from .transformer import check_input_ids, init_caches, model_forward, model_infer
 
 
@@ -72,7 +73,7 @@ def _generate_batch(params, config, ids, max_new_tokens, temperature, top_p, rng
             logits, _ = model_infer(new, params, config, caches, 0 if step == 0 else cur - 1, impl=impl,
                                     backend=backend)                   # (B, T or 1, V)
         else:
-            logits = model_forward(out[:, :cur], params, config, backend=backend)[0]  # (B, cur, V)
+            logits = model_forward(out[:, :cur], params, config, backend=backend, validate=False)[0]  # (B, cur, V)
         tok = sample_next(logits[:, -1], temperature=temperature, top_p=top_p, rng=rng)  # (B,)
         out[:, cur] = np.where(done, pad_id, tok)
         done |= np.isin(tok, stop) & ~done
@@ -93,6 +94,7 @@ def generate(params, config, input_ids, max_new_tokens, *, temperature=0.0, top_
     """
     if not isinstance(max_new_tokens, int | np.integer) or max_new_tokens < 0:
         raise ValueError(f"max_new_tokens: expected a non-negative integer, got {max_new_tokens!r}")
+    check_params(params, config)
     stop = np.asarray(list(stop_tokens), dtype=np.int64)
     kw = dict(temperature=temperature, top_p=top_p, rng=rng, stop=stop, pad_id=pad_id, impl=impl,
               use_cache=use_cache, backend=backend)
@@ -130,8 +132,9 @@ def speculative_generate(params, config, input_ids, max_new_tokens, *, impl="abs
     ``info``: ``drafted``, ``accepted``, ``acceptance_rate``, ``main_forwards``.
     """
     from .mtp import mtp_draft_step
-    if not params.get("mtp"):
+    if not isinstance(params, dict) or not params.get("mtp"):
         raise ValueError("params: speculative decoding needs the MTP modules (params['mtp'])")
+    check_params(params, config)
     ids = check_input_ids(input_ids, config)
     if ids.shape[0] != 1:
         raise ValueError(f"input_ids: speculative_generate takes one prompt, got batch {ids.shape[0]}")

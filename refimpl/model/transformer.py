@@ -33,6 +33,7 @@ from ..core.rmsnorm import rmsnorm_backward, rmsnorm_forward
 from ..moe import balance_backward, expert_balance_forward, seq_balance_forward
 from ..tree import tree_map
 from .block import block_backward, block_forward, block_infer, init_block_params
+from .structure import check_params
 
 IGNORE_INDEX = -100
 BALANCE = ("auto", "seq", "expert", "none")
@@ -78,16 +79,21 @@ class ModelCache(NamedTuple):
     keys: tuple        # the params' top-level keys
 
 
-def model_forward(input_ids, params, config, positions=None, *, backend=None):
+def model_forward(input_ids, params, config, positions=None, *, backend=None, validate=True):
     r"""Logits of every position (DeepSeek-V3 §2.1): :math:`z = W_{head}\,\mathrm{RMSNorm}(h^{(N)})`.
 
     Returns ``(logits, cache, info)``: ``info["moe"]`` is a list with one MoE info dict per layer
     (None for dense layers); ``info["hidden"]`` (B, T, D) is the final-normed hidden state that the
     head reads (what the MTP modules take as :math:`h^0`, as vLLM's DeepSeek MTP does).
 
+    ``params`` is checked against ``config`` (:func:`~refimpl.model.structure.check_params`) unless
+    ``validate=False`` (for callers that checked it once already).
+
     Shapes: input_ids (B, T) int64 -> logits (B, T, V) in the params' dtype.
     """
     ids = check_input_ids(input_ids, config)
+    if validate:
+        check_params(params, config)
     m = params["model"]
     h, c_emb = embedding_forward(ids, m["embed_tokens"])                 # (B, T, D)
     caches, infos = [], []
@@ -174,7 +180,8 @@ def loss_forward(input_ids, params, config, labels=None, *, positions=None, bala
                                                    allow=IGNORE_INDEX)
     if labels.shape != ids.shape:
         raise ValueError(f"labels: expected shape {ids.shape} like input_ids, got {labels.shape}")
-    logits, mcache, minfo = model_forward(ids, params, config, positions, backend=backend)
+    check_params(params, config)
+    logits, mcache, minfo = model_forward(ids, params, config, positions, backend=backend, validate=False)
     lm_loss, c_ce = cross_entropy_forward(logits, shift_labels(labels), ignore_index=IGNORE_INDEX,
                                         backend=backend)
     kind = _balance_kind(balance, config)
