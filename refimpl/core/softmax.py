@@ -57,8 +57,8 @@ def log_softmax_forward(x, axis=-1):
     check_float("x", x, min_ndim=1, allow_inf=True)
     z, _ = _shifted(x, axis)                                            # (...)
     s = np.sum(np.exp(z), axis=axis, keepdims=True)                     # (..., 1, ...)
-    with np.errstate(divide="ignore"):
-        logp = z - np.log(s)                                            # (...)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        logp = np.where(s > 0, z - np.log(s), -np.inf).astype(x.dtype, copy=False)  # (...) all -inf rows stay -inf
     p = np.exp(logp)                                                    # (...)
     return logp, LogSoftmaxCache(p, axis)
 
