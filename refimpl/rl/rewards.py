@@ -27,8 +27,6 @@ TAGS = ("<think>", "</think>", "<answer>", "</answer>")
 _BODY = r"(?:(?!</?(?:think|answer)>).)*"          # any text that contains no tag
 _FORMAT = re.compile(rf"<think>{_BODY}</think><answer>{_BODY}</answer>", re.DOTALL)
 _FORMAT_NL = re.compile(rf"<think>\n{_BODY}\n</think>\n<answer>\n{_BODY}\n</answer>", re.DOTALL)
-_ANSWER = re.compile(r"<answer>(.*?)</answer>", re.DOTALL)
-_THINK = re.compile(r"<think>(.*?)</think>", re.DOTALL)
 
 
 def _check_completions(completions) -> list[str]:
@@ -40,10 +38,33 @@ def _check_completions(completions) -> list[str]:
     return list(completions)
 
 
+def _blocks(text: str, open_tag: str, close_tag: str):
+    """The contents of the non-overlapping ``open_tag…close_tag`` pairs, left to right (what
+    ``re.findall(open(.*?)close, DOTALL)`` finds), in time linear in ``len(text)``: a lazy regex
+    rescans the rest of the text from every unclosed opening tag, quadratic on model samples
+    such as ``"<answer>" * 16000``."""
+    pos = 0
+    while True:
+        i = text.find(open_tag, pos)
+        if i < 0:
+            return
+        j = text.find(close_tag, i + len(open_tag))
+        if j < 0:          # no closing tag after this opening one, so none after any later one
+            return
+        yield text[i + len(open_tag):j]
+        pos = j + len(close_tag)
+
+
 def extract_answer(text: str) -> str | None:
-    """The stripped content of the *last* ``<answer>…</answer>`` pair in ``text``, or None."""
-    found = _ANSWER.findall(text)
-    return found[-1].strip() if found else None
+    """The stripped content of the *last* ``<answer>…</answer>`` pair in ``text``, or None.
+
+    Linear in ``len(text)`` (rewards run on arbitrary model samples)."""
+    if not isinstance(text, str):
+        raise TypeError(f"text: expected a str, got {type(text).__name__}")
+    last = None
+    for last in _blocks(text, "<answer>", "</answer>"):  # noqa: B007 - the last one is wanted
+        pass
+    return None if last is None else last.strip()
 
 
 def exact_match(pred: str, gold: str) -> bool:
@@ -140,9 +161,9 @@ def language_consistency_reward(completions, *, alphabet, unit="char") -> np.nda
         raise ValueError("alphabet: expected a non-empty collection of characters")
     out = []
     for c in _check_completions(completions):
-        found = _THINK.search(c)
-        items = [] if found is None else (found.group(1).split() if unit == "word"
-                                          else [ch for ch in found.group(1) if not ch.isspace()])
+        found = next(_blocks(c, "<think>", "</think>"), None)
+        items = [] if found is None else (found.split() if unit == "word"
+                                          else [ch for ch in found if not ch.isspace()])
         ok = [all(ch in allowed for ch in it) for it in items]
         out.append(float(np.mean(ok)) if ok else 0.0)
     return np.array(out)
