@@ -153,3 +153,15 @@ def check_betas(name: str, betas) -> tuple:
     if not isinstance(betas, tuple | list) or len(betas) != 2:
         raise ValueError(f"{name}: expected two values in [0, 1), got {betas!r}")
     return tuple(check_real(f"{name}[{i}]", b, low=0.0, high=1.0, high_open=True) for i, b in enumerate(betas))
+
+
+def check_upstream(name: str, dy, shape=None) -> np.ndarray:
+    """An upstream gradient given to a backward function: a float ndarray (or a real scalar for a
+    scalar loss), finite, and shaped like the forward's output when ``shape`` is given."""
+    if shape == () and not isinstance(dy, np.ndarray):
+        check_real(name, dy)
+        return np.asarray(dy, dtype=np.float64)
+    check_float(name, dy)
+    if shape is not None and tuple(dy.shape) != tuple(shape):
+        raise ValueError(f"{name}: expected shape {tuple(shape)} (the forward's output), got {tuple(dy.shape)}")
+    return dy

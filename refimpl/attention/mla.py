@@ -85,6 +85,8 @@ def _check_mla(x, params, config, scan=True):
     check_float("x", x, ndim=3)
     if x.shape[-1] != config.hidden_size:
         raise ValueError(f"x: expected last axis hidden_size={config.hidden_size}, got shape {x.shape}")
+    if x.shape[0] < 1 or x.shape[1] < 1:
+        raise ValueError(f"x: expected shape (B, T, D) with B >= 1 and T >= 1, got {x.shape}")
     if not isinstance(params, dict):
         raise TypeError(f"params: expected a dict of MLA weights, got {type(params).__name__}")
     shapes = mla_param_shapes(config)

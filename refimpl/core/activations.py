@@ -12,7 +12,7 @@ from typing import NamedTuple
 
 import numpy as np
 
-from .._validate import check_float, check_same_dtype, check_shape
+from .._validate import check_float, check_same_dtype, check_shape, check_upstream
 from .linear import linear_backward, linear_forward
 
 
@@ -36,6 +36,7 @@ def silu_forward(x):
 def silu_backward(dy, cache):
     r"""Gradient of :func:`silu_forward`: :math:`\sigma(x)(1 + x(1-\sigma(x)))`."""
     x, sig = cache
+    check_upstream("dy", dy, x.shape)
     # forward: y = x * sig(x)     so: dy/dx = sig + x * sig * (1 - sig)
     return dy * sig * (1.0 + x * (1.0 - sig))                           # (...)
 
@@ -62,6 +63,7 @@ def swiglu_forward(gate, up):
 def swiglu_backward(dy, cache):
     """Gradients of :func:`swiglu_forward`. Shapes: dy (..., I) -> dgate (..., I), dup (..., I)."""
     gate, up, sig = cache
+    check_upstream("dy", dy, gate.shape)
     # forward: y = silu(gate) * up
     dup = dy * gate * sig                                               # (..., I)
     dgate = dy * up * sig * (1.0 + gate * (1.0 - sig))                  # (..., I)

@@ -12,7 +12,7 @@ from typing import NamedTuple
 
 import numpy as np
 
-from .._validate import check_float, check_real, check_same_dtype, check_shape
+from .._validate import check_float, check_real, check_same_dtype, check_shape, check_upstream
 
 
 class RMSNormCache(NamedTuple):
@@ -53,6 +53,7 @@ def rmsnorm_forward(x, w, eps=1e-6):
 def rmsnorm_backward(dy, cache):
     """Gradients of :func:`rmsnorm_forward`. Shapes: dy (..., D) -> dx (..., D), dw (D,)."""
     x, w, rstd = cache
+    check_upstream("dy", dy, x.shape)
     xhat = x * rstd                                                     # (..., D)
     # forward: y = xhat * w                 so: dw = sum over rows of dy * xhat
     dw = np.sum(dy * xhat, axis=tuple(range(dy.ndim - 1)))              # (D,)

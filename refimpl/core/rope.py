@@ -20,7 +20,7 @@ from typing import NamedTuple
 
 import numpy as np
 
-from .._validate import check_bool, check_float, check_int, check_integer, check_real
+from .._validate import check_bool, check_float, check_int, check_integer, check_real, check_upstream
 
 
 def _rope_type(rope_scaling):
@@ -189,6 +189,8 @@ def rope_forward(x, positions, inv_freq, attention_factor=1.0):
     """
     check_float("x", x, min_ndim=1)
     inv_freq = np.asarray(inv_freq, dtype=np.float64)
+    if inv_freq.ndim != 1 or not np.isfinite(inv_freq).all():
+        raise ValueError(f"inv_freq: expected a finite 1-D array of Dr/2 frequencies, got shape {inv_freq.shape}")
     if x.shape[-1] != 2 * inv_freq.shape[0]:
         raise ValueError(f"inv_freq: expected shape ({x.shape[-1] // 2},) for x's last axis {x.shape[-1]}, "
                          f"got {inv_freq.shape}")
@@ -209,6 +211,9 @@ def rope_forward(x, positions, inv_freq, attention_factor=1.0):
 def rope_backward(dy, cache):
     r"""Gradient of :func:`rope_forward`: the transposed rotation, :math:`dx = a R(-p\theta)\, dy`."""
     cos, sin = cache
+    check_upstream("dy", dy)
+    if dy.shape[-1] != 2 * cos.shape[-1]:
+        raise ValueError(f"dy: expected a last axis of {2 * cos.shape[-1]} (the forward's output), got {dy.shape}")
     dy1, dy2 = dy[..., 0::2], dy[..., 1::2]                             # (..., Dr/2)
     dx = np.empty_like(dy)                                              # (..., Dr)
     # forward: y1 = x1 cos - x2 sin, y2 = x1 sin + x2 cos

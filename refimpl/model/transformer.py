@@ -26,7 +26,7 @@ from typing import NamedTuple
 
 import numpy as np
 
-from .._validate import check_int
+from .._validate import FLOAT_DTYPES, check_int
 from ..core.cross_entropy import cross_entropy_backward, cross_entropy_forward
 from ..core.linear import embedding_backward, embedding_forward, linear_backward, linear_forward
 from ..core.rmsnorm import rmsnorm_backward, rmsnorm_forward
@@ -46,6 +46,8 @@ def init_params(config, rng, dtype=np.float64, *, mtp=None):
     """
     if not isinstance(rng, np.random.Generator):
         raise TypeError(f"rng: expected a numpy.random.Generator, got {type(rng).__name__}")
+    if np.dtype(dtype) not in FLOAT_DTYPES:
+        raise TypeError(f"dtype: expected float32 or float64, got {np.dtype(dtype)}")
     if config.tie_word_embeddings:
         raise ValueError("config.tie_word_embeddings: DeepSeek-V2/V3 untie the head; expected False")
     v, d, std = config.vocab_size, config.hidden_size, config.initializer_range
@@ -63,8 +65,8 @@ def init_params(config, rng, dtype=np.float64, *, mtp=None):
 def check_input_ids(input_ids, config, name="input_ids"):
     """Token ids as a (B, T) int64 array in ``[0, vocab_size)`` with T <= max_position_embeddings."""
     ids = check_int(name, input_ids, low=0, high=config.vocab_size)
-    if ids.ndim != 2 or ids.shape[1] < 1:
-        raise ValueError(f"{name}: expected shape (B, T) with T >= 1, got {ids.shape}")
+    if ids.ndim != 2 or ids.shape[0] < 1 or ids.shape[1] < 1:
+        raise ValueError(f"{name}: expected shape (B, T) with B >= 1 and T >= 1, got {ids.shape}")
     if ids.shape[1] > config.max_position_embeddings:
         raise ValueError(f"{name}: sequence length {ids.shape[1]} exceeds the configured maximum "
                          f"(max_position_embeddings={config.max_position_embeddings})")
