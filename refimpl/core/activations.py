@@ -12,12 +12,16 @@ from typing import NamedTuple
 
 import numpy as np
 
-from .._validate import check_float, check_same_dtype, check_shape, check_upstream
+from .._validate import FLOAT_DTYPES, check_float, check_same_dtype, check_shape, check_upstream
 from .linear import linear_backward, linear_forward
 
 
 def sigmoid(x):
-    r"""Overflow-free logistic function :math:`\sigma(x) = \tfrac12(1 + \tanh(x/2))`."""
+    r"""Overflow-free logistic function :math:`\sigma(x) = \tfrac12(1 + \tanh(x/2))` (``±inf`` give 1 and 0)."""
+    if not isinstance(x, np.ndarray) or x.dtype not in FLOAT_DTYPES:
+        raise TypeError(f"x: expected a float32 or float64 numpy.ndarray, got {getattr(x, 'dtype', type(x).__name__)}")
+    if np.isnan(x).any():
+        raise ValueError("x: contains NaN")
     return 0.5 * (1.0 + np.tanh(0.5 * x))
 
 

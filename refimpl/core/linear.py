@@ -119,6 +119,8 @@ def embedding_forward(ids, w):
     Shapes: ids (...) int64 in [0, V), w (V, D) -> y (..., D).
     """
     check_float("w", w, ndim=2)
+    if w.shape[0] < 1:
+        raise ValueError(f"w: expected a table with at least one row, got shape {w.shape}")
     ids = check_int("ids", ids, low=0, high=w.shape[0])
     y = w[ids]                                                           # (..., D)
     return y, EmbeddingCache(ids, w.shape[0])

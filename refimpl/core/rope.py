@@ -100,8 +100,7 @@ def rope_inv_freq(dim, base=10000.0, rope_scaling=None):
     """
     if not (isinstance(dim, int | np.integer) and dim > 0 and dim % 2 == 0):
         raise ValueError(f"dim: expected a positive even integer, got {dim!r}")
-    if not base > 1:
-        raise ValueError(f"base: expected a number > 1, got {base!r}")
+    check_real("base", base, low=1.0, low_open=True)
     i = np.arange(dim // 2, dtype=np.float64)                           # (dim/2,)
     theta = base ** (-2.0 * i / dim)                                    # (dim/2,)
     if _rope_type(rope_scaling) is None:
@@ -145,8 +144,7 @@ def softmax_scale(qk_head_dim, rope_scaling=None):
     versus 0.707 in the HF config). Values for d_qk = 192, s = 40: 0.0721688 (none),
     0.1147214 (μ = 0.707), 0.1352338 (μ = 1).
     """
-    if not qk_head_dim > 0:
-        raise ValueError(f"qk_head_dim: expected a positive integer, got {qk_head_dim!r}")
+    check_integer("qk_head_dim", qk_head_dim, low=1)
     scale = qk_head_dim ** -0.5
     if _rope_type(rope_scaling) is not None and rope_scaling.get("mscale_all_dim"):
         m = yarn_mscale(float(rope_scaling["factor"]), float(rope_scaling["mscale_all_dim"]))
@@ -212,8 +210,13 @@ def rope_backward(dy, cache):
     r"""Gradient of :func:`rope_forward`: the transposed rotation, :math:`dx = a R(-p\theta)\, dy`."""
     cos, sin = cache
     check_upstream("dy", dy)
-    if dy.shape[-1] != 2 * cos.shape[-1]:
-        raise ValueError(f"dy: expected a last axis of {2 * cos.shape[-1]} (the forward's output), got {dy.shape}")
+    ok = dy.ndim >= 1 and dy.shape[-1] == 2 * cos.shape[-1]
+    try:
+        ok = ok and np.broadcast_shapes(dy.shape[:-1], cos.shape[:-1]) == dy.shape[:-1]
+    except ValueError:
+        ok = False
+    if not ok:
+        raise ValueError(f"dy: expected the forward's output shape (last axis {2 * cos.shape[-1]}), got {dy.shape}")
     dy1, dy2 = dy[..., 0::2], dy[..., 1::2]                             # (..., Dr/2)
     dx = np.empty_like(dy)                                              # (..., Dr)
     # forward: y1 = x1 cos - x2 sin, y2 = x1 sin + x2 cos

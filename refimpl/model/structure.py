@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from .._validate import FLOAT_DTYPES
+from .._validate import FLOAT_DTYPES, check_config
 
 
 class _Shaped:
@@ -59,6 +59,7 @@ def check_params(params, config, name="params", *, finite=True):
     The MTP modules (``params["mtp"]``) are optional: a tree without them (or with an empty list)
     is a model without multi-token prediction; with them, they must match the config too.
     """
+    check_config(config)
     if not isinstance(params, dict):
         raise TypeError(f"{name}: expected a parameter tree (dict), got {type(params).__name__}")
     has_mtp = bool(params.get("mtp"))

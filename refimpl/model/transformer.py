@@ -26,7 +26,7 @@ from typing import NamedTuple
 
 import numpy as np
 
-from .._validate import FLOAT_DTYPES, check_int
+from .._validate import FLOAT_DTYPES, check_config, check_int
 from ..core.cross_entropy import cross_entropy_backward, cross_entropy_forward
 from ..core.linear import embedding_backward, embedding_forward, linear_backward, linear_forward
 from ..core.rmsnorm import rmsnorm_backward, rmsnorm_forward
@@ -46,6 +46,7 @@ def init_params(config, rng, dtype=np.float64, *, mtp=None):
     """
     if not isinstance(rng, np.random.Generator):
         raise TypeError(f"rng: expected a numpy.random.Generator, got {type(rng).__name__}")
+    check_config(config)
     if np.dtype(dtype) not in FLOAT_DTYPES:
         raise TypeError(f"dtype: expected float32 or float64, got {np.dtype(dtype)}")
     if config.tie_word_embeddings:
@@ -64,6 +65,7 @@ def init_params(config, rng, dtype=np.float64, *, mtp=None):
 
 def check_input_ids(input_ids, config, name="input_ids"):
     """Token ids as a (B, T) int64 array in ``[0, vocab_size)`` with T <= max_position_embeddings."""
+    check_config(config)
     ids = check_int(name, input_ids, low=0, high=config.vocab_size)
     if ids.ndim != 2 or ids.shape[0] < 1 or ids.shape[1] < 1:
         raise ValueError(f"{name}: expected shape (B, T) with B >= 1 and T >= 1, got {ids.shape}")
@@ -137,6 +139,9 @@ def model_backward(dlogits, cache, dhidden=None, dscores=None):
 
 def shift_labels(labels):
     """Next-token targets: position t is trained to predict ``labels[t + 1]``; the last gets -100."""
+    labels = check_int("labels", labels)
+    if labels.ndim != 2:
+        raise ValueError(f"labels: expected shape (B, T), got {labels.shape}")
     b = labels.shape[0]
     return np.concatenate([labels[:, 1:], np.full((b, 1), IGNORE_INDEX, dtype=np.int64)], axis=1)  # (B, T)
 

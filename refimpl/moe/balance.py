@@ -28,7 +28,7 @@ from typing import NamedTuple
 
 import numpy as np
 
-from .._validate import check_float, check_int, check_real
+from .._validate import check_float, check_int, check_integer, check_real, check_upstream
 
 
 class BalanceCache(NamedTuple):
@@ -160,6 +160,7 @@ def balance_backward(dloss, cache):
     Shapes: dloss () -> dscores, shaped like the ``scores`` given to the forward.
     """
     coef, t, norm, denom, shape, dtype = cache
+    check_upstream("dloss", dloss, ())
     # forward: L = sum_b sum_i coef[b, i] * P[b, i],  P[b, i] = mean_t x[b, t, i]
     dx = np.broadcast_to(float(dloss) * coef[:, None, :] / t, (coef.shape[0], t, coef.shape[1]))  # (B, T, E)
     if norm is not None:
@@ -171,6 +172,7 @@ def balance_backward(dloss, cache):
 
 def expert_load(idx, n_experts, keep=None):
     """Selections per expert (optionally only the kept copies). Shapes: idx (..., K) -> (E,) int64."""
+    n_experts = check_integer("n_experts", n_experts, low=1)
     idx = check_int("idx", idx, low=0, high=n_experts)
     flat = idx.reshape(-1) if keep is None else idx[np.asarray(keep, dtype=bool)]
     return np.bincount(flat, minlength=n_experts).astype(np.int64)

@@ -168,6 +168,7 @@ def quantize_weight(w, block=128, fmt="e4m3", scale_fmt=None, backend=None, *, e
     check_float("w", w, ndim=2)
     block = check_integer("block", block, low=1)
     n, k = w.shape
+    block = min(block, max(n, k, 1))      # one block covers w: larger blocks give the same result
     nb, kb = -(-n // block), -(-k // block)
     pad = np.zeros((nb * block, kb * block))                            # (Nb*b, Kb*b)
     pad[:n, :k] = w

@@ -155,7 +155,11 @@ def per_token_kl(logps, ref_logps, *, kl_estimator="k3"):
         raise ValueError(f"ref_logps: expected shape {logps.shape} to match logps, got {ref_logps.shape}")
     if kl_estimator not in KL_ESTIMATORS:
         raise ValueError(f"kl_estimator: expected one of {KL_ESTIMATORS}, got {kl_estimator!r}")
-    return _kl(kl_estimator, logps.astype(np.float64), ref_logps.astype(np.float64), np.ones(logps.shape, bool))
+    kl, dkl = _kl(kl_estimator, logps.astype(np.float64), ref_logps.astype(np.float64), np.ones(logps.shape, bool))
+    if not (np.isfinite(kl).all() and np.isfinite(dkl).all()):
+        raise ValueError(_overflow_message(np.zeros(1), logps.astype(np.float64), ref_logps.astype(np.float64),
+                                           np.ones(logps.shape, bool), np.float64))
+    return kl, dkl
 
 
 @np.errstate(over="ignore", invalid="ignore")   # an overflowed exponential is reported as a ValueError

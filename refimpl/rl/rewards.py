@@ -83,7 +83,7 @@ def accuracy_reward(completions, answers, *, check: Callable[[str, str], bool] |
     Shapes: completions list[str] (B), answers list[str] (B) -> (B,) float64.
     """
     completions = _check_completions(completions)
-    if isinstance(answers, str) or len(answers) != len(completions):
+    if isinstance(answers, str) or not isinstance(answers, Sequence) or len(answers) != len(completions):
         raise ValueError(f"answers: expected a list of {len(completions)} gold answers (one per completion), "
                          f"got {answers!r:.80}")
     check = exact_match if check is None else check
@@ -156,6 +156,8 @@ def language_consistency_reward(completions, *, alphabet, unit="char") -> np.nda
     """
     if unit not in ("char", "word"):
         raise ValueError(f"unit: expected 'char' or 'word', got {unit!r}")
+    if not isinstance(alphabet, str | list | tuple | set | frozenset):
+        raise TypeError(f"alphabet: expected a str or a collection of characters, got {type(alphabet).__name__}")
     allowed = set(alphabet)
     if not allowed:
         raise ValueError("alphabet: expected a non-empty collection of characters")
@@ -182,7 +184,10 @@ def combine_rewards(rewards_per_func, weights=None) -> np.ndarray:
         raise ValueError(f"rewards_per_func: expected shape (B, F) with F >= 1, got {r.shape}")
     if np.isinf(r).any():
         raise ValueError("rewards_per_func: contains inf")
-    w = np.ones(r.shape[1]) if weights is None else np.asarray(weights, dtype=np.float64)  # (F,)
+    try:
+        w = np.ones(r.shape[1]) if weights is None else np.asarray(weights, dtype=np.float64)  # (F,)
+    except (ValueError, TypeError):
+        raise TypeError(f"weights: expected {r.shape[1]} numbers, got {weights!r:.80}") from None
     if w.shape != (r.shape[1],) or not np.isfinite(w).all():
         raise ValueError(f"weights: expected {r.shape[1]} finite weights (one per reward function), got {w!r}")
     total = np.nansum(r * w, axis=1)                                    # (B,)
