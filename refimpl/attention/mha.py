@@ -26,7 +26,7 @@ from typing import NamedTuple
 
 import numpy as np
 
-from .._validate import check_float, check_integer, check_real, check_same_dtype
+from .._validate import check_config, check_float, check_integer, check_real, check_same_dtype
 from ..core.linear import linear_backward, linear_forward
 from ..core.rope import rope_attention_factor, rope_backward, rope_forward, rope_inv_freq
 from .kv_cache import KVCache, check_positions, default_head_dim
@@ -251,6 +251,10 @@ def mha_forward(x, params, config, positions=None):
 
     Shapes: x (B, T, D), positions (T,) or (B, T) int64 (default arange(T)) -> y (B, T, D).
     """
+    check_config(config)
+    check_float("x", x, ndim=3)
+    if x.shape[0] < 1 or x.shape[1] < 1:
+        raise ValueError(f"x: expected shape (B, T, D) with B >= 1 and T >= 1, got {x.shape}")
     dh, h, hk = _mha_dims(x, params, config)
     b, t, _ = x.shape
     positions = check_positions(positions, b, t, config.max_position_embeddings)  # (B, T)

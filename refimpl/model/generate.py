@@ -81,7 +81,7 @@ def _generate_batch(params, config, ids, max_new_tokens, temperature, top_p, rng
         if use_cache:
             new = out[:, :cur] if step == 0 else out[:, cur - 1:cur]
             logits, _ = model_infer(new, params, config, caches, 0 if step == 0 else cur - 1, impl=impl,
-                                    backend=backend)                   # (B, T or 1, V)
+                                    backend=backend, validate=False)                   # (B, T or 1, V)
         else:
             logits = model_forward(out[:, :cur], params, config, backend=backend, validate=False)[0]  # (B, cur, V)
         tok = sample_next(logits[:, -1], temperature=temperature, top_p=top_p, rng=rng)  # (B,)

@@ -244,13 +244,14 @@ def init_caches(config, batch_size, max_len, dtype=np.float64, n_layers=None):
     :class:`~refimpl.attention.KVCache` (rotated keys and values of ``num_key_value_heads`` heads)
     for a standard-attention config (:func:`~refimpl.attention.uses_mla` False)."""
     from ..attention import init_kv_cache, init_latent_cache, uses_mla
+    check_config(config)
     n = config.num_hidden_layers if n_layers is None else n_layers
     if not uses_mla(config):
         return [init_kv_cache(config, batch_size, max_len, dtype=dtype) for _ in range(n)]
     return [init_latent_cache(config, batch_size, max_len, dtype) for _ in range(n)]
 
 
-def model_infer(input_ids, params, config, caches, start_pos=0, *, impl="absorb", backend=None):
+def model_infer(input_ids, params, config, caches, start_pos=0, *, impl="absorb", backend=None, validate=True):
     """Prefill / decode step with the caches of :func:`init_caches` (filled in place; latent caches
     for MLA, per-head KV caches for standard attention): logits and final-normed hidden of the new
     tokens at positions ``start_pos + arange(T)``.
@@ -258,6 +259,13 @@ def model_infer(input_ids, params, config, caches, start_pos=0, *, impl="absorb"
     Shapes: input_ids (B, T) -> logits (B, T, V), hidden (B, T, D).
     """
     ids = check_input_ids(input_ids, config)
+    if validate:   # generate checks once and decodes with validate=False
+        check_params(params, config)
+    if not isinstance(caches, list | tuple) or len(caches) != len(params["model"]["layers"]):
+        raise TypeError(f"caches: expected one cache per layer from init_caches, got {type(caches).__name__}")
+    for i, c in enumerate(caches):
+        if not hasattr(c, "_fields"):
+            raise TypeError(f"caches[{i}]: expected a cache from init_caches, got {type(c).__name__}")
     m = params["model"]
     h = m["embed_tokens"][ids]                                           # (B, T, D)
     for n, lp in enumerate(m["layers"]):

@@ -56,7 +56,7 @@ def _prepare(scores, idx):
 
 
 def _check_devices(n_devices, e):
-    if not isinstance(n_devices, int | np.integer) or n_devices < 1 or e % n_devices:
+    if isinstance(n_devices, bool) or not isinstance(n_devices, int | np.integer) or n_devices < 1 or e % n_devices:
         raise ValueError(f"n_devices: expected a divisor of the {e} experts, got {n_devices!r}")
 
 
@@ -185,7 +185,12 @@ def max_violation(load):
 
     0 for perfect balance; ``E - 1`` when one expert takes everything (with K = 1).
     """
-    load = np.asarray(load, dtype=np.float64)
+    load = np.asarray(load)
+    if load.dtype.kind in "iub":
+        load = load.astype(np.float64)                                    # counts
+    check_float("load", load, min_ndim=1)
+    if load.shape[-1] == 0:
+        raise ValueError("load: expected at least one expert, got an empty last axis")
     mean = load.mean(axis=-1)
     return (load.max(axis=-1) - mean) / np.where(mean > 0, mean, 1.0)
 

@@ -151,6 +151,9 @@ def quantize_activation(x, block=128, fmt="e4m3", scale_fmt=None, backend=None, 
 
 def dequantize_activation(q, s, block=128):
     """Inverse of :func:`quantize_activation`: ``q * s`` per tile. Shapes: q (..., K), s (..., K/block)."""
+    check_float("q", q, min_ndim=1)
+    check_float("s", s, min_ndim=1)
+    block = check_integer("block", block, low=1)
     if q.shape[-1] != s.shape[-1] * block or q.shape[:-1] != s.shape[:-1]:
         raise ValueError(f"s: expected shape {q.shape[:-1] + (q.shape[-1] // block,)} for q {q.shape}, "
                          f"got {s.shape}")

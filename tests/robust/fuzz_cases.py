@@ -28,6 +28,16 @@ def _fwd_bwd(fwd, fargs, bwd, dy_shape, fkw=None):
     return make
 
 
+DENSE = None
+
+
+def _dense_p():
+    global DENSE
+    from refimpl.recipes.distill import dense_student_config
+    DENSE = DENSE or dense_student_config()
+    return model.init_params(DENSE, np.random.default_rng(0))
+
+
 def _p():
     return model.init_params(CFG, np.random.default_rng(0))
 
@@ -140,6 +150,28 @@ CASES = {
     "quant.quantize_weight": lambda: (quant.quantize_weight, (_r(6, 8),), {"block": 4}),
     "quant.fp8_linear_forward": lambda: (quant.fp8_linear_forward, (_r(2, 8), _r(3, 8)), {"block": 4}),
     "quant.round_to_bf16": lambda: (quant.round_to_bf16, (_r(3, 4),), {}),
+    # more attention / moe / model / rl / distill / quant
+    "attention.mha_forward": lambda: (attention.mha_forward, (
+        _r(1, 3, 48), _dense_p()["model"]["layers"][0]["self_attn"], DENSE), {}),
+    "attention.init_latent_cache": lambda: (attention.init_latent_cache, (CFG, 2, 8), {}),
+    "attention.kv_cache_bytes": lambda: (attention.kv_cache_bytes, (CFG, 16), {"batch_size": 2}),
+    "moe.gate_forward": lambda: (moe.gate_forward, (_r(3, 32), _p()["model"]["layers"][1]["mlp"]["gate"], CFG), {}),
+    "moe.select_experts": lambda: (moe.select_experts, (_r(3, 8), 2), {"n_group": 4, "topk_group": 2}),
+    "moe.make_plan": lambda: (moe.make_plan, (_ids(3, 2, high=4), 4), {}),
+    "moe.max_violation": lambda: (moe.max_violation, (np.array([1.0, 3.0, 2.0]),), {}),
+    "moe.device_balance_forward": lambda: (moe.device_balance_forward, (np.full((1, 3, 4), 0.25),
+                                                                        _ids(1, 3, 2, high=4), 2, 0.1), {}),
+    "model.model_infer": lambda: (model.model_infer, (_ids(1, 2), _p(), CFG, model.init_caches(CFG, 1, 8)), {}),
+    "model.init_caches": lambda: (model.init_caches, (CFG, 2, 8), {}),
+    "rl.entropy_forward": lambda: (rl.entropy_forward, (_r(2, 3, 5),), {"temperature": 0.9}),
+    "rl.selective_log_softmax_forward": lambda: (rl.selective_log_softmax_forward, (_r(2, 3, 5), _ids(2, 3)), {}),
+    "distill.skew_kl_loss": lambda: (distill.skew_kl_loss, (_r(2, 3, 5), _r(2, 3, 5, seed=1)), {"alpha": 0.2}),
+    "distill.skew_reverse_kl_loss": lambda: (distill.skew_reverse_kl_loss, (_r(2, 3, 5), _r(2, 3, 5, seed=1)), {}),
+    "distill.topk_kl_loss": lambda: (distill.topk_kl_loss, (_r(2, 3, 5), *distill.teacher_topk(_r(2, 3, 5, seed=1), 2)),
+                                     {}),
+    "quant.dequantize_activation": lambda: (quant.dequantize_activation, quant.quantize_activation(_r(2, 8), 4),
+                                            {"block": 4}),
+    "quant.fp8_values": lambda: (quant.fp8_values, ("e4m3",), {}),
     # tasks
     "tasks.format_completion": lambda: (tasks.format_completion, ("a", "1"), {}),
 }
