@@ -210,8 +210,8 @@ from benchmarks.report import render_markdown  # noqa: E402
 report = render_markdown(results).splitlines()
 print("\n".join(line for line in report[:12] if not line.startswith(("#", "- **Warning**"))))
 if results.get("warnings"):                       # the harness's load warning, said once in words
-    machine_info = results.get("machine", {})
-    print(f"(the harness noted a busy machine for this run: load average {(machine_info.get('loadavg') or [0])[0]:.1f}, "
+    load = (results.get("machine", {}).get("loadavg") or [0])[0]
+    print(f"(the harness noted a busy machine for this run: load average {load:.1f}, "
           "so the multi-threaded timings are rough)")
 missing = [b["name"] for b in benches if f"## {b['name']}" not in report]
 assert not missing, f"the report has no section for {missing}"

@@ -12,6 +12,8 @@ import argparse
 import ast
 import importlib
 import inspect
+import math
+import os
 import sys
 
 #: recipe name -> (module, function)
@@ -34,6 +36,37 @@ def _literal(text):
         return text
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse with its errors on one line of stderr (exit status 2), without the usage block."""
+
+    def error(self, message):
+        self.exit(2, f"{self.prog}: error: {message}\n")
+
+
+def _typed(name, text, param):
+    """The value of ``--name text`` for a recipe parameter: a Python literal, checked against the
+    type of the parameter's default (int, float, bool, str). Integers whose default is positive
+    must be positive, other integers non-negative; floats must be finite. Raises ValueError."""
+    value = _literal(text)
+    default = None if param is None else param.default
+    if isinstance(default, bool):
+        if not isinstance(value, bool):
+            raise ValueError(f"--{name}: expected True or False, got {text!r}")
+    elif isinstance(default, int):
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ValueError(f"--{name}: expected an integer, got {text!r}")
+        low = 1 if default >= 1 else 0
+        if value < low:
+            raise ValueError(f"--{name}: expected an integer >= {low}, got {value}")
+    elif isinstance(default, float):
+        if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
+            raise ValueError(f"--{name}: expected a finite number, got {text!r}")
+        value = float(value)
+    elif isinstance(default, str):
+        value = value if isinstance(value, str) else text
+    return value
+
+
 def _summary(result):
     if isinstance(result, dict):
         def flat(v):   # scalars, and dicts of scalars (e.g. an evaluation), are shown; the rest by type
@@ -47,7 +80,7 @@ def main(argv=None):
     if argv[:1] == ["chat"]:             # python -m refimpl chat PATH: talk to a checkpoint (refimpl.chat)
         from .chat import chat_main
         return chat_main(argv[1:])
-    parser = argparse.ArgumentParser(prog="python -m refimpl", description=__doc__.splitlines()[0])
+    parser = _Parser(prog="python -m refimpl", description=__doc__.splitlines()[0])
     parser.add_argument("recipe", choices=sorted(RECIPES), help="the experiment to run")
     parser.add_argument("--list-options", action="store_true", help="print the recipe's options and exit")
     args, rest = parser.parse_known_args(argv)
@@ -59,13 +92,22 @@ def main(argv=None):
         return 0
     if len(rest) % 2 or not all(r.startswith("--") for r in rest[::2]):
         parser.error(f"options must come as --name value pairs, got {rest}")
-    kwargs = {k[2:].replace("-", "_"): _literal(v) for k, v in zip(rest[::2], rest[1::2], strict=True)}
     params = inspect.signature(fn).parameters
     takes_any = any(p.kind is p.VAR_KEYWORD for p in params.values())
-    unknown = [k for k in kwargs if k not in params and not takes_any]
+    names = [k[2:].replace("-", "_") for k in rest[::2]]
+    unknown = [k for k in names if k not in params and not takes_any]
     if unknown:
         parser.error(f"unknown option(s) for {args.recipe}: {unknown}; see --list-options")
-    result = fn(**kwargs)
+    try:
+        kwargs = {k: _typed(k, v, params.get(k)) for k, v in zip(names, rest[1::2], strict=True)}
+    except ValueError as e:
+        parser.error(f"{args.recipe}: {e}")
+    try:
+        result = fn(**kwargs)
+    except (ValueError, TypeError, OSError) as e:   # bad option values, reported by the recipe
+        if os.environ.get("REFIMPL_TRACEBACK"):
+            raise
+        parser.error(f"{args.recipe}: {e}".splitlines()[0] + " (REFIMPL_TRACEBACK=1 shows the traceback)")
     print(_summary(result))
     return 0
 

@@ -67,3 +67,108 @@ def check_shape(name: str, x: np.ndarray, expected: tuple, what: str = "") -> No
     if tuple(x.shape) != tuple(expected):
         extra = f" ({what})" if what else ""
         raise ValueError(f"{name}: expected shape {tuple(expected)}{extra}, got {tuple(x.shape)}")
+
+
+# ------------------------------------------------------------------------------------------------
+# Scalars: one set of helpers for every config field and scalar option (ModelConfig, TrainConfig,
+# GRPOConfig, GKDConfig, the functions' keyword options). A value of the wrong type raises
+# TypeError, a value of the right type outside its range raises ValueError; both name the field.
+# bool is never accepted as a number (``hidden_size=True`` is a mistake, not 1).
+# ------------------------------------------------------------------------------------------------
+
+def check_integer(name: str, v, *, low: int | None = None, high: int | None = None) -> int:
+    """Return ``v`` as an ``int`` if it is an integer (Python or NumPy, not bool) in [low, high]."""
+    if isinstance(v, bool | np.bool_) or not isinstance(v, int | np.integer):
+        raise TypeError(f"{name}: expected an integer, got {v!r} ({type(v).__name__})")
+    v = int(v)
+    if (low is not None and v < low) or (high is not None and v > high):
+        raise ValueError(f"{name}: expected an integer {_interval(low, high, False, False)}, got {v}")
+    return v
+
+
+def check_positive_int(name: str, v) -> int:
+    """An integer >= 1."""
+    return check_integer(name, v, low=1)
+
+
+def check_real(name: str, v, *, low: float | None = None, high: float | None = None,
+               low_open: bool = False, high_open: bool = False) -> float:
+    """Return ``v`` as a finite ``float`` in the interval [low, high] (ends open when asked).
+
+    Integers are accepted (``lr=1``); bool, strings, None and NaN/inf are not.
+    """
+    if isinstance(v, bool | np.bool_) or not isinstance(v, int | float | np.integer | np.floating):
+        raise TypeError(f"{name}: expected a real number, got {v!r} ({type(v).__name__})")
+    f = float(v)
+    if not np.isfinite(f):
+        raise ValueError(f"{name}: expected a finite number, got {v!r}")
+    if ((low is not None and (f <= low if low_open else f < low))
+            or (high is not None and (f >= high if high_open else f > high))):
+        raise ValueError(f"{name}: expected a number {_interval(low, high, low_open, high_open)}, got {v!r}")
+    return f
+
+
+def check_positive_real(name: str, v) -> float:
+    """A finite number > 0."""
+    return check_real(name, v, low=0.0, low_open=True)
+
+
+def check_bool(name: str, v) -> bool:
+    """A Python or NumPy bool (0/1 integers are not accepted: they hide a misplaced argument)."""
+    if not isinstance(v, bool | np.bool_):
+        raise TypeError(f"{name}: expected True or False, got {v!r} ({type(v).__name__})")
+    return bool(v)
+
+
+def check_choice(name: str, v, choices):
+    """``v`` if it is one of ``choices`` (compared with ==, types included), else ValueError."""
+    for c in choices:
+        if type(v) is type(c) and v == c:
+            return v
+    raise ValueError(f"{name}: expected one of {tuple(choices)}, got {v!r}")
+
+
+def _interval(low, high, low_open, high_open):
+    if low is not None and high is not None:
+        return f"in {'(' if low_open else '['}{low}, {high}{')' if high_open else ']'}"
+    if low is not None:
+        return f"{'>' if low_open else '>='} {low}"
+    if high is not None:
+        return f"{'<' if high_open else '<='} {high}"
+    return ""
+
+
+def check_fields(obj, checks) -> None:
+    """Run ``helper(name, getattr(obj, name), **kwargs)`` for each ``(name, helper, kwargs)``."""
+    for name, helper, kwargs in checks:
+        helper(name, getattr(obj, name), **kwargs)
+
+
+#: The ``backend=`` values every config accepts (:func:`refimpl.backend.resolve_backend`).
+BACKENDS = (None, "auto", "numpy", "numba")
+
+
+def check_betas(name: str, betas) -> tuple:
+    """Adam's ``(beta1, beta2)``: two finite numbers in [0, 1)."""
+    if not isinstance(betas, tuple | list) or len(betas) != 2:
+        raise ValueError(f"{name}: expected two values in [0, 1), got {betas!r}")
+    return tuple(check_real(f"{name}[{i}]", b, low=0.0, high=1.0, high_open=True) for i, b in enumerate(betas))
+
+
+def check_upstream(name: str, dy, shape=None) -> np.ndarray:
+    """An upstream gradient given to a backward function: a float ndarray (or a real scalar for a
+    scalar loss), finite, and shaped like the forward's output when ``shape`` is given."""
+    if shape == () and not isinstance(dy, np.ndarray):
+        check_real(name, dy)
+        return np.asarray(dy, dtype=np.float64)
+    check_float(name, dy)
+    if shape is not None and tuple(dy.shape) != tuple(shape):
+        raise ValueError(f"{name}: expected shape {tuple(shape)} (the forward's output), got {tuple(dy.shape)}")
+    return dy
+
+
+def check_config(config, name: str = "config") -> None:
+    """Raise TypeError unless ``config`` is a :class:`refimpl.ModelConfig`."""
+    from .config import ModelConfig
+    if not isinstance(config, ModelConfig):
+        raise TypeError(f"{name}: expected a refimpl.ModelConfig, got {type(config).__name__}")

@@ -13,8 +13,32 @@ import dataclasses
 import json
 from dataclasses import dataclass, field
 
+from ._validate import check_bool, check_choice, check_fields, check_integer, check_real
+
 TOPK_METHODS = ("greedy", "group_limited_greedy", "noaux_tc")
 SCORING_FUNCS = ("softmax", "sigmoid")
+
+_POS, _NONNEG, _REAL = dict(low=1), dict(low=0), dict(low=0.0)
+#: ModelConfig's scalar fields and their checks (the consistency checks follow in ``validate``):
+#: (field, helper, keyword arguments) for :func:`refimpl._validate.check_fields`.
+FIELD_CHECKS = (
+    *[(n, check_integer, _POS) for n in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
+                                         "num_attention_heads", "num_key_value_heads", "kv_lora_rank",
+                                         "qk_rope_head_dim", "v_head_dim", "moe_layer_freq",
+                                         "max_position_embeddings")],
+    *[(n, check_integer, _NONNEG) for n in ("qk_nope_head_dim", "n_shared_experts", "n_routed_experts",
+                                            "first_k_dense_replace", "num_nextn_predict_layers",
+                                            "moe_intermediate_size", "num_experts_per_tok", "n_group",
+                                            "topk_group")],
+    *[(n, check_bool, {}) for n in ("norm_topk_prob", "seq_aux", "attention_bias", "tie_word_embeddings")],
+    ("topk_method", check_choice, dict(choices=TOPK_METHODS)),
+    ("scoring_func", check_choice, dict(choices=SCORING_FUNCS)),
+    ("routed_scaling_factor", check_real, dict(low=0.0, low_open=True)),
+    ("aux_loss_alpha", check_real, _REAL),
+    ("rope_theta", check_real, dict(low=1.0, low_open=True)),
+    ("rms_norm_eps", check_real, dict(low=0.0, low_open=True)),
+    ("initializer_range", check_real, _REAL),
+)
 
 
 @dataclass
@@ -73,20 +97,9 @@ class ModelConfig:
 
     def validate(self) -> ModelConfig:
         """Raise ``ValueError`` naming the first inconsistent field; return ``self`` otherwise."""
-        positive = ["vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
-                    "num_attention_heads", "num_key_value_heads", "kv_lora_rank", "qk_rope_head_dim",
-                    "v_head_dim", "moe_layer_freq"]
-        for name in positive:
-            v = getattr(self, name)
-            if not isinstance(v, int) or v <= 0:
-                raise ValueError(f"{name}: expected a positive integer, got {v!r}")
-        for name in ["qk_nope_head_dim", "n_shared_experts", "n_routed_experts", "first_k_dense_replace",
-                     "num_nextn_predict_layers", "moe_intermediate_size"]:
-            v = getattr(self, name)
-            if not isinstance(v, int) or v < 0:
-                raise ValueError(f"{name}: expected a non-negative integer, got {v!r}")
-        if self.q_lora_rank is not None and (not isinstance(self.q_lora_rank, int) or self.q_lora_rank < 0):
-            raise ValueError(f"q_lora_rank: expected None or a non-negative integer, got {self.q_lora_rank!r}")
+        check_fields(self, FIELD_CHECKS)
+        if self.q_lora_rank is not None:
+            check_integer("q_lora_rank", self.q_lora_rank, low=0)
         if self.q_lora_rank == 0:
             self.q_lora_rank = None
         if self.qk_rope_head_dim % 2:
@@ -95,10 +108,6 @@ class ModelConfig:
         if self.num_attention_heads % self.num_key_value_heads:
             raise ValueError(f"num_key_value_heads: expected a divisor of num_attention_heads "
                              f"({self.num_attention_heads}), got {self.num_key_value_heads}")
-        if self.topk_method not in TOPK_METHODS:
-            raise ValueError(f"topk_method: expected one of {TOPK_METHODS}, got {self.topk_method!r}")
-        if self.scoring_func not in SCORING_FUNCS:
-            raise ValueError(f"scoring_func: expected one of {SCORING_FUNCS}, got {self.scoring_func!r}")
         if self.n_routed_experts:
             if self.moe_intermediate_size <= 0:
                 raise ValueError(f"moe_intermediate_size: expected a positive integer with routed experts, "
@@ -119,15 +128,15 @@ class ModelConfig:
                 raise ValueError("n_group: noaux_tc scores a group by its top-2 experts, so groups need >= 2 "
                                  f"experts; got {per_group}")
         if self.rope_scaling is not None:
-            from .core.rope import _rope_type
-            _rope_type(self.rope_scaling)
-        if not self.rms_norm_eps > 0:
-            raise ValueError(f"rms_norm_eps: expected a positive number, got {self.rms_norm_eps!r}")
+            from .core.rope import check_rope_scaling
+            check_rope_scaling(self.rope_scaling)
         return self
 
     @classmethod
     def from_dict(cls, d: dict) -> ModelConfig:
         """Build from a ``config.json`` dict; unknown keys are kept in ``extra``."""
+        if not isinstance(d, dict):
+            raise TypeError(f"d: expected a dict (a parsed config.json), got {type(d).__name__}")
         names = {f.name for f in dataclasses.fields(cls)} - {"extra"}
         known = {k: v for k, v in d.items() if k in names}
         extra = {k: v for k, v in d.items() if k not in names}

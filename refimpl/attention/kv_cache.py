@@ -23,7 +23,7 @@ from typing import NamedTuple
 
 import numpy as np
 
-from .._validate import FLOAT_DTYPES, check_int
+from .._validate import FLOAT_DTYPES, check_config, check_int, check_integer, check_real
 
 #: ``model_type`` values whose attention is MLA; any other (e.g. ``"llama"`` for DeepSeek LLM 67B)
 #: means standard MHA/GQA/MQA with ``num_key_value_heads`` key/value heads.
@@ -95,11 +95,10 @@ def kv_cache_bytes(config, context=1, *, batch_size=1, bytes_per_element=2.0, sc
     ``bytes_per_element`` is 2 for bf16/fp16 (the default), 4 for float32, 1 for FP8, and 0.75
     for the "6 bits on average" quantised cache DeepSeek-V2 deployed (§3.2.3).
     """
-    if not bytes_per_element > 0:
-        raise ValueError(f"bytes_per_element: expected a positive number, got {bytes_per_element!r}")
-    for name, v in (("context", context), ("batch_size", batch_size)):
-        if not v >= 0:
-            raise ValueError(f"{name}: expected a non-negative number, got {v!r}")
+    check_config(config)
+    check_real("bytes_per_element", bytes_per_element, low=0.0, low_open=True)
+    check_real("context", context, low=0.0)
+    check_real("batch_size", batch_size, low=0.0)
     return kv_cache_elements_per_token(config, scheme) * context * batch_size * bytes_per_element
 
 
@@ -153,14 +152,14 @@ class LatentKVCache(NamedTuple):
 
 def _check_alloc(batch_size, max_len, dtype):
     for name, v in (("batch_size", batch_size), ("max_len", max_len)):
-        if not isinstance(v, int | np.integer) or v < 1:
-            raise ValueError(f"{name}: expected a positive integer, got {v!r}")
+        check_integer(name, v, low=1)
     if np.dtype(dtype) not in FLOAT_DTYPES:
         raise TypeError(f"dtype: expected float32 or float64, got {np.dtype(dtype)}")
 
 
 def init_latent_cache(config, batch_size, max_len, dtype=np.float64) -> LatentKVCache:
     """An empty (zero) MLA cache for one layer: ``kv_lora_rank + qk_rope_head_dim`` values per token."""
+    check_config(config)
     _check_alloc(batch_size, max_len, dtype)
     width = config.kv_lora_rank + config.qk_rope_head_dim
     return LatentKVCache(np.zeros((batch_size, max_len, width), dtype=dtype), int(config.kv_lora_rank))

@@ -26,7 +26,7 @@ from typing import NamedTuple
 
 import numpy as np
 
-from .._validate import check_float, check_same_dtype
+from .._validate import check_config, check_float, check_integer, check_real, check_same_dtype
 from ..core.linear import linear_backward, linear_forward
 from ..core.rope import rope_attention_factor, rope_backward, rope_forward, rope_inv_freq
 from .kv_cache import KVCache, check_positions, default_head_dim
@@ -56,6 +56,8 @@ def causal_mask(t, s, q_offset=0):
     DeepSeek's inference code builds a (T, T) mask only, which is right for a prefill at
     ``start_pos = 0``; a chunked prefill at ``start_pos > 0`` needs this (T, S) form.
     """
+    t, s = check_integer("t", t, low=0), check_integer("s", s, low=0)
+    q_offset = check_integer("q_offset", q_offset, low=0)
     return np.arange(s)[None, :] <= q_offset + np.arange(t)[:, None]   # (T, S)
 
 
@@ -111,6 +113,7 @@ def sdpa_forward(q, k, v, scale, *, q_offset=0, allowed=None):
     probabilities are exactly 0, so :func:`sdpa_backward` needs no change.
     """
     check_float("q", q, ndim=4)
+    check_real("scale", scale, low=0.0, low_open=True)
     check_float("k", k, ndim=4)
     check_float("v", v, ndim=4)
     check_same_dtype("k", k, "q", q)
@@ -286,6 +289,10 @@ def mha_forward(x, params, config, positions=None):
 
     Shapes: x (B, T, D), positions (T,) or (B, T) int64 (default arange(T)) -> y (B, T, D).
     """
+    check_config(config)
+    check_float("x", x, ndim=3)
+    if x.shape[0] < 1 or x.shape[1] < 1:
+        raise ValueError(f"x: expected shape (B, T, D) with B >= 1 and T >= 1, got {x.shape}")
     dh, h, hk = _mha_dims(x, params, config)
     b, t, _ = x.shape
     positions = check_positions(positions, b, t, config.max_position_embeddings)  # (B, T)

@@ -30,7 +30,7 @@ from typing import NamedTuple
 
 import numpy as np
 
-from .._validate import check_float, check_same_dtype
+from .._validate import check_config, check_float, check_same_dtype
 from ..core.linear import linear_backward, linear_forward
 from ..core.rmsnorm import rmsnorm_backward, rmsnorm_forward
 from ..core.rope import rope_attention_factor, rope_backward, rope_forward, rope_inv_freq, softmax_scale
@@ -68,6 +68,7 @@ def init_mla_params(config, rng, dtype=np.float64):
 
 
 def _check_config(config):
+    check_config(config)
     if not uses_mla(config):
         raise ValueError(f"config: model_type {config.extra.get('model_type')!r} uses standard attention, "
                          "not MLA (use refimpl.attention.mha_forward)")
@@ -85,6 +86,8 @@ def _check_mla(x, params, config, scan=True):
     check_float("x", x, ndim=3)
     if x.shape[-1] != config.hidden_size:
         raise ValueError(f"x: expected last axis hidden_size={config.hidden_size}, got shape {x.shape}")
+    if x.shape[0] < 1 or x.shape[1] < 1:
+        raise ValueError(f"x: expected shape (B, T, D) with B >= 1 and T >= 1, got {x.shape}")
     if not isinstance(params, dict):
         raise TypeError(f"params: expected a dict of MLA weights, got {type(params).__name__}")
     shapes = mla_param_shapes(config)

@@ -12,12 +12,16 @@ from typing import NamedTuple
 
 import numpy as np
 
-from .._validate import check_float, check_same_dtype, check_shape
+from .._validate import FLOAT_DTYPES, check_float, check_same_dtype, check_shape, check_upstream
 from .linear import linear_backward, linear_forward
 
 
 def sigmoid(x):
-    r"""Overflow-free logistic function :math:`\sigma(x) = \tfrac12(1 + \tanh(x/2))`."""
+    r"""Overflow-free logistic function :math:`\sigma(x) = \tfrac12(1 + \tanh(x/2))` (``±inf`` give 1 and 0)."""
+    if not isinstance(x, np.ndarray) or x.dtype not in FLOAT_DTYPES:
+        raise TypeError(f"x: expected a float32 or float64 numpy.ndarray, got {getattr(x, 'dtype', type(x).__name__)}")
+    if np.isnan(x).any():
+        raise ValueError("x: contains NaN")
     return 0.5 * (1.0 + np.tanh(0.5 * x))
 
 
@@ -36,6 +40,7 @@ def silu_forward(x):
 def silu_backward(dy, cache):
     r"""Gradient of :func:`silu_forward`: :math:`\sigma(x)(1 + x(1-\sigma(x)))`."""
     x, sig = cache
+    check_upstream("dy", dy, x.shape)
     # forward: y = x * sig(x)     so: dy/dx = sig + x * sig * (1 - sig)
     return dy * sig * (1.0 + x * (1.0 - sig))                           # (...)
 
@@ -62,6 +67,7 @@ def swiglu_forward(gate, up):
 def swiglu_backward(dy, cache):
     """Gradients of :func:`swiglu_forward`. Shapes: dy (..., I) -> dgate (..., I), dup (..., I)."""
     gate, up, sig = cache
+    check_upstream("dy", dy, gate.shape)
     # forward: y = silu(gate) * up
     dup = dy * gate * sig                                               # (..., I)
     dgate = dy * up * sig * (1.0 + gate * (1.0 - sig))                  # (..., I)

@@ -16,7 +16,7 @@ from typing import NamedTuple
 
 import numpy as np
 
-from .._validate import check_float, check_int
+from .._validate import check_float, check_int, check_upstream
 from ..backend import kernel, resolve_backend
 
 REDUCTIONS = ("mean", "sum", "none")
@@ -81,6 +81,7 @@ def cross_entropy_backward(dloss, cache):
     Shapes: dloss () or (...) -> dlogits (..., V).
     """
     z, t, m, lse, lead, reduction, n_valid, ignore_index, backend = cache
+    dloss = np.asarray(check_upstream("dloss", dloss, lead if reduction == "none" else ()), dtype=np.float64)
     valid = t != ignore_index                                           # (N,)
     row_scale = _row_scale(dloss, valid, reduction, n_valid)            # (N,)
     if backend == "numba":

@@ -20,7 +20,7 @@ from typing import NamedTuple
 
 import numpy as np
 
-from .._validate import check_float, check_int, check_same_dtype, check_shape
+from .._validate import check_float, check_int, check_same_dtype, check_shape, check_upstream
 
 #: The active low-precision GEMM provider, or ``None`` (plain float products). A provider has
 #: ``applies(w) -> bool`` and three methods on 2-D arrays: ``fprop(x, w) = x @ w.T``,
@@ -83,6 +83,7 @@ def linear_backward(dy, cache):
 
     Shapes: dy (..., Dout) -> dx (..., Din), dw (Dout, Din), db (Dout,) or None.
     """
+    check_upstream("dy", dy, cache.x.shape[:-1] + (cache.w.shape[0],))
     if isinstance(cache, HookedLinearCache):
         return _hooked_backward(dy, cache)
     x, w, has_bias = cache
@@ -118,6 +119,8 @@ def embedding_forward(ids, w):
     Shapes: ids (...) int64 in [0, V), w (V, D) -> y (..., D).
     """
     check_float("w", w, ndim=2)
+    if w.shape[0] < 1:
+        raise ValueError(f"w: expected a table with at least one row, got shape {w.shape}")
     ids = check_int("ids", ids, low=0, high=w.shape[0])
     y = w[ids]                                                           # (..., D)
     return y, EmbeddingCache(ids, w.shape[0])
@@ -129,6 +132,9 @@ def embedding_backward(dy, cache):
     Shapes: dy (..., D) -> dw (V, D).
     """
     ids, vocab_size = cache
+    check_upstream("dy", dy)
+    if dy.shape[:-1] != ids.shape:
+        raise ValueError(f"dy: expected shape {ids.shape + ('D',)} (the forward's output), got {dy.shape}")
     # forward: y[t] = w[ids[t]]     so: dw[v] = sum of dy[t] over tokens t with ids[t] == v
     dw = np.zeros((vocab_size, dy.shape[-1]), dtype=dy.dtype)           # (V, D)
     np.add.at(dw, ids.reshape(-1), dy.reshape(-1, dy.shape[-1]))

@@ -12,7 +12,7 @@ from typing import NamedTuple
 
 import numpy as np
 
-from .._validate import check_float, check_same_dtype, check_shape
+from .._validate import check_float, check_real, check_same_dtype, check_shape, check_upstream
 
 
 class RMSNormCache(NamedTuple):
@@ -35,9 +35,17 @@ def rmsnorm_forward(x, w, eps=1e-6):
     check_float("w", w, ndim=1)
     check_same_dtype("w", w, "x", x)
     check_shape("w", w, (x.shape[-1],), "x's last axis")
-    if not eps > 0:
-        raise ValueError(f"eps: expected a positive number, got {eps}")
-    rstd = 1.0 / np.sqrt(np.mean(x * x, axis=-1, keepdims=True) + eps)  # (..., 1)
+    check_real("eps", eps, low=0.0, low_open=True)
+    with np.errstate(over="ignore"):
+        ms = np.mean(x * x, axis=-1, keepdims=True)                     # (..., 1) inf if x^2 overflows
+    if np.isfinite(ms).all():
+        rstd = 1.0 / np.sqrt(ms + eps)                                  # (..., 1)
+    else:   # |x| beyond sqrt(max): rms(x) = s rms(x / s) with s = max|x| of the row (scale-invariant)
+        s = np.max(np.abs(x), axis=-1, keepdims=True)                   # (..., 1)
+        s = np.where(np.isfinite(ms), 1.0, s).astype(x.dtype)           # (..., 1)
+        xs = x / s                                                      # (..., D)
+        with np.errstate(over="ignore"):
+            rstd = 1.0 / (s * np.sqrt(np.mean(xs * xs, axis=-1, keepdims=True) + eps / (s * s)))  # (..., 1)
     y = x * rstd * w                                                    # (..., D)
     return y.astype(x.dtype, copy=False), RMSNormCache(x, w, rstd.astype(x.dtype, copy=False))
 
@@ -45,6 +53,7 @@ def rmsnorm_forward(x, w, eps=1e-6):
 def rmsnorm_backward(dy, cache):
     """Gradients of :func:`rmsnorm_forward`. Shapes: dy (..., D) -> dx (..., D), dw (D,)."""
     x, w, rstd = cache
+    check_upstream("dy", dy, x.shape)
     xhat = x * rstd                                                     # (..., D)
     # forward: y = xhat * w                 so: dw = sum over rows of dy * xhat
     dw = np.sum(dy * xhat, axis=tuple(range(dy.ndim - 1)))              # (D,)

@@ -20,7 +20,7 @@ from typing import NamedTuple
 
 import numpy as np
 
-from .._validate import check_float, check_int
+from .._validate import check_bool, check_float, check_int, check_integer, check_real, check_upstream
 
 #: ``rope_scaling`` types refimpl implements: YaRN (DeepSeek-V2/V3), Llama 3.1's ``llama3`` (the
 #: R1-Distill-Llama students) and position interpolation ``linear`` (Chen et al. 2023).
@@ -37,7 +37,7 @@ def _rope_type(rope_scaling):
         return None
     if kind not in SCALED_ROPE_TYPES:
         raise ValueError(f"rope_scaling: only {SCALED_ROPE_TYPES} (or 'default') are supported, got type {kind!r}")
-    if not rope_scaling.get("factor", 0) >= 1:
+    if not isinstance(rope_scaling.get("factor", 0), int | float) or not rope_scaling.get("factor", 0) >= 1:
         raise ValueError(f"rope_scaling: 'factor' must be >= 1, got {rope_scaling.get('factor')!r}")
     if kind == "llama3":
         for key in ("low_freq_factor", "high_freq_factor", "original_max_position_embeddings"):
@@ -76,6 +76,30 @@ def llama3_inv_freq(theta, rope_scaling):
     out = np.where(wavelen > l0 / low, theta / s, theta)                # (Dr/2,)
     between = (wavelen >= l0 / high) & (wavelen <= l0 / low)
     return np.where(between, mid, out)                                  # (Dr/2,)
+
+
+def check_rope_scaling(rope_scaling):
+    """Validate a ``rope_scaling`` dict (None, ``default`` or a scaled type); return its type.
+
+    Every YaRN field refimpl reads is checked, so a bad value fails here, naming the key, and not
+    later as a ZeroDivisionError or a NaN frequency.
+    """
+    kind = rope_type(rope_scaling)
+    if kind is None:
+        return None
+    check_real("rope_scaling['factor']", rope_scaling["factor"], low=1.0)
+    for key in ("beta_fast", "beta_slow"):
+        if key in rope_scaling:
+            check_real(f"rope_scaling[{key!r}]", rope_scaling[key], low=0.0, low_open=True)
+    for key in ("mscale", "mscale_all_dim", "attention_factor"):
+        if rope_scaling.get(key) is not None:
+            check_real(f"rope_scaling[{key!r}]", rope_scaling[key], low=0.0)
+    if "original_max_position_embeddings" in rope_scaling:
+        check_integer("rope_scaling['original_max_position_embeddings']",
+                      rope_scaling["original_max_position_embeddings"], low=1)
+    if "truncate" in rope_scaling:
+        check_bool("rope_scaling['truncate']", rope_scaling["truncate"])
+    return kind
 
 
 def yarn_mscale(factor, mscale=1.0):
@@ -117,8 +141,7 @@ def rope_inv_freq(dim, base=10000.0, rope_scaling=None):
     """
     if not (isinstance(dim, int | np.integer) and dim > 0 and dim % 2 == 0):
         raise ValueError(f"dim: expected a positive even integer, got {dim!r}")
-    if not base > 1:
-        raise ValueError(f"base: expected a number > 1, got {base!r}")
+    check_real("base", base, low=1.0, low_open=True)
     i = np.arange(dim // 2, dtype=np.float64)                           # (dim/2,)
     theta = base ** (-2.0 * i / dim)                                    # (dim/2,)
     kind = _rope_type(rope_scaling)
@@ -167,8 +190,7 @@ def softmax_scale(qk_head_dim, rope_scaling=None):
     versus 0.707 in the HF config). Values for d_qk = 192, s = 40: 0.0721688 (none),
     0.1147214 (μ = 0.707), 0.1352338 (μ = 1).
     """
-    if not qk_head_dim > 0:
-        raise ValueError(f"qk_head_dim: expected a positive integer, got {qk_head_dim!r}")
+    check_integer("qk_head_dim", qk_head_dim, low=1)
     scale = qk_head_dim ** -0.5
     if _rope_type(rope_scaling) == "yarn" and rope_scaling.get("mscale_all_dim"):
         m = yarn_mscale(float(rope_scaling["factor"]), float(rope_scaling["mscale_all_dim"]))
@@ -211,6 +233,8 @@ def rope_forward(x, positions, inv_freq, attention_factor=1.0):
     """
     check_float("x", x, min_ndim=1)
     inv_freq = np.asarray(inv_freq, dtype=np.float64)
+    if inv_freq.ndim != 1 or not np.isfinite(inv_freq).all():
+        raise ValueError(f"inv_freq: expected a finite 1-D array of Dr/2 frequencies, got shape {inv_freq.shape}")
     if x.shape[-1] != 2 * inv_freq.shape[0]:
         raise ValueError(f"inv_freq: expected shape ({x.shape[-1] // 2},) for x's last axis {x.shape[-1]}, "
                          f"got {inv_freq.shape}")
@@ -231,6 +255,14 @@ def rope_forward(x, positions, inv_freq, attention_factor=1.0):
 def rope_backward(dy, cache):
     r"""Gradient of :func:`rope_forward`: the transposed rotation, :math:`dx = a R(-p\theta)\, dy`."""
     cos, sin = cache
+    check_upstream("dy", dy)
+    ok = dy.ndim >= 1 and dy.shape[-1] == 2 * cos.shape[-1]
+    try:
+        ok = ok and np.broadcast_shapes(dy.shape[:-1], cos.shape[:-1]) == dy.shape[:-1]
+    except ValueError:
+        ok = False
+    if not ok:
+        raise ValueError(f"dy: expected the forward's output shape (last axis {2 * cos.shape[-1]}), got {dy.shape}")
     dy1, dy2 = dy[..., 0::2], dy[..., 1::2]                             # (..., Dr/2)
     dx = np.empty_like(dy)                                              # (..., Dr)
     # forward: y1 = x1 cos - x2 sin, y2 = x1 sin + x2 cos

@@ -13,7 +13,7 @@ from typing import NamedTuple
 
 import numpy as np
 
-from .._validate import check_float
+from .._validate import check_float, check_upstream
 
 
 def _shifted(x, axis):
@@ -44,6 +44,7 @@ def softmax_forward(x, axis=-1):
 def softmax_backward(dp, cache):
     r"""Gradient of :func:`softmax_forward`: :math:`dx = p \odot (dp - \sum_j p_j dp_j)`."""
     p, axis = cache
+    check_upstream("dp", dp, p.shape)
     return p * (dp - np.sum(p * dp, axis=axis, keepdims=True))         # (...)
 
 
@@ -57,8 +58,8 @@ def log_softmax_forward(x, axis=-1):
     check_float("x", x, min_ndim=1, allow_inf=True)
     z, _ = _shifted(x, axis)                                            # (...)
     s = np.sum(np.exp(z), axis=axis, keepdims=True)                     # (..., 1, ...)
-    with np.errstate(divide="ignore"):
-        logp = z - np.log(s)                                            # (...)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        logp = np.where(s > 0, z - np.log(s), -np.inf).astype(x.dtype, copy=False)  # (...) all -inf rows stay -inf
     p = np.exp(logp)                                                    # (...)
     return logp, LogSoftmaxCache(p, axis)
 
@@ -66,6 +67,7 @@ def log_softmax_forward(x, axis=-1):
 def log_softmax_backward(dlogp, cache):
     r"""Gradient of :func:`log_softmax_forward`: :math:`dx = dlogp - p \sum_j dlogp_j`."""
     p, axis = cache
+    check_upstream("dlogp", dlogp, p.shape)
     return dlogp - p * np.sum(dlogp, axis=axis, keepdims=True)         # (...)
 
 
@@ -89,4 +91,5 @@ def logsumexp_forward(x, axis=-1):
 def logsumexp_backward(dlse, cache):
     r"""Gradient of :func:`logsumexp_forward`: :math:`dx = dlse \cdot \mathrm{softmax}(x)`."""
     p, axis = cache
+    check_upstream("dlse", dlse, tuple(s for i, s in enumerate(p.shape) if i != axis % p.ndim))
     return np.expand_dims(dlse, axis) * p                               # (...)

@@ -32,6 +32,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from .._validate import BACKENDS, check_betas, check_bool, check_choice, check_integer, check_real
 from ..model.generate import generate
 from ..model.transformer import IGNORE_INDEX, model_backward, model_forward, shift_labels
 from ..optim import adamw_init, adamw_update, clip_grad_norm, warmup_cosine_lr
@@ -70,21 +71,22 @@ class GKDConfig:
 
     def __post_init__(self):
         for name in ("lmbda", "beta"):
-            v = getattr(self, name)
-            if not 0.0 <= v <= 1.0:
-                raise ValueError(f"{name}: expected a number in [0, 1], got {v!r}")
-        if not self.temperature >= 0:
-            raise ValueError(f"temperature: expected a number >= 0 (0 = greedy), got {self.temperature!r}")
-        if not self.loss_temperature > 0:
-            raise ValueError(f"loss_temperature: expected a positive number, got {self.loss_temperature!r}")
-        if not 0.0 < self.top_p <= 1.0:
-            raise ValueError(f"top_p: expected a number in (0, 1], got {self.top_p!r}")
-        if not self.lr > 0:
-            raise ValueError(f"lr: expected a positive number, got {self.lr!r}")
+            check_real(name, getattr(self, name), low=0.0, high=1.0)
+        check_real("temperature", self.temperature, low=0.0)     # 0 = greedy
+        check_real("loss_temperature", self.loss_temperature, low=0.0, low_open=True)
+        check_real("top_p", self.top_p, low=0.0, high=1.0, low_open=True)
+        check_real("lr", self.lr, low=0.0, low_open=True)
+        if self.min_lr is not None:
+            check_real("min_lr", self.min_lr, low=0.0, high=self.lr)
         for name in ("steps", "batch_size", "max_new_tokens"):
-            v = getattr(self, name)
-            if not isinstance(v, int) or v < 1:
-                raise ValueError(f"{name}: expected a positive integer, got {v!r}")
+            check_integer(name, getattr(self, name), low=1)
+        check_integer("warmup_steps", self.warmup_steps, low=0, high=self.steps)
+        check_integer("seed", self.seed, low=0)
+        check_real("weight_decay", self.weight_decay, low=0.0)
+        check_real("max_grad_norm", self.max_grad_norm, low=0.0, low_open=True)
+        check_betas("betas", self.betas)
+        check_bool("seq_kd", self.seq_kd)
+        check_choice("backend", self.backend, BACKENDS)
 
 
 def _check_pair(student_config, teacher_config):

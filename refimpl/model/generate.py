@@ -24,13 +24,17 @@ from __future__ import annotations
 
 import numpy as np
 
+from .._validate import check_float, check_int, check_integer, check_real
+from .structure import check_params
 from .transformer import check_input_ids, init_caches, model_forward, model_infer
 
 
 def _nucleus(logits, temperature, top_p):
     """Probabilities, their descending order and the nucleus flags in that order (Holtzman et al. 2020)."""
-    z = np.asarray(logits, dtype=np.float64) / temperature              # (..., V)
-    p = np.exp(z - z.max(axis=-1, keepdims=True))                       # (..., V)
+    z = np.asarray(logits, dtype=np.float64)                            # (..., V)
+    with np.errstate(over="ignore"):
+        z = (z - z.max(axis=-1, keepdims=True)) / temperature           # (..., V) <= 0; -inf when tau -> 0
+    p = np.exp(z)                                                       # (..., V) the max is exp(0) = 1
     p /= p.sum(axis=-1, keepdims=True)
     order = np.argsort(-p, axis=-1, kind="stable")                      # (..., V) most likely first
     ps = np.take_along_axis(p, order, axis=-1)                          # (..., V)
@@ -58,14 +62,21 @@ def sample_next(logits, *, temperature=0.0, top_p=1.0, rng=None):
     r"""Next token per row: argmax if ``temperature == 0``, else a draw from
     :math:`\mathrm{softmax}(z/\tau)` truncated to the smallest set of tokens with mass >= ``top_p``.
 
+    ``logits`` may hold ``-inf`` (banned tokens) but no NaN or ``+inf``, and every row needs a
+    finite entry. Any temperature > 0 works, however small: the logits are shifted by their row
+    maximum before the division, so :math:`\tau \to 0` tends to the argmax instead of overflowing.
+
     Shapes: logits (B, V) -> (B,) int64.
     """
+    check_float("logits", logits, ndim=2, allow_inf=True)
+    if logits.shape[1] == 0:
+        raise ValueError(f"logits: expected at least one token (V >= 1), got shape {logits.shape}")
+    if logits.size and not np.isfinite(logits.max(axis=-1)).all():
+        raise ValueError("logits: a row is entirely -inf (every token banned); nothing can be sampled")
+    temperature = check_real("temperature", temperature, low=0.0)
+    top_p = check_real("top_p", top_p, low=0.0, high=1.0, low_open=True)
     if temperature == 0:
         return np.argmax(logits, axis=-1).astype(np.int64)              # (B,)
-    if not temperature > 0:
-        raise ValueError(f"temperature: expected a non-negative number, got {temperature!r}")
-    if not 0 < top_p <= 1:
-        raise ValueError(f"top_p: expected a number in (0, 1], got {top_p!r}")
     if not isinstance(rng, np.random.Generator):
         raise TypeError(f"rng: sampling (temperature > 0) needs a numpy.random.Generator, got {type(rng).__name__}")
     p, order, keep = _nucleus(logits, temperature, top_p)              # (B, V) each
@@ -91,9 +102,9 @@ def _generate_batch(params, config, ids, max_new_tokens, temperature, top_p, rng
         if use_cache:
             new = out[:, :cur] if step == 0 else out[:, cur - 1:cur]
             logits, _ = model_infer(new, params, config, caches, 0 if step == 0 else cur - 1, impl=impl,
-                                    backend=backend)                   # (B, T or 1, V)
+                                    backend=backend, validate=False)                   # (B, T or 1, V)
         else:
-            logits = model_forward(out[:, :cur], params, config, backend=backend)[0]  # (B, cur, V)
+            logits = model_forward(out[:, :cur], params, config, backend=backend, validate=False)[0]  # (B, cur, V)
         tok = sample_next(logits[:, -1], temperature=temperature, top_p=top_p, rng=rng)  # (B,)
         out[:, cur] = np.where(done, pad_id, tok)
         done |= np.isin(tok, stop) & ~done
@@ -112,14 +123,21 @@ def generate(params, config, input_ids, max_new_tokens, *, temperature=0.0, top_
     ``pad_id`` (list outputs are cut after the stop token). ``use_cache=False`` recomputes the full
     forward at every step (the reference the cached path is tested against).
     """
-    if not isinstance(max_new_tokens, int | np.integer) or max_new_tokens < 0:
-        raise ValueError(f"max_new_tokens: expected a non-negative integer, got {max_new_tokens!r}")
-    stop = np.asarray(list(stop_tokens), dtype=np.int64)
+    max_new_tokens = check_integer("max_new_tokens", max_new_tokens, low=0)
+    check_params(params, config)
+    check_real("temperature", temperature, low=0.0)
+    check_real("top_p", top_p, low=0.0, high=1.0, low_open=True)
+    pad_id = check_integer("pad_id", pad_id, low=0, high=config.vocab_size - 1)
+    stop = list(stop_tokens)
+    stop = check_int("stop_tokens", np.asarray(stop) if stop else np.zeros(0, np.int64), low=0,
+                     high=config.vocab_size).reshape(-1)
     kw = dict(temperature=temperature, top_p=top_p, rng=rng, stop=stop, pad_id=pad_id, impl=impl,
               use_cache=use_cache, backend=backend)
     if temperature and not isinstance(rng, np.random.Generator):
         raise TypeError(f"rng: sampling (temperature > 0) needs a numpy.random.Generator, got {type(rng).__name__}")
     if isinstance(input_ids, list | tuple):
+        if not input_ids:
+            raise ValueError("input_ids: expected at least one prompt, got an empty list")
         rows = [check_input_ids(np.asarray(r)[None], config, f"input_ids[{i}]")[0] for i, r in enumerate(input_ids)]
         _check_length(max(len(r) for r in rows), max_new_tokens, config)
         result = [None] * len(rows)
@@ -151,8 +169,10 @@ def speculative_generate(params, config, input_ids, max_new_tokens, *, impl="abs
     ``info``: ``drafted``, ``accepted``, ``acceptance_rate``, ``main_forwards``.
     """
     from .mtp import mtp_draft_step
-    if not params.get("mtp"):
+    if not isinstance(params, dict) or not params.get("mtp"):
         raise ValueError("params: speculative decoding needs the MTP modules (params['mtp'])")
+    check_params(params, config)
+    max_new_tokens = check_integer("max_new_tokens", max_new_tokens, low=0)
     ids = check_input_ids(input_ids, config)
     if ids.shape[0] != 1:
         raise ValueError(f"input_ids: speculative_generate takes one prompt, got batch {ids.shape[0]}")

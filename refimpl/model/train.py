@@ -17,15 +17,19 @@ bit for bit. Checkpoints are ``.npz`` files read with ``allow_pickle=False``.
 from __future__ import annotations
 
 import json
+import zipfile
 from dataclasses import asdict, dataclass
 from typing import NamedTuple
 
 import numpy as np
 
+from .._validate import BACKENDS, check_betas, check_choice, check_integer, check_real
 from ..config import ModelConfig
+from ..fileio import atomic_write
 from ..moe import bias_update, max_violation
 from ..optim import AdamWState, adamw_init, adamw_update, clip_grad_norm, warmup_cosine_lr
 from ..tree import tree_flatten, tree_paths
+from .structure import check_params
 from .transformer import loss_backward, loss_forward
 
 
@@ -43,6 +47,18 @@ class TrainConfig:
     mtp_lambda: float = 0.3
     balance: str = "auto"
     backend: str | None = None
+
+    def __post_init__(self):
+        check_integer("steps", self.steps, low=0)
+        check_integer("warmup_steps", self.warmup_steps, low=0, high=self.steps)
+        check_real("lr", self.lr, low=0.0)
+        check_real("min_lr", self.min_lr, low=0.0, high=self.lr)
+        check_betas("betas", self.betas)
+        for name in ("weight_decay", "bias_update_speed", "mtp_lambda"):
+            check_real(name, getattr(self, name), low=0.0)
+        check_real("max_grad_norm", self.max_grad_norm, low=0.0, low_open=True)
+        check_choice("balance", self.balance, ("auto", "seq", "expert", "none"))
+        check_choice("backend", self.backend, BACKENDS)
 
 
 class TrainState(NamedTuple):
@@ -108,6 +124,9 @@ def train(state, config, batch_fn, tc, *, checkpoint_path=None, checkpoint_every
     """Run steps ``state.step .. tc.steps - 1`` (or up to ``stop_at``), drawing each batch as
     ``batch_fn(state.rng, step)``. Saves a checkpoint every ``checkpoint_every`` steps and at the end
     when ``checkpoint_path`` is given. Returns the final :class:`TrainState`."""
+    if not isinstance(tc, TrainConfig):
+        raise TypeError(f"tc: expected a TrainConfig, got {type(tc).__name__}")
+    check_params(state.params, config, "state.params")
     end = tc.steps if stop_at is None else min(stop_at, tc.steps)
     bar = None
     if progress:
@@ -132,14 +151,18 @@ def _text(obj):
 
 
 def save_checkpoint(path, state, config):
-    """Parameters, AdamW moments and step, data-RNG state, history and config in one ``.npz``."""
+    """Parameters, AdamW moments and step, data-RNG state, history and config in one ``.npz``.
+
+    The write is atomic (:func:`refimpl.fileio.atomic_write`): until the new file is complete the
+    previous checkpoint at ``path`` stays intact, so a run killed during a save resumes from it.
+    """
     arrays = {}
     for prefix, tree in (("params", state.params), ("m", state.opt.m), ("v", state.opt.v)):
         for p, a in zip(tree_paths(tree), tree_flatten(tree)[0], strict=True):
             arrays[f"{prefix}/{p}"] = a
     arrays["meta"] = _text({"step": state.step, "opt_step": state.opt.step, "rng": state.rng.bit_generator.state,
                             "history": state.history, "config": config.to_dict()})
-    with open(path, "wb") as f:
+    with atomic_write(path) as f:
         np.savez(f, **arrays)
 
 
@@ -162,16 +185,41 @@ def _unflatten(items):
 
 
 def load_checkpoint(path):
-    """Inverse of :func:`save_checkpoint`: ``(TrainState, ModelConfig)`` (no pickle)."""
-    with np.load(path, allow_pickle=False) as z:
-        meta = json.loads(bytes(z["meta"]).decode())
-        trees = {pre: _unflatten([(k[len(pre) + 1:], z[k]) for k in z.files if k.startswith(pre + "/")])
-                 for pre in ("params", "m", "v")}
-    rng = np.random.Generator(getattr(np.random, meta["rng"]["bit_generator"])())
-    rng.bit_generator.state = meta["rng"]
+    """Inverse of :func:`save_checkpoint`: ``(TrainState, ModelConfig)`` (no pickle).
+
+    A file that is not a complete checkpoint (truncated, empty, another ``.npz``), a missing or
+    extra tensor, a parameter shaped unlike the stored config, or an AdamW moment unlike its
+    parameter raises ValueError naming the file and the tensor.
+    """
+    try:
+        with np.load(path, allow_pickle=False) as z:
+            if "meta" not in z.files:
+                raise ValueError("no 'meta' entry")
+            meta = json.loads(bytes(z["meta"]).decode())
+            trees = {pre: _unflatten([(k[len(pre) + 1:], z[k]) for k in z.files if k.startswith(pre + "/")])
+                     for pre in ("params", "m", "v")}
+            for k in ("step", "opt_step", "rng", "history", "config"):
+                if k not in meta:
+                    raise ValueError(f"meta has no {k!r}")
+            check_integer("step", meta["step"], low=0)
+            check_integer("opt_step", meta["opt_step"], low=0)
+            config = ModelConfig.from_dict(meta["config"])
+            rng = np.random.Generator(getattr(np.random, meta["rng"]["bit_generator"])())
+            rng.bit_generator.state = meta["rng"]
+    except FileNotFoundError:
+        raise
+    except (OSError, EOFError, ValueError, TypeError, KeyError, AttributeError, zipfile.BadZipFile,
+            UnicodeDecodeError) as e:
+        raise ValueError(f"path: {path} is not a readable refimpl training checkpoint "
+                         f"({type(e).__name__}: {e})") from e
+    check_params(trees["params"], config, f"path: {path}: params")
+    for pre in ("m", "v"):
+        check_params(trees[pre], config, f"path: {path}: AdamW moment {pre}")
+        if bool(trees[pre].get("mtp")) != bool(trees["params"].get("mtp")):
+            raise ValueError(f"path: {path}: AdamW moment {pre}: its MTP modules do not match the parameters'")
     state = TrainState(trees["params"], AdamWState(meta["opt_step"], trees["m"], trees["v"]), meta["step"], rng,
                        meta["history"])
-    return state, ModelConfig.from_dict(meta["config"])
+    return state, config
 
 
 def train_config_dict(tc):

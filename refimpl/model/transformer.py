@@ -26,13 +26,14 @@ from typing import NamedTuple
 
 import numpy as np
 
-from .._validate import check_int
+from .._validate import FLOAT_DTYPES, check_config, check_int
 from ..core.cross_entropy import cross_entropy_backward, cross_entropy_forward
 from ..core.linear import embedding_backward, embedding_forward, linear_backward, linear_forward
 from ..core.rmsnorm import rmsnorm_backward, rmsnorm_forward
 from ..moe import balance_backward, expert_balance_forward, seq_balance_forward
 from ..tree import tree_map
 from .block import block_backward, block_forward, block_infer, init_block_params
+from .structure import check_params
 
 IGNORE_INDEX = -100
 BALANCE = ("auto", "seq", "expert", "none")
@@ -45,6 +46,9 @@ def init_params(config, rng, dtype=np.float64, *, mtp=None):
     """
     if not isinstance(rng, np.random.Generator):
         raise TypeError(f"rng: expected a numpy.random.Generator, got {type(rng).__name__}")
+    check_config(config)
+    if np.dtype(dtype) not in FLOAT_DTYPES:
+        raise TypeError(f"dtype: expected float32 or float64, got {np.dtype(dtype)}")
     if config.tie_word_embeddings:
         raise ValueError("config.tie_word_embeddings: DeepSeek-V2/V3 untie the head; expected False")
     v, d, std = config.vocab_size, config.hidden_size, config.initializer_range
@@ -61,9 +65,10 @@ def init_params(config, rng, dtype=np.float64, *, mtp=None):
 
 def check_input_ids(input_ids, config, name="input_ids"):
     """Token ids as a (B, T) int64 array in ``[0, vocab_size)`` with T <= max_position_embeddings."""
+    check_config(config)
     ids = check_int(name, input_ids, low=0, high=config.vocab_size)
-    if ids.ndim != 2 or ids.shape[1] < 1:
-        raise ValueError(f"{name}: expected shape (B, T) with T >= 1, got {ids.shape}")
+    if ids.ndim != 2 or ids.shape[0] < 1 or ids.shape[1] < 1:
+        raise ValueError(f"{name}: expected shape (B, T) with B >= 1 and T >= 1, got {ids.shape}")
     if ids.shape[1] > config.max_position_embeddings:
         raise ValueError(f"{name}: sequence length {ids.shape[1]} exceeds the configured maximum "
                          f"(max_position_embeddings={config.max_position_embeddings})")
@@ -78,7 +83,7 @@ class ModelCache(NamedTuple):
     keys: tuple        # the params' top-level keys
 
 
-def model_forward(input_ids, params, config, positions=None, *, backend=None, routes=None):
+def model_forward(input_ids, params, config, positions=None, *, backend=None, routes=None, validate=True):
     r"""Logits of every position (DeepSeek-V3 §2.1): :math:`z = W_{head}\,\mathrm{RMSNorm}(h^{(N)})`.
 
     Returns ``(logits, cache, info)``: ``info["moe"]`` is a list with one MoE info dict per layer
@@ -87,9 +92,14 @@ def model_forward(input_ids, params, config, positions=None, *, backend=None, ro
     ``routes``: Keep Routing (DeepSeek-V3.2 §3.1), a list with one (B, T, K) array of recorded
     experts (e.g. ``info["moe"][n]["idx"]`` of the sampling policy) or None per layer.
 
+    ``params`` is checked against ``config`` (:func:`~refimpl.model.structure.check_params`) unless
+    ``validate=False`` (for callers that checked it once already).
+
     Shapes: input_ids (B, T) int64 -> logits (B, T, V) in the params' dtype.
     """
     ids = check_input_ids(input_ids, config)
+    if validate:
+        check_params(params, config)
     m = params["model"]
     h, c_emb = embedding_forward(ids, m["embed_tokens"])                 # (B, T, D)
     caches, infos = [], []
@@ -134,6 +144,9 @@ def model_backward(dlogits, cache, dhidden=None, dscores=None):
 
 def shift_labels(labels):
     """Next-token targets: position t is trained to predict ``labels[t + 1]``; the last gets -100."""
+    labels = check_int("labels", labels)
+    if labels.ndim != 2:
+        raise ValueError(f"labels: expected shape (B, T), got {labels.shape}")
     b = labels.shape[0]
     return np.concatenate([labels[:, 1:], np.full((b, 1), IGNORE_INDEX, dtype=np.int64)], axis=1)  # (B, T)
 
@@ -179,7 +192,8 @@ def loss_forward(input_ids, params, config, labels=None, *, positions=None, bala
                                                    allow=IGNORE_INDEX)
     if labels.shape != ids.shape:
         raise ValueError(f"labels: expected shape {ids.shape} like input_ids, got {labels.shape}")
-    logits, mcache, minfo = model_forward(ids, params, config, positions, backend=backend)
+    check_params(params, config)
+    logits, mcache, minfo = model_forward(ids, params, config, positions, backend=backend, validate=False)
     lm_loss, c_ce = cross_entropy_forward(logits, shift_labels(labels), ignore_index=IGNORE_INDEX,
                                         backend=backend)
     kind = _balance_kind(balance, config)
@@ -235,6 +249,7 @@ def init_caches(config, batch_size, max_len, dtype=np.float64, n_layers=None):
     :class:`~refimpl.attention.KVCache` (rotated keys and values of ``num_key_value_heads`` heads)
     for a standard-attention config (:func:`~refimpl.attention.uses_mla` False)."""
     from ..attention import init_kv_cache, init_latent_cache, uses_mla
+    check_config(config)
     n = config.num_hidden_layers if n_layers is None else n_layers
     if not uses_mla(config):
         return [init_kv_cache(config, batch_size, max_len, dtype=dtype) for _ in range(n)]
@@ -244,7 +259,7 @@ def init_caches(config, batch_size, max_len, dtype=np.float64, n_layers=None):
     return [init_latent_cache(config, batch_size, max_len, dtype) for _ in range(n)]
 
 
-def model_infer(input_ids, params, config, caches, start_pos=0, *, impl="absorb", backend=None):
+def model_infer(input_ids, params, config, caches, start_pos=0, *, impl="absorb", backend=None, validate=True):
     """Prefill / decode step with the caches of :func:`init_caches` (filled in place; latent caches
     for MLA, per-head KV caches for standard attention): logits and final-normed hidden of the new
     tokens at positions ``start_pos + arange(T)``.
@@ -252,6 +267,13 @@ def model_infer(input_ids, params, config, caches, start_pos=0, *, impl="absorb"
     Shapes: input_ids (B, T) -> logits (B, T, V), hidden (B, T, D).
     """
     ids = check_input_ids(input_ids, config)
+    if validate:   # generate checks once and decodes with validate=False
+        check_params(params, config)
+    if not isinstance(caches, list | tuple) or len(caches) != len(params["model"]["layers"]):
+        raise TypeError(f"caches: expected one cache per layer from init_caches, got {type(caches).__name__}")
+    for i, c in enumerate(caches):
+        if not hasattr(c, "_fields"):
+            raise TypeError(f"caches[{i}]: expected a cache from init_caches, got {type(c).__name__}")
     m = params["model"]
     h = m["embed_tokens"][ids]                                           # (B, T, D)
     for n, lp in enumerate(m["layers"]):

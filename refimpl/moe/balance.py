@@ -28,7 +28,7 @@ from typing import NamedTuple
 
 import numpy as np
 
-from .._validate import check_float, check_int
+from .._validate import check_float, check_int, check_integer, check_real, check_upstream
 
 
 class BalanceCache(NamedTuple):
@@ -56,11 +56,12 @@ def _prepare(scores, idx):
 
 
 def _check_devices(n_devices, e):
-    if not isinstance(n_devices, int | np.integer) or n_devices < 1 or e % n_devices:
+    if isinstance(n_devices, bool) or not isinstance(n_devices, int | np.integer) or n_devices < 1 or e % n_devices:
         raise ValueError(f"n_devices: expected a divisor of the {e} experts, got {n_devices!r}")
 
 
 def _loss(coef_f, p, alpha, b):
+    check_real("alpha", alpha, low=0.0)
     return float(alpha) * float(np.sum(coef_f * p)) / b
 
 
@@ -145,7 +146,9 @@ def seq_balance_forward(scores, idx, alpha):
     k = i.shape[-1]
     f = counts * (e / (k * t))                                            # (B, E)
     denom = s.sum(axis=-1, keepdims=True)                                 # (B, T, 1)
-    norm = s / denom                                                      # (B, T, E) s'
+    # a token whose scores all underflowed to 0 (sigmoid of very negative logits) has s' = 0: it
+    # adds nothing to P and gets no gradient (0/0 would make the loss NaN)
+    norm = s / np.where(denom > 0, denom, 1.0)                            # (B, T, E) s'
     p = norm.mean(axis=1)                                                 # (B, E)
     loss = _loss(f, p, alpha, b)
     return np.asarray(loss, dtype=s.dtype), BalanceCache(alpha * f / b, t, norm, denom, scores.shape, s.dtype)
@@ -157,16 +160,19 @@ def balance_backward(dloss, cache):
     Shapes: dloss () -> dscores, shaped like the ``scores`` given to the forward.
     """
     coef, t, norm, denom, shape, dtype = cache
+    check_upstream("dloss", dloss, ())
     # forward: L = sum_b sum_i coef[b, i] * P[b, i],  P[b, i] = mean_t x[b, t, i]
     dx = np.broadcast_to(float(dloss) * coef[:, None, :] / t, (coef.shape[0], t, coef.shape[1]))  # (B, T, E)
     if norm is not None:
         # forward: x = s' = s / sum_j s_j     so: ds = (ds' - sum_j ds'_j s'_j) / sum_j s_j
-        dx = (dx - np.sum(dx * norm, axis=-1, keepdims=True)) / denom     # (B, T, E)
+        dx = (dx - np.sum(dx * norm, axis=-1, keepdims=True)) / np.where(denom > 0, denom, 1.0)  # (B, T, E)
+        dx = np.where(denom > 0, dx, 0.0)                                 # (B, T, E) all-zero tokens
     return np.array(dx, dtype=dtype).reshape(shape)
 
 
 def expert_load(idx, n_experts, keep=None):
     """Selections per expert (optionally only the kept copies). Shapes: idx (..., K) -> (E,) int64."""
+    n_experts = check_integer("n_experts", n_experts, low=1)
     idx = check_int("idx", idx, low=0, high=n_experts)
     flat = idx.reshape(-1) if keep is None else idx[np.asarray(keep, dtype=bool)]
     return np.bincount(flat, minlength=n_experts).astype(np.int64)
@@ -179,7 +185,12 @@ def max_violation(load):
 
     0 for perfect balance; ``E - 1`` when one expert takes everything (with K = 1).
     """
-    load = np.asarray(load, dtype=np.float64)
+    load = np.asarray(load)
+    if load.dtype.kind in "iub":
+        load = load.astype(np.float64)                                    # counts
+    check_float("load", load, min_ndim=1)
+    if load.shape[-1] == 0:
+        raise ValueError("load: expected at least one expert, got an empty last axis")
     mean = load.mean(axis=-1)
     return (load.max(axis=-1) - mean) / np.where(mean > 0, mean, 1.0)
 
@@ -196,9 +207,12 @@ def bias_update(bias, load, gamma):
     Shapes: bias (E,), load (E,) -> new bias (E,) (a new array, same dtype).
     """
     check_float("bias", bias, ndim=1)
-    load = np.asarray(load, dtype=np.float64)
+    load = np.asarray(load)
+    if load.dtype.kind not in "iuf":
+        raise TypeError(f"load: expected numbers (one count per expert), got dtype {load.dtype}")
+    load = load.astype(np.float64)
     if load.shape != bias.shape:
         raise ValueError(f"load: expected shape {bias.shape} (one count per expert), got {load.shape}")
-    if not gamma >= 0:
-        raise ValueError(f"gamma: expected a non-negative update speed, got {gamma!r}")
+    check_float("load", load)
+    check_real("gamma", gamma, low=0.0)
     return (bias + gamma * np.sign(load.mean() - load)).astype(bias.dtype)  # (E,)

@@ -20,7 +20,7 @@ from typing import NamedTuple
 
 import numpy as np
 
-from .._validate import check_int
+from .._validate import check_int, check_integer
 from ..backend import kernel, resolve_backend
 from ..core.activations import swiglu_backward, swiglu_forward
 from ..core.linear import active_gemm
@@ -37,6 +37,7 @@ def make_plan(idx, n_experts, keep=None, *, backend=None):
 
     Shapes: idx (N, K) int64, keep (N, K) bool or None -> DispatchPlan.
     """
+    n_experts = check_integer("n_experts", n_experts, low=1)
     idx = check_int("idx", idx, low=0, high=n_experts)          # the Numba twin does not bounds-check
     if idx.ndim != 2:
         raise ValueError(f"idx: expected shape (N, K), got {idx.shape}")

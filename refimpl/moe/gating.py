@@ -34,7 +34,7 @@ from typing import NamedTuple
 
 import numpy as np
 
-from .._validate import check_float, check_same_dtype, check_shape
+from .._validate import check_float, check_integer, check_same_dtype, check_shape
 from ..backend import kernel, resolve_backend
 from ..core.activations import sigmoid
 from ..core.softmax import SoftmaxCache, softmax_backward, softmax_forward
@@ -107,6 +107,7 @@ def select_experts(sel, k, *, n_group=1, topk_group=1, group_score=None, mask_va
     Shapes: sel (N, E) -> idx (N, k) int64, best first.
     """
     check_float("sel", sel, ndim=2)
+    k = check_integer("k", k, low=1)
     n, e = sel.shape
     if not 1 <= k <= e:
         raise ValueError(f"k: expected 1..{e} (the number of experts), got {k}")

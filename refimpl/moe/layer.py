@@ -36,7 +36,7 @@ from typing import NamedTuple
 
 import numpy as np
 
-from .._validate import check_float, check_same_dtype, check_shape
+from .._validate import check_float, check_same_dtype, check_shape, check_upstream
 from ..backend import resolve_backend
 from ..core.activations import swiglu_mlp_backward, swiglu_mlp_forward
 from .balance import expert_load
@@ -169,7 +169,7 @@ def moe_backward(dy, cache, dscores=None):
     Shapes: dy (..., D) -> dx (..., D), dparams with the tree of ``params``.
     """
     gcache, plan, ecache, ys, weights, scache, shape, backend = cache
-    check_shape("dy", dy, shape, "the shape of x")
+    check_upstream("dy", dy, shape)
     dyf = dy.reshape(-1, shape[-1])                                       # (N, D)
     dparams = {}
     dx = np.zeros_like(dyf)                                               # (N, D)

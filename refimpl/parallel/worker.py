@@ -22,6 +22,8 @@ import time
 
 import numpy as np
 
+from ..fileio import atomic_write
+
 ROUTINGS = ("v2", "v3", "v3-unlimited")
 
 
@@ -73,7 +75,7 @@ def _comm(args):
 
 def _save(comm, path, arrays):
     if comm.rank == 0 and path:
-        with open(path, "wb") as f:
+        with atomic_write(path) as f:
             np.savez(f, **arrays)
 
 
@@ -175,7 +177,7 @@ def task_bad(args):
             ids, labels = batch_fn(np.random.default_rng(0), 0)
             if comm.rank == comm.size - 1:
                 ids = ids + config.vocab_size
-            dp_train_step(state, config, (ids, labels), TrainConfig(steps=1), comm)
+            dp_train_step(state, config, (ids, labels), TrainConfig(steps=1, warmup_steps=1), comm)
         else:
             raise SystemExit(f"--kind: unknown {args.kind!r}")
     except (ValueError, TypeError) as e:
@@ -189,7 +191,7 @@ def _report(args, rank, line):
     """Print ``line``, and write it to ``<out>.<rank>`` (ranks' stdout lines can interleave)."""
     print(line, flush=True)
     if args.out:
-        with open(f"{args.out}.{rank}", "w") as f:
+        with atomic_write(f"{args.out}.{rank}", "w") as f:
             f.write(line + "\n")
 
 

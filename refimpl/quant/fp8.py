@@ -20,7 +20,7 @@ from typing import NamedTuple
 
 import numpy as np
 
-from .._validate import check_float
+from .._validate import check_float, check_integer, check_real
 from ..backend import kernel, resolve_backend
 from ..core.linear import linear_backward, linear_forward
 
@@ -107,13 +107,23 @@ def round_to_fp8(x, fmt="e4m3", *, saturate=True, backend=None):
     return (np.sign(x) * r).astype(x.dtype)                             # sign(0) = 0 keeps zeros
 
 
-def _scales(amax, fmt, scale_fmt, eps=1e-4):
+def _scales(amax, fmt, scale_fmt, eps, name):
+    """float64 scales, each representable as the float32 that is returned (else a ValueError)."""
     f = _format(fmt)
+    eps = check_real("eps", eps, low=0.0, low_open=True)
     s = np.maximum(amax, eps) / f.max                                   # (...) amax -> format max
     if scale_fmt == "ue8m0":
         s = np.exp2(np.ceil(np.log2(s)))                                # power of two >= plain scale
     elif scale_fmt is not None:
         raise ValueError(f"scale_fmt: expected None or 'ue8m0', got {scale_fmt!r}")
+    f32 = np.finfo(np.float32)
+    if s.size and s.max() > f32.max:
+        top = float(f32.max) * f.max
+        raise ValueError(f"{name}: a block's max |value| {float(amax.max()):.4g} needs a scale above float32's "
+                         f"range (scales are float32, as in DeepSeek's kernels; |values| <= {top:.3g})")
+    if s.size and s.min() < f32.tiny:
+        raise ValueError(f"eps: {eps!r} gives block scales below float32's smallest normal number; "
+                         f"expected eps >= {f32.tiny * f.max:.3g}")
     return s
 
 
@@ -129,19 +139,21 @@ def quantize_activation(x, block=128, fmt="e4m3", scale_fmt=None, backend=None, 
     s (..., K/block) float32.
     """
     check_float("x", x, min_ndim=1)
-    if not (isinstance(block, int) and block > 0):
-        raise ValueError(f"block: expected a positive integer, got {block!r}")
+    block = check_integer("block", block, low=1)
     k = x.shape[-1]
     if k % block:
         raise ValueError(f"x: last axis ({k}) must be divisible by block ({block})")
     tiles = x.astype(np.float64).reshape(*x.shape[:-1], k // block, block)   # (..., K/b, b)
-    s = _scales(np.abs(tiles).max(axis=-1), fmt, scale_fmt, eps)             # (..., K/b)
+    s = _scales(np.abs(tiles).max(axis=-1, initial=0.0), fmt, scale_fmt, eps, "x")  # (..., K/b)
     q = round_to_fp8(tiles / s[..., None], fmt, backend=backend)             # (..., K/b, b)
     return q.reshape(x.shape).astype(np.float32), s.astype(np.float32)
 
 
 def dequantize_activation(q, s, block=128):
     """Inverse of :func:`quantize_activation`: ``q * s`` per tile. Shapes: q (..., K), s (..., K/block)."""
+    check_float("q", q, min_ndim=1)
+    check_float("s", s, min_ndim=1)
+    block = check_integer("block", block, low=1)
     if q.shape[-1] != s.shape[-1] * block or q.shape[:-1] != s.shape[:-1]:
         raise ValueError(f"s: expected shape {q.shape[:-1] + (q.shape[-1] // block,)} for q {q.shape}, "
                          f"got {s.shape}")
@@ -157,14 +169,14 @@ def quantize_weight(w, block=128, fmt="e4m3", scale_fmt=None, backend=None, *, e
     Shapes: w (N, K) -> q (N, K) float32 on the FP8 grid, s (ceil(N/b), ceil(K/b)) float32.
     """
     check_float("w", w, ndim=2)
-    if not (isinstance(block, int) and block > 0):
-        raise ValueError(f"block: expected a positive integer, got {block!r}")
+    block = check_integer("block", block, low=1)
     n, k = w.shape
+    block = min(block, max(n, k, 1))      # one block covers w: larger blocks give the same result
     nb, kb = -(-n // block), -(-k // block)
     pad = np.zeros((nb * block, kb * block))                            # (Nb*b, Kb*b)
     pad[:n, :k] = w
     blocks = pad.reshape(nb, block, kb, block)                          # (Nb, b, Kb, b)
-    s = _scales(np.abs(blocks).max(axis=(1, 3)), fmt, scale_fmt, eps)   # (Nb, Kb)
+    s = _scales(np.abs(blocks).max(axis=(1, 3), initial=0.0), fmt, scale_fmt, eps, "w")  # (Nb, Kb)
     q = round_to_fp8(blocks / s[:, None, :, None], fmt, backend=backend)  # (Nb, b, Kb, b)
     return q.reshape(nb * block, kb * block)[:n, :k].astype(np.float32), s.astype(np.float32)
 

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import numpy as np
 
+from ..fileio import atomic_write
 from ..model.transformer import init_params
 from ..tree import tree_flatten, tree_paths
 
@@ -46,11 +47,10 @@ def save(cache_dir, key, trees, meta):
     d.mkdir(parents=True, exist_ok=True)
     arrays = {f"{name}/{p}": a for name, tree in trees.items()
               for p, a in zip(tree_paths(tree), tree_flatten(tree)[0], strict=True)}
-    tmp = d / "params.tmp.npz"
-    with open(tmp, "wb") as f:
+    with atomic_write(d / "params.npz") as f:       # atomic: a half-written file is never loaded
         np.savez(f, **arrays)
-    tmp.replace(d / "params.npz")                    # atomic: a half-written file is never loaded
-    (d / "meta.json").write_text(json.dumps(meta))
+    with atomic_write(d / "meta.json", "w") as f:   # written last: its presence marks a complete entry
+        f.write(json.dumps(meta))
 
 
 def load(cache_dir, key, config, names):

@@ -32,7 +32,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from .._validate import check_float
+from .._validate import check_float, check_real
 
 SCALE_REWARDS = ("group", "batch", "none")
 NAN_POLICIES = ("raise", "omit")
@@ -70,6 +70,23 @@ def _nan_stats(x: np.ndarray, axis):
     var = (dev * dev).sum(axis=axis, keepdims=True) / np.maximum(count - 1, 1)  # (..., 1)
     std = np.where(count > 1, np.sqrt(var), 0.0)                        # (..., 1)
     return count, mean, std
+
+
+def _unit(r: np.ndarray) -> float:
+    """A power of two to divide rewards by so that sums of squares stay finite (1.0 for usual rewards)."""
+    a = np.abs(r[np.isfinite(r)])
+    top = float(a.max()) if a.size else 0.0
+    return 1.0 if top < 1e150 else float(np.ldexp(1.0, np.frexp(top)[1] - 1))   # top / unit in [1, 2)
+
+
+def _rescale(adv: np.ndarray, unit: float, dtype, name: str) -> np.ndarray:
+    """``adv * unit`` in ``dtype``; a ValueError naming ``name`` if that is out of the dtype's range."""
+    with np.errstate(over="ignore"):
+        out = (adv * unit).astype(dtype)
+    if not np.isfinite(out).all():
+        raise ValueError(f"{name}: advantages (r - mean) overflow {np.dtype(dtype).name} "
+                         "(rewards too far apart for scale_rewards='none')")
+    return out
 
 
 def _constant(x: np.ndarray, axis) -> np.ndarray:
@@ -127,10 +144,11 @@ def group_advantages(rewards, num_generations, *, scale_rewards="group", std_eps
     if rewards.ndim != 1:
         raise ValueError(f"rewards: expected shape (B,), got {rewards.shape}")
     mode = _scale_mode(scale_rewards)
-    if not (np.isfinite(std_eps) and std_eps >= 0):
-        raise ValueError(f"std_eps: expected a finite value >= 0, got {std_eps}")
+    std_eps = check_real("std_eps", std_eps, low=0.0)
     g = _check_groups("rewards", rewards.shape[0], num_generations)
     r = rewards.astype(np.float64).reshape(-1, g)                       # (P, G) P prompts
+    unit = _unit(r)                                                     # 1.0 unless squares would overflow
+    r, std_eps = r / unit, std_eps / unit                               # (P, G) the same advantages
     count, mean, std = _nan_stats(r, axis=1)                            # (P, 1) each
     flat = _constant(r, axis=1)                                         # (P, 1)
     if mode == "batch":
@@ -140,12 +158,13 @@ def group_advantages(rewards, num_generations, *, scale_rewards="group", std_eps
     den = std + std_eps                                                 # (P, 1) 0 only in flat groups
     adv = centred if mode == "none" else centred / np.where(den > 0, den, 1.0)  # (P, G)
     adv = np.where(np.isnan(r) | (count < 2), 0.0, adv)                 # (P, G) omitted rows, singletons
+    adv = _rescale(adv, unit if mode == "none" else 1.0, rewards.dtype, "rewards")  # (P, G)
     info = {
-        "reward_mean": float(np.nanmean(r)) if np.isfinite(r).any() else 0.0,
-        "reward_std": float(np.mean(np.broadcast_to(std, r.shape))) if r.size else 0.0,
+        "reward_mean": float(np.nanmean(r)) * unit if np.isfinite(r).any() else 0.0,
+        "reward_std": float(np.mean(np.broadcast_to(std, r.shape))) * unit if r.size else 0.0,
         "frac_reward_zero_std": float(np.mean(flat)) if r.size else 0.0,
     }
-    return adv.reshape(-1).astype(rewards.dtype), info
+    return adv.reshape(-1), info
 
 
 def process_advantages(step_rewards, step_mask, num_generations, *, scale_rewards="group", std_eps=1e-4):
@@ -173,9 +192,12 @@ def process_advantages(step_rewards, step_mask, num_generations, *, scale_reward
         raise ValueError(f"step_mask: expected shape {step_rewards.shape} to match step_rewards, "
                          f"got {step_mask.shape}")
     mode = _scale_mode(scale_rewards)
+    std_eps = check_real("std_eps", std_eps, low=0.0)
     g = _check_groups("step_rewards", step_rewards.shape[0], num_generations)
     B, T = step_rewards.shape
     r = np.where(step_mask, step_rewards.astype(np.float64), np.nan).reshape(-1, g * T)  # (P, G*T)
+    unit = _unit(r)                                                     # 1.0 unless squares would overflow
+    r, std_eps = r / unit, std_eps / unit                               # (P, G*T)
     count, mean, std = _nan_stats(r, axis=1)                            # (P, 1) each
     flat = _constant(r, axis=1) | (count < 2)                           # (P, 1)
     if mode == "batch":
@@ -187,6 +209,7 @@ def process_advantages(step_rewards, step_mask, num_generations, *, scale_reward
     norm = np.where(np.isnan(r), 0.0, norm).reshape(B, T)               # (B, T) zero off step ends
     # A_t = sum_{t' >= t} norm_{t'}: a reversed cumulative sum along T
     adv = np.cumsum(norm[:, ::-1], axis=1)[:, ::-1]                     # (B, T)
+    adv = _rescale(adv, unit if mode == "none" else 1.0, step_rewards.dtype, "step_rewards")  # (B, T)
     info = {"frac_reward_zero_std": float(np.mean(flat)) if flat.size else 0.0,
             "num_steps": int(step_mask.sum())}
-    return np.ascontiguousarray(adv).astype(step_rewards.dtype), info
+    return np.ascontiguousarray(adv), info

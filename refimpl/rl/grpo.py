@@ -42,7 +42,10 @@ Where the public implementations differ (refimpl follows TRL, and the tests pin 
 * ``dapo`` divides by the batch's active tokens (``num_items_in_batch``); verl's ``token-mean``
   and TRL's Liger path (at the reference snapshot) use the micro-batch's count and divide by the
   gradient-accumulation steps, so micro-batches do not add up to the batch gradient.
-* Ratios and k3 are unclamped (verl: log-ratio in [-20, 20], k3 in [-10, 10]); verl's dual clip
+* Ratios and k3 are unclamped (verl: log-ratio in [-20, 20], k3 in [-10, 10]). Where PyTorch would
+  return NaN or inf because an exponential overflows, refimpl returns the exact value when it is
+  finite (a token with :math:`\hat A = 0` contributes 0 even if its ratio overflows) and otherwise
+  raises a ValueError naming ``old_logps`` or ``ref_logps``; verl's dual clip
   (``clip_ratio_c``) is not implemented, TRL's ``delta`` is.
 * verl's ``gspo`` (token ratio :math:`\mathrm{sg}[s_i]\,\pi/\mathrm{sg}[\pi]`) has the value and
   gradient of ``importance_sampling_level="sequence"`` with ``loss_type="grpo"`` (up to verl's
@@ -113,7 +116,9 @@ def _min_clip(ratio, A, lo, hi, delta):
     dr1 = np.ones_like(ratio) if delta is None else (ratio <= delta).astype(ratio.dtype)  # (B, T|1)
     r2 = np.clip(ratio, lo, hi)                                         # (B, T|1)
     dr2 = ((ratio >= lo) & (ratio <= hi)).astype(ratio.dtype)           # (B, T|1)
-    b1, b2 = r1 * A, r2 * A                                             # (B, T) each
+    with np.errstate(invalid="ignore"):   # inf * 0: an overflowed ratio with A = 0 contributes 0
+        b1 = np.where(A == 0, 0.0, r1 * A)                              # (B, T)
+    b2 = r2 * A                                                         # (B, T)
     w1 = np.where(b1 < b2, 1.0, np.where(b1 == b2, 0.5, 0.0))           # (B, T) torch.min's split
     loss = -np.minimum(b1, b2)                                          # (B, T)
     # forward: L = -min(b1, b2), b1 = min(rho, delta) A, b2 = clip(rho) A
@@ -129,7 +134,8 @@ def _kl(estimator, logps, ref, m):
         return -x, np.ones_like(x)
     if estimator == "k2":
         return 0.5 * x * x, -x
-    ex = np.exp(x)                                                      # (B, T)
+    with np.errstate(over="ignore"):      # exp(x) > float64's range: reported by grpo_loss
+        ex = np.exp(x)                                                  # (B, T)
     return ex - x - 1.0, 1.0 - ex                                       # k3 and dk3/dlogps
 
 
@@ -149,9 +155,14 @@ def per_token_kl(logps, ref_logps, *, kl_estimator="k3"):
         raise ValueError(f"ref_logps: expected shape {logps.shape} to match logps, got {ref_logps.shape}")
     if kl_estimator not in KL_ESTIMATORS:
         raise ValueError(f"kl_estimator: expected one of {KL_ESTIMATORS}, got {kl_estimator!r}")
-    return _kl(kl_estimator, logps.astype(np.float64), ref_logps.astype(np.float64), np.ones(logps.shape, bool))
+    kl, dkl = _kl(kl_estimator, logps.astype(np.float64), ref_logps.astype(np.float64), np.ones(logps.shape, bool))
+    if not (np.isfinite(kl).all() and np.isfinite(dkl).all()):
+        raise ValueError(_overflow_message(np.zeros(1), logps.astype(np.float64), ref_logps.astype(np.float64),
+                                           np.ones(logps.shape, bool), np.float64))
+    return kl, dkl
 
 
+@np.errstate(over="ignore", invalid="ignore")   # an overflowed exponential is reported as a ValueError
 def grpo_loss(logps, old_logps, ref_logps, advantages, mask, *, loss_type="dapo", epsilon=0.2,
               epsilon_high=None, delta=None, beta=0.0, kl_estimator="k3", importance_sampling_level="token",
               max_completion_length=None, num_items_in_batch=None, sapo_temperature_pos=1.0,
@@ -300,7 +311,25 @@ def grpo_loss(logps, old_logps, ref_logps, advantages, mask, *, loss_type="dapo"
     info["ratio_mean"] = frac(ratio) if per_seq else masked_mean(ratio)
     info["num_tokens"] = int(N)
     info["normalizer"] = norm
-    return np.asarray(loss, dtype=dt), dlogps.astype(dt), info
+    loss, dlogps = np.asarray(loss, dtype=dt), dlogps.astype(dt)
+    if not (np.isfinite(loss) and np.isfinite(dlogps).all()):
+        raise ValueError(_overflow_message(log_w, lp, ref_logps, m, dt))
+    return loss, dlogps, info
+
+
+def _overflow_message(log_w, lp, ref_logps, m, dt):
+    """Say which exponential left the dtype's range (never return a silent inf/NaN loss)."""
+    big = float(np.log(np.finfo(dt).max))
+    lw = float(np.max(log_w, initial=-np.inf))
+    if lw > big - 1.0 or ref_logps is None:
+        return (f"old_logps: the importance ratio exp(logps - old_logps) reaches exp({lw:.4g}), so the loss or its "
+                f"gradient is not representable in {np.dtype(dt).name} (exp overflows above exp({big:.4g})). The "
+                f"sampling policy and the current one disagree completely on some token; refimpl, like TRL, does "
+                f"not clamp the ratio (verl clamps the log-ratio to [-20, 20]): clamp it or drop those samples")
+    x = float(np.max(np.where(m, ref_logps - lp, -np.inf), initial=-np.inf))
+    return (f"ref_logps: the KL estimator's exp(ref_logps - logps) reaches exp({x:.4g}), so the loss or its "
+            f"gradient is not representable in {np.dtype(dt).name}; refimpl, like TRL, does not clamp it "
+            f"(verl clamps k3 to [-10, 10]): use kl_estimator='k1'/'k2', clamp, or drop those samples")
 
 
 def entropy_bonus(entropies, mask, *, entropy_coef, loss_type="dapo", num_items_in_batch=None):

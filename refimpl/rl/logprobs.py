@@ -29,7 +29,7 @@ from typing import NamedTuple
 
 import numpy as np
 
-from .._validate import check_float, check_int
+from .._validate import check_float, check_int, check_integer, check_upstream
 
 CHUNK_ROWS = 32  # rows per pass: (32, V) buffers stay in cache for V ~ 32k
 
@@ -76,6 +76,7 @@ def logps_entropy_forward(logits, ids, *, temperature=1.0, chunk_rows=CHUNK_ROWS
     ent = np.empty(N, dtype=z.dtype)                                    # (N,)
     logp = np.empty(N, dtype=z.dtype)                                   # (N,)
     tau_ = z.dtype.type(tau)
+    chunk_rows = check_integer("chunk_rows", chunk_rows, low=1)
     us = np.empty((min(chunk_rows, N), V), dtype=z.dtype)               # (C, V) reused buffers: allocating
     e = np.empty_like(us)                                               # (C, V) fresh ones per chunk is slower
     for a in range(0, N, chunk_rows):
@@ -111,12 +112,13 @@ def logps_entropy_backward(dlogps, dentropy, cache, *, chunk_rows=CHUNK_ROWS):
     z, o, rowmax, logs, ent, tau, lead = cache
     N, V = z.shape
     for name, d in (("dlogps", dlogps), ("dentropy", dentropy)):
-        if d is not None and np.shape(d) != lead:
-            raise ValueError(f"{name}: expected shape {lead} (the logits without the vocab axis), got {np.shape(d)}")
+        if d is not None:
+            check_upstream(name, d, lead)
     g = np.zeros(N) if dlogps is None else np.asarray(dlogps, dtype=np.float64).reshape(N)      # (N,)
     h = np.zeros(N) if dentropy is None else np.asarray(dentropy, dtype=np.float64).reshape(N)  # (N,)
     dz = np.empty_like(z)                                               # (N, V)
     tau_ = z.dtype.type(tau)
+    chunk_rows = check_integer("chunk_rows", chunk_rows, low=1)
     buf = np.empty((min(chunk_rows, N), V), dtype=z.dtype)              # (C, V) reused buffers
     pib = np.empty_like(buf)                                            # (C, V)
     for a in range(0, N, chunk_rows):

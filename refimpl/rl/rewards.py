@@ -27,8 +27,6 @@ TAGS = ("<think>", "</think>", "<answer>", "</answer>")
 _BODY = r"(?:(?!</?(?:think|answer)>).)*"          # any text that contains no tag
 _FORMAT = re.compile(rf"<think>{_BODY}</think><answer>{_BODY}</answer>", re.DOTALL)
 _FORMAT_NL = re.compile(rf"<think>\n{_BODY}\n</think>\n<answer>\n{_BODY}\n</answer>", re.DOTALL)
-_ANSWER = re.compile(r"<answer>(.*?)</answer>", re.DOTALL)
-_THINK = re.compile(r"<think>(.*?)</think>", re.DOTALL)
 
 
 def _check_completions(completions) -> list[str]:
@@ -40,10 +38,33 @@ def _check_completions(completions) -> list[str]:
     return list(completions)
 
 
+def _blocks(text: str, open_tag: str, close_tag: str):
+    """The contents of the non-overlapping ``open_tag…close_tag`` pairs, left to right (what
+    ``re.findall(open(.*?)close, DOTALL)`` finds), in time linear in ``len(text)``: a lazy regex
+    rescans the rest of the text from every unclosed opening tag, quadratic on model samples
+    such as ``"<answer>" * 16000``."""
+    pos = 0
+    while True:
+        i = text.find(open_tag, pos)
+        if i < 0:
+            return
+        j = text.find(close_tag, i + len(open_tag))
+        if j < 0:          # no closing tag after this opening one, so none after any later one
+            return
+        yield text[i + len(open_tag):j]
+        pos = j + len(close_tag)
+
+
 def extract_answer(text: str) -> str | None:
-    """The stripped content of the *last* ``<answer>…</answer>`` pair in ``text``, or None."""
-    found = _ANSWER.findall(text)
-    return found[-1].strip() if found else None
+    """The stripped content of the *last* ``<answer>…</answer>`` pair in ``text``, or None.
+
+    Linear in ``len(text)`` (rewards run on arbitrary model samples)."""
+    if not isinstance(text, str):
+        raise TypeError(f"text: expected a str, got {type(text).__name__}")
+    last = None
+    for last in _blocks(text, "<answer>", "</answer>"):  # noqa: B007 - the last one is wanted
+        pass
+    return None if last is None else last.strip()
 
 
 def exact_match(pred: str, gold: str) -> bool:
@@ -62,7 +83,7 @@ def accuracy_reward(completions, answers, *, check: Callable[[str, str], bool] |
     Shapes: completions list[str] (B), answers list[str] (B) -> (B,) float64.
     """
     completions = _check_completions(completions)
-    if isinstance(answers, str) or len(answers) != len(completions):
+    if isinstance(answers, str) or not isinstance(answers, Sequence) or len(answers) != len(completions):
         raise ValueError(f"answers: expected a list of {len(completions)} gold answers (one per completion), "
                          f"got {answers!r:.80}")
     check = exact_match if check is None else check
@@ -135,14 +156,16 @@ def language_consistency_reward(completions, *, alphabet, unit="char") -> np.nda
     """
     if unit not in ("char", "word"):
         raise ValueError(f"unit: expected 'char' or 'word', got {unit!r}")
+    if not isinstance(alphabet, str | list | tuple | set | frozenset):
+        raise TypeError(f"alphabet: expected a str or a collection of characters, got {type(alphabet).__name__}")
     allowed = set(alphabet)
     if not allowed:
         raise ValueError("alphabet: expected a non-empty collection of characters")
     out = []
     for c in _check_completions(completions):
-        found = _THINK.search(c)
-        items = [] if found is None else (found.group(1).split() if unit == "word"
-                                          else [ch for ch in found.group(1) if not ch.isspace()])
+        found = next(_blocks(c, "<think>", "</think>"), None)
+        items = [] if found is None else (found.split() if unit == "word"
+                                          else [ch for ch in found if not ch.isspace()])
         ok = [all(ch in allowed for ch in it) for it in items]
         out.append(float(np.mean(ok)) if ok else 0.0)
     return np.array(out)
@@ -161,7 +184,10 @@ def combine_rewards(rewards_per_func, weights=None) -> np.ndarray:
         raise ValueError(f"rewards_per_func: expected shape (B, F) with F >= 1, got {r.shape}")
     if np.isinf(r).any():
         raise ValueError("rewards_per_func: contains inf")
-    w = np.ones(r.shape[1]) if weights is None else np.asarray(weights, dtype=np.float64)  # (F,)
+    try:
+        w = np.ones(r.shape[1]) if weights is None else np.asarray(weights, dtype=np.float64)  # (F,)
+    except (ValueError, TypeError):
+        raise TypeError(f"weights: expected {r.shape[1]} numbers, got {weights!r:.80}") from None
     if w.shape != (r.shape[1],) or not np.isfinite(w).all():
         raise ValueError(f"weights: expected {r.shape[1]} finite weights (one per reward function), got {w!r}")
     total = np.nansum(r * w, axis=1)                                    # (B,)

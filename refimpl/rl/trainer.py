@@ -40,6 +40,7 @@ from dataclasses import dataclass, fields
 
 import numpy as np
 
+from .._validate import BACKENDS, check_betas, check_bool, check_choice, check_integer, check_real
 from ..model.train import TrainConfig, init_state, train
 from ..model.transformer import model_backward, model_forward
 from ..optim import adamw_init, adamw_update, clip_grad_norm, default_decay_mask
@@ -132,57 +133,39 @@ class GRPOConfig:
     keep_sampling_mask: bool = False
 
     def __post_init__(self):
-        def whole(name, low):
-            v = getattr(self, name)
-            if isinstance(v, bool) or not isinstance(v, int | np.integer) or v < low:
-                raise ValueError(f"{name}: expected an int >= {low}, got {v!r}")
-        def number(name, low, strict=False, high=None):
-            v = getattr(self, name)
-            ok = isinstance(v, int | float | np.floating | np.integer) and not isinstance(v, bool) and np.isfinite(v)
-            ok = ok and (v > low if strict else v >= low) and (high is None or v <= high)
-            if not ok:
-                rng = f"{'>' if strict else '>='} {low}" + ("" if high is None else f" and <= {high}")
-                raise ValueError(f"{name}: expected a finite number {rng}, got {v!r}")
-        whole("num_generations", 1)
+        check_integer("num_generations", self.num_generations)
         if self.num_generations < 2:
             raise ValueError(f"num_generations: expected >= 2 (a group of one has no baseline; its advantage "
                              f"is always 0 with scale_rewards={self.scale_rewards!r}), got {self.num_generations}")
         for name, low in (("prompts_per_step", 1), ("max_completion_length", 1), ("steps", 0), ("warmup_steps", 0),
                           ("num_iterations", 1), ("soft_punish_cache", 0), ("max_resample_rounds", 0),
                           ("eval_n", 1), ("seed", 0)):
-            whole(name, low)
-        number("temperature", 0.0, strict=True)
-        number("top_p", 0.0, strict=True, high=1.0)
-        number("lr", 0.0)
-        number("weight_decay", 0.0)
-        number("max_grad_norm", 0.0, strict=True)
-        number("epsilon", 0.0)
-        number("beta", 0.0)
-        number("entropy_coef", 0.0)
+            check_integer(name, getattr(self, name), low=low)
+        check_real("temperature", self.temperature, low=0.0, low_open=True)
+        check_real("top_p", self.top_p, low=0.0, high=1.0, low_open=True)
+        for name in ("lr", "weight_decay", "epsilon", "beta", "entropy_coef"):
+            check_real(name, getattr(self, name), low=0.0)
+        check_real("max_grad_norm", self.max_grad_norm, low=0.0, low_open=True)
         if self.epsilon_high is not None:
-            number("epsilon_high", 0.0)
+            check_real("epsilon_high", self.epsilon_high, low=0.0)
         if self.delta is not None:
-            number("delta", 0.0, strict=True)
-        if self.loss_type not in LOSS_TYPES:
-            raise ValueError(f"loss_type: expected one of {LOSS_TYPES}, got {self.loss_type!r}")
-        if self.importance_sampling_level not in IS_LEVELS:
-            raise ValueError(f"importance_sampling_level: expected one of {IS_LEVELS}, "
-                             f"got {self.importance_sampling_level!r}")
-        if self.kl_estimator not in KL_ESTIMATORS:
-            raise ValueError(f"kl_estimator: expected one of {KL_ESTIMATORS}, got {self.kl_estimator!r}")
-        if self.scale_rewards not in SCALE_REWARDS + (True, False):
-            raise ValueError(f"scale_rewards: expected one of {SCALE_REWARDS} or a bool, got {self.scale_rewards!r}")
-        w = np.asarray(self.reward_weights, dtype=float) if np.ndim(self.reward_weights) == 1 else None
-        if w is None or w.shape != (len(REWARD_NAMES),) or not np.isfinite(w).all():
+            check_real("delta", self.delta, low=0.0, low_open=True)
+        check_bool("dynamic_sampling", self.dynamic_sampling)
+        check_bool("mask_truncated_completions", self.mask_truncated_completions)
+        check_choice("loss_type", self.loss_type, LOSS_TYPES)
+        check_choice("importance_sampling_level", self.importance_sampling_level, IS_LEVELS)
+        check_choice("kl_estimator", self.kl_estimator, KL_ESTIMATORS)
+        check_choice("scale_rewards", self.scale_rewards, SCALE_REWARDS + (True, False))
+        if not isinstance(self.reward_weights, tuple | list) or len(self.reward_weights) != len(REWARD_NAMES):
             raise ValueError(f"reward_weights: expected {len(REWARD_NAMES)} finite weights for {REWARD_NAMES}, "
                              f"got {self.reward_weights!r}")
-        if len(self.betas) != 2 or not all(0 <= b < 1 for b in self.betas):
-            raise ValueError(f"betas: expected two values in [0, 1), got {self.betas!r}")
+        for name, w in zip(REWARD_NAMES, self.reward_weights, strict=True):
+            check_real(f"reward_weights ({name})", w)
+        check_betas("betas", self.betas)
         if self.soft_punish_cache > self.max_completion_length:
             raise ValueError(f"soft_punish_cache: expected <= max_completion_length={self.max_completion_length}, "
                              f"got {self.soft_punish_cache}")
-        if self.backend not in (None, "auto", "numpy", "numba"):
-            raise ValueError(f"backend: expected None, 'auto', 'numpy' or 'numba', got {self.backend!r}")
+        check_choice("backend", self.backend, BACKENDS)
         check_stable_options(self)
 
     def replace(self, **changes) -> GRPOConfig:

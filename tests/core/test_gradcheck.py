@@ -75,3 +75,48 @@ def test_dict_gradients_are_matched_by_key_not_order(rng):
         y = params["a"] * 2 + params["b"] ** 2
         return y, lambda dy: ({"b": 2 * params["b"] * dy, "a": 2 * dy},)
     assert check_grad(f, [{"a": rng.standard_normal(3), "b": rng.standard_normal(3)}]) < GRAD_TOL
+
+
+# ------------------------------------------------------------------------------------------------
+# Issue 15 item 15: an objective that is a tiny difference of large numbers
+# ------------------------------------------------------------------------------------------------
+
+def _ce(targets):
+    from refimpl.core.cross_entropy import cross_entropy_backward, cross_entropy_forward
+
+    def f(z):
+        loss, c = cross_entropy_forward(z, targets)
+        return loss, lambda d: (cross_entropy_backward(d, c),)
+    return f
+
+
+def test_cancelling_objective_passes_a_correct_gradient():
+    # loss ~5e-10 computed as logsumexp(z) - z_t with |z| ~ 5: the old floor (rounding
+    # proportional to the output) reported 0.041 here
+    z = np.array([[5.67160145, -15.68245324]])
+    for seed in range(8):
+        assert check_grad(_ce(np.array([0])), [z], seed=seed) < GRAD_TOL
+
+
+from hypothesis import given  # noqa: E402
+
+from refimpl.testing.strategies import logits_and_targets  # noqa: E402
+
+
+@given(case=logits_and_targets(scale=None))
+def test_public_strategy_never_fails_a_correct_cross_entropy(case):
+    z, t = case
+    assert check_grad(_ce(t), [z]) < GRAD_TOL
+
+
+@given(case=logits_and_targets(scale=1.0))
+def test_a_wrong_cross_entropy_gradient_is_still_caught(case):
+    z, t = case
+    from refimpl.core.cross_entropy import cross_entropy_backward, cross_entropy_forward
+    if not (t != -100).any():
+        return
+
+    def wrong(z):
+        loss, c = cross_entropy_forward(z, t)
+        return loss, lambda d: (cross_entropy_backward(d, c) * 1.01,)
+    assert check_grad(wrong, [z]) > 100 * GRAD_TOL
