@@ -22,6 +22,8 @@ RECIPES = {
     "tiny-v3": ("refimpl.recipes.tiny_v3", "tiny_v3_run"),
     "r1-zero": ("refimpl.recipes.r1", "r1_zero_run"),
     "r1": ("refimpl.recipes.r1", "r1_run"),
+    "cot-ablation": ("refimpl.recipes.cot", "cot_ablation_run"),
+    "aha": ("refimpl.recipes.aha", "aha_run"),
 }
 
 
