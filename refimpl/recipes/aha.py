@@ -44,7 +44,7 @@ AHA_SOURCES = SOURCES + ("recipes/aha.py",)
 def aha_corpus(n=4000, seed=0, *, p_check=0.1, p_carry=0.35) -> list[str]:
     """``n`` distinct training prompts (never held-out ones), each followed by a reflective completion."""
     rng = np.random.default_rng(seed)
-    return [e.prompt + reflective_completion(e, rng, p_check=p_check, p_carry=p_carry, task=TASK)
+    return [e.prompt + reflective_completion(e, rng, p_check=p_check, p_carry=p_carry)
             for e in make_dataset(TASK, n, rng)]
 
 

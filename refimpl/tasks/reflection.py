@@ -33,6 +33,7 @@ from .base import Example, _check_rng, format_completion
 _THINK = re.compile(r"<think>(.*?)</think>", re.DOTALL)
 _ANSWER = re.compile(r"<answer>(.*?)</answer>", re.DOTALL)
 _CHECK = re.compile(r"check (.*?) so (\d+)\.")
+_COLUMNS = AdditionTask()           # its chain_of_thought: the column sums of any a+b prompt
 
 
 def careless_answer(a: int, b: int, rng, *, p_carry: float) -> str:
@@ -49,8 +50,7 @@ def careless_answer(a: int, b: int, rng, *, p_carry: float) -> str:
     return str(int(out))
 
 
-def reflective_completion(example: Example, rng, *, p_check: float, p_carry: float,
-                          task: AdditionTask = AdditionTask(2, 3)) -> str:
+def reflective_completion(example: Example, rng, *, p_check: float, p_carry: float) -> str:
     """One document of the base corpus (see the module docstring): a careless first answer, and with
     probability ``p_check`` a check by column-wise recomputation, with "wait" and the fix if it fails."""
     a, b = (int(s) for s in example.prompt[:-1].split("+"))
@@ -59,7 +59,7 @@ def reflective_completion(example: Example, rng, *, p_check: float, p_carry: flo
         return format_completion(first, first)
     right = example.answer
     verdict = "ok" if first == right else f"wait, {right}"
-    return format_completion(f"{first}. check {task.chain_of_thought(example.prompt)} so {right}. {verdict}", right)
+    return format_completion(f"{first}. check {_COLUMNS.chain_of_thought(example.prompt)} so {right}. {verdict}", right)
 
 
 class Reflection(NamedTuple):
