@@ -8,8 +8,10 @@ import numpy as np
 import pytest
 
 from refimpl.__main__ import RECIPES
-from refimpl.recipes import aha, cot
-from refimpl.rl import format_reward
+from refimpl.model.transformer import init_params
+from refimpl.recipes import aha, cot, language, r1
+from refimpl.rl import GRPOConfig, format_reward, grpo_train, sft_train
+from refimpl.rl.rewards import extract_answer
 from refimpl.tasks import AdditionTask, Example, eval_set
 from refimpl.tasks.reflection import (
     careless_answer,
@@ -114,3 +116,51 @@ def test_aha_tiny_run_keys_and_determinism(tmp_path):
 def test_cli_names():
     assert RECIPES["cot-ablation"] == ("refimpl.recipes.cot", "cot_ablation_run")
     assert RECIPES["aha"] == ("refimpl.recipes.aha", "aha_run")
+
+
+MIXED = "<think>7+5=12,e+i+b=bd</think><answer>132</answer>"
+PURE = "<think>7+5=12,4+8+1=13</think><answer>132</answer>"
+
+
+def test_language_corpus_and_consistency_on_handcrafted_transcripts():
+    assert language.to_letters("4+8+1=13") == "e+i+b=bd"
+    c = language.consistency([MIXED, PURE, "<answer>132</answer>"])
+    assert c["consistent"] == pytest.approx(1 / 3)
+    assert c["share"] == pytest.approx((10 / 15 + 1 + 0) / 3)        # letters e, i, b, b, d off-script; no <think>: 0
+    rng = np.random.default_rng(0)
+    exs = eval_set(language.TASK, 200)
+    always = [language.mixed_completion(e, rng, p_switch=1.0, p_carry=1.0) for e in exs]
+    never = [language.mixed_completion(e, rng, p_switch=0.0, p_carry=1.0) for e in exs]
+    assert language.consistency(never)["consistent"] == 1.0 and language.consistency(always)["consistent"] == 0.0
+    for a, n in zip(always, never, strict=True):                       # the switch changes the script, not the sums
+        assert a.split(",", 1)[0] == n.split(",", 1)[0] and language.to_letters(n) == language.to_letters(a)
+        assert extract_answer(a) == extract_answer(n)
+    mixed = language.consistency([language.mixed_completion(e, rng) for e in exs])["consistent"]
+    assert 0.15 < mixed < 0.45                                         # p_switch = 0.6 per boundary
+
+
+def test_language_weight_adds_the_consistency_reward():
+    with pytest.raises(ValueError, match="language_weight"):
+        GRPOConfig(language_weight=-1.0)
+    with pytest.raises(ValueError, match="language_alphabet"):
+        GRPOConfig(language_alphabet="")
+    config = r1.r1_model_config()
+    params = init_params(config, np.random.default_rng(0), np.float32)
+    params = sft_train(params, config, language.language_corpus(40, 0), steps=3, progress=False)["params"]
+    gc = GRPOConfig(steps=1, num_generations=2, prompts_per_step=2, max_completion_length=12, eval_n=2,
+                    mask_truncated_completions=False)
+    plain = grpo_train(params, config, language.TASK, gc, progress=False, eval_every=0)["history"][0]
+    lc = grpo_train(params, config, language.TASK, gc.replace(language_weight=2.0), progress=False,
+                    eval_every=0)["history"][0]
+    assert plain["sample"] == lc["sample"]                             # same samples, only the reward differs
+    assert lc["reward"] >= plain["reward"]
+
+
+def test_language_tiny_run_keys_and_determinism():
+    kw = dict(steps=1, base_steps=2, n_corpus=20, eval_n=2, max_completion_length=10, num_generations=2,
+              prompts_per_step=2, progress=False)
+    a, b = language.language_run(**kw), language.language_run(**kw)
+    for k in ("consistency_before", "consistency_zero", "consistency_lc", "accuracy_before", "accuracy_zero",
+              "accuracy_lc", "accuracy_cost"):
+        assert isinstance(a[k], float) and a[k] == b[k]
+    assert a["zero"] == b["zero"] and a["lc"] == b["lc"] and set(a["base"]) >= {"greedy", "sampled"}
