@@ -41,11 +41,26 @@ TASK = AdditionTask(min_digits=2, max_digits=3)
 AHA_SOURCES = SOURCES + ("recipes/aha.py",)
 
 
-def aha_corpus(n=4000, seed=0, *, p_check=0.1, p_carry=0.35) -> list[str]:
-    """``n`` distinct training prompts (never held-out ones), each followed by a reflective completion."""
+def column_drill(example) -> str:
+    """A document that only practises column addition, outside the answer format:
+    ``"sum 47+85: 7+5=12,4+8+1=13 so 132."`` (the base model's arithmetic "from elsewhere")."""
+    return f"sum {example.prompt[:-1]}: {TASK.chain_of_thought(example.prompt)} so {example.answer}."
+
+
+def aha_corpus(n=4000, seed=0, *, p_check=0.1, p_carry=0.35, p_drill=0.0) -> list[str]:
+    """``n`` distinct training prompts (never held-out ones): with probability ``p_drill`` a
+    :func:`column_drill`, else the prompt followed by a reflective completion."""
     rng = np.random.default_rng(seed)
-    return [e.prompt + reflective_completion(e, rng, p_check=p_check, p_carry=p_carry)
+    return [column_drill(e) if p_drill and rng.random() < p_drill
+            else e.prompt + reflective_completion(e, rng, p_check=p_check, p_carry=p_carry)
             for e in make_dataset(TASK, n, rng)]
+
+
+def pretrain_on(corpus, config, steps, seed, progress):
+    """A base model: a fresh ``init_params(config, default_rng(seed))`` trained on ``corpus`` (loss on every
+    token) with the pretraining settings of :func:`refimpl.recipes.r1.pretrain_base` (batch 32, lr 3e-3)."""
+    return sft_train(init_params(config, np.random.default_rng(seed), np.float32), config, corpus, steps=steps,
+                     batch_size=32, lr=3e-3, warmup_steps=min(20, steps), seed=seed, progress=progress)
 
 
 def measure(params, config, n, temperature, seed, max_new_tokens):
@@ -57,7 +72,7 @@ def measure(params, config, n, temperature, seed, max_new_tokens):
 
 
 def aha_run(steps=60, seed=0, progress=True, cache_dir=None, *, base_steps=2000, n_corpus=4000, p_check=0.1,
-            p_carry=0.35, eval_every=10, eval_n=128, max_completion_length=64, **overrides):
+            p_carry=0.35, p_drill=0.0, eval_every=10, eval_n=128, max_completion_length=64, **overrides):
     """Pretrain the reflective base, then R1-Zero GRPO on it (see the module docstring).
 
     ``overrides`` are :class:`~refimpl.rl.trainer.GRPOConfig` fields on top of
@@ -74,15 +89,15 @@ def aha_run(steps=60, seed=0, progress=True, cache_dir=None, *, base_steps=2000,
     gc = r1_zero_grpo_config(steps, seed, **{"max_completion_length": max_completion_length, "eval_n": eval_n,
                                              **overrides})
     config = r1_model_config()
-    args = dict(base_steps=base_steps, n_corpus=n_corpus, p_check=p_check, p_carry=p_carry, eval_every=eval_every,
+    args = dict(base_steps=base_steps, n_corpus=n_corpus, p_check=p_check, p_carry=p_carry, p_drill=p_drill,
+                eval_every=eval_every,
                 gc=dataclasses.asdict(gc))
     key = _cache.cache_key("aha", args, AHA_SOURCES)
     if cache_dir is not None and (hit := _cache.load(cache_dir, key, config, ["base", "params"])) is not None:
         return {**hit[1], "cached": True}
     t0 = time.perf_counter()
-    corpus = aha_corpus(n_corpus, seed, p_check=p_check, p_carry=p_carry)
-    base = sft_train(init_params(config, np.random.default_rng(seed), np.float32), config, corpus, steps=base_steps,
-                     batch_size=32, lr=3e-3, warmup_steps=min(20, base_steps), seed=seed, progress=progress)
+    corpus = aha_corpus(n_corpus, seed, p_check=p_check, p_carry=p_carry, p_drill=p_drill)
+    base = pretrain_on(corpus, config, base_steps, seed, progress)
     L = gc.max_completion_length
     curve = []
 

@@ -63,7 +63,7 @@ def cot_data(n_train, seed, train_max_digits, eval_digits, eval_n):
 
 
 def cot_ablation_run(steps=1500, seed=0, progress=True, cache_dir=None, *, n_train=4000, train_max_digits=5,
-                     eval_digits=(2, 3, 4, 5, 6, 7), eval_n=64, batch_size=32, lr=3e-3):
+                     eval_digits=(1, 2, 3, 4, 5, 6, 7), eval_n=64, batch_size=32, lr=3e-3):
     """Direct answer vs think first, with the same model, data and steps (see the module docstring).
 
     Both models start from ``init_params(config, default_rng(seed))`` and are trained by

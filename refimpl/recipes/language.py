@@ -18,6 +18,10 @@ base: with accuracy and format rewards only, and with R1's language-consistency 
 ``=`` or ``,``, :func:`refimpl.rl.language_consistency_reward` — characters, since the trace has
 no spaces to split words at). Returned: held-out accuracy and consistency for the base and both
 runs, greedy and sampled; the accuracy cost is ``accuracy_zero - accuracy_lc``.
+
+**Measured** (defaults, seed 0, 128 held-out problems, greedy): consistent traces 9.4% (base),
+0.8% after R1-Zero's 30 steps (sampled: 31% → 17%), 100% with the language reward (sampled 88%);
+accuracy 36.7% → 97.7% without and 96.9% with it (a cost of 0.8 points, one problem).
 """
 
 from __future__ import annotations
@@ -27,15 +31,15 @@ import time
 
 import numpy as np
 
-from ..model.transformer import init_params
 from ..rl.rewards import language_consistency_reward
 from ..rl.rollout import evaluate
-from ..rl.trainer import grpo_train, sft_train
+from ..rl.trainer import grpo_train
 from ..tasks import format_completion, make_dataset
 from . import _cache
+from .aha import pretrain_on
 from .r1 import SOURCES, TASK, careless_thought, r1_model_config, r1_zero_grpo_config
 
-LANGUAGE_SOURCES = SOURCES + ("recipes/language.py",)
+LANGUAGE_SOURCES = SOURCES + ("recipes/aha.py", "recipes/language.py")
 TARGET_ALPHABET = "0123456789+=,"
 _LETTERS = str.maketrans("0123456789", "abcdefghij")
 
@@ -102,8 +106,7 @@ def language_run(steps=30, seed=0, progress=True, cache_dir=None, *, base_steps=
         return {**hit[1], "cached": True}
     t0 = time.perf_counter()
     corpus = language_corpus(n_corpus, seed, p_switch=p_switch, p_carry=p_carry)
-    base = sft_train(init_params(config, np.random.default_rng(seed), np.float32), config, corpus, steps=base_steps,
-                     batch_size=32, lr=3e-3, warmup_steps=min(20, base_steps), seed=seed, progress=progress)
+    base = pretrain_on(corpus, config, base_steps, seed, progress)
     L = gc.max_completion_length
     trees, meta = {"base": base["params"]}, {"base": _measure(base["params"], config, eval_n, L, seed)}
     for name, g in (("zero", gc), ("lc", gc.replace(language_weight=language_weight))):
