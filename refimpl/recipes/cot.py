@@ -19,8 +19,12 @@ it depends on every carry below it, all computed in one forward pass; the trace 
 into a chain of one-digit additions, each depending only on two prompt digits and the previous
 carry, the same work at every length.
 
-**Measured** (``python -m refimpl cot-ablation``, defaults, seed 0): see the module's ``MEASURED``
-note in the report of issue 18 and the chapter "A tiny DeepSeek-V3", which runs a smaller budget.
+**Measured** (``python -m refimpl cot-ablation``, defaults: 1500 steps of 32 rows, 4000 training
+problems of 1..5 digits, 64 held-out problems per length, seed 0): thinking first 100%, 94%, 91%,
+61% at 2, 3, 4, 5 digits, 0% at 6 and 7 (beyond training); direct 3% at 2 digits and 0% beyond.
+Overall (2..7 digits) 57.6% against 0.5%. The gap is largest on the shortest problems: the direct
+model has not learned even two-digit sums in this budget, and neither generalises past the
+training lengths, so the claim "the gap grows with length" is *not* what this budget shows.
 """
 
 from __future__ import annotations
@@ -63,7 +67,7 @@ def cot_data(n_train, seed, train_max_digits, eval_digits, eval_n):
 
 
 def cot_ablation_run(steps=1500, seed=0, progress=True, cache_dir=None, *, n_train=4000, train_max_digits=5,
-                     eval_digits=(1, 2, 3, 4, 5, 6, 7), eval_n=64, batch_size=32, lr=3e-3):
+                     eval_digits=(2, 3, 4, 5, 6, 7), eval_n=64, batch_size=32, lr=3e-3):
     """Direct answer vs think first, with the same model, data and steps (see the module docstring).
 
     Both models start from ``init_params(config, default_rng(seed))`` and are trained by
