@@ -680,7 +680,7 @@ for m in h[:: max(len(h) // 5, 1)] + [h[-1]]:
 # the check disagrees, the writer says "wait" and takes the recomputed value:
 #
 # * `47+85=<think>122</think><answer>122</answer>` (most documents);
-# * `47+85=<think>122. check 7+5=12,4+8+1=13 so 132. wait, 132</think><answer>132</answer>`.
+# * `47+85=<think>122. check 47+85: 7+5=12,4+8+1=13 so 132. wait, 132</think><answer>132</answer>`.
 #
 # GRPO then runs exactly as above, with the accuracy and format rewards only (nothing for
 # checking, nothing for length), and longer completions allowed. The detectors of

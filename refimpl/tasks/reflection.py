@@ -10,9 +10,10 @@ A completion is ``<think>`` *first answer* [*check*] ``</think><answer>`` *final
 * **no check** (most documents): ``<think>122</think><answer>122</answer>`` — an answer "in the
   head", written by a careless writer who drops each carry with probability ``1 - p_carry``, so it
   is often wrong (``47+85`` has answer 132);
-* **a check that passes**: ``<think>132. check 7+5=12,4+8+1=13 so 132. ok</think><answer>132</answer>``
-  — the writer verifies the first answer by recomputing it column by column, carries written;
-* **a check that fails, then the fix**: ``<think>122. check 7+5=12,4+8+1=13 so 132. wait, 132</think>``
+* **a check that passes**: ``<think>132. check 47+85: 7+5=12,4+8+1=13 so 132. ok</think><answer>132</answer>``
+  — the writer verifies the first answer by restating the problem and recomputing it column by
+  column, carries written;
+* **a check that fails, then the fix**: ``<think>122. check 47+85: 7+5=12,4+8+1=13 so 132. wait, 132</think>``
   ``<answer>132</answer>`` — the recomputation disagrees, the writer says "wait" and takes the
   recomputed value.
 
@@ -59,7 +60,8 @@ def reflective_completion(example: Example, rng, *, p_check: float, p_carry: flo
         return format_completion(first, first)
     right = example.answer
     verdict = "ok" if first == right else f"wait, {right}"
-    return format_completion(f"{first}. check {_COLUMNS.chain_of_thought(example.prompt)} so {right}. {verdict}", right)
+    check = f"check {example.prompt[:-1]}: {_COLUMNS.chain_of_thought(example.prompt)} so {right}"
+    return format_completion(f"{first}. {check}. {verdict}", right)
 
 
 class Reflection(NamedTuple):

@@ -21,9 +21,9 @@ from refimpl.tasks.reflection import (
     reflective_completion,
 )
 
-SELF_CORRECTION = "<think>122. check 7+5=12,4+8+1=13 so 132. wait, 132</think><answer>132</answer>"
-UNFIXED = "<think>122. check 7+5=12,4+8+1=13 so 132. ok</think><answer>122</answer>"
-PASSED = "<think>132. check 7+5=12,4+8+1=13 so 132. ok</think><answer>132</answer>"
+SELF_CORRECTION = "<think>122. check 47+85: 7+5=12,4+8+1=13 so 132. wait, 132</think><answer>132</answer>"
+UNFIXED = "<think>122. check 47+85: 7+5=12,4+8+1=13 so 132. ok</think><answer>122</answer>"
+PASSED = "<think>132. check 47+85: 7+5=12,4+8+1=13 so 132. ok</think><answer>132</answer>"
 PLAIN_WRONG = "<think>122</think><answer>122</answer>"
 
 
@@ -68,6 +68,9 @@ def test_reflective_corpus_has_the_designed_mixture():
     checked = [reflective_completion(Example("47+85=", "132"), rng, p_check=1.0, p_carry=0.0)]
     assert checked == [SELF_CORRECTION]
     assert len(aha.aha_corpus(20, 0)) == 20 and aha.aha_corpus(20, 0) == aha.aha_corpus(20, 0)
+    assert aha.column_drill(Example("47+85=", "132")) == "sum 47+85: 7+5=12,4+8+1=13 so 132."
+    drills = np.mean([d.startswith("sum ") for d in aha.aha_corpus(400, 0, p_drill=0.5)])
+    assert 0.4 < drills < 0.6 and not any(d.startswith("sum ") for d in aha.aha_corpus(100, 0))
 
 
 def test_cot_data_share_prompts_and_leave_out_held_out_sets():
