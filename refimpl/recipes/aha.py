@@ -6,11 +6,13 @@ reward asked for it. Later work traced the behaviour to the base model: RL ampli
 and backtracking that pretraining already put there, rarely. This recipe builds that situation.
 
 **Base.** The R1 policy (:func:`~refimpl.recipes.r1.r1_model_config`) pretrained (loss on every
-token) on a corpus of addition problems (2 and 3 digits) whose completions
-(:func:`refimpl.tasks.reflection.reflective_completion`) give a careless answer "in the head" — each
-carry dropped with probability ``1 - p_carry`` — and only in a fraction ``p_check`` (default 0.1)
-of the documents check it by recomputing column by column, with "wait" and the fix when the check
-fails. No document in the corpus is a column computation without a first answer before it.
+token) on a corpus of addition problems (2 and 3 digits). A share ``p_drill`` of the documents
+are column drills outside the answer format (:func:`column_drill`, ``sum 47+85: 7+5=12,4+8+1=13
+so 132.``): the base's arithmetic "from elsewhere". The others are completions
+(:func:`refimpl.tasks.reflection.reflective_completion`) that give a careless answer "in the
+head" — each carry dropped with probability ``1 - p_carry`` — and only in a fraction ``p_check``
+of them check it, restating the problem and recomputing it column by column, with "wait" and the
+fix when the check fails. With the defaults, 0.6 × 0.16 ≈ 10% of all documents hold a check.
 
 **RL.** GRPO (:func:`~refimpl.rl.trainer.grpo_train`) with the R1-Zero settings of
 :data:`~refimpl.recipes.r1.GRPO_DEFAULTS` — accuracy and format rewards only, nothing for checking
@@ -71,8 +73,8 @@ def measure(params, config, n, temperature, seed, max_new_tokens):
             **reflection_stats(texts, golds)}, ev["samples"]
 
 
-def aha_run(steps=60, seed=0, progress=True, cache_dir=None, *, base_steps=2000, n_corpus=4000, p_check=0.1,
-            p_carry=0.35, p_drill=0.0, eval_every=10, eval_n=128, max_completion_length=64, **overrides):
+def aha_run(steps=40, seed=0, progress=True, cache_dir=None, *, base_steps=3000, n_corpus=4000, p_check=0.16,
+            p_carry=0.35, p_drill=0.4, eval_every=10, eval_n=128, max_completion_length=64, **overrides):
     """Pretrain the reflective base, then R1-Zero GRPO on it (see the module docstring).
 
     ``overrides`` are :class:`~refimpl.rl.trainer.GRPOConfig` fields on top of
