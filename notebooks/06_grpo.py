@@ -676,8 +676,10 @@ for m in h[:: max(len(h) // 5, 1)] + [h[-1]]:
 # that pretraining already put there, rarely, when it pays. The recipe `refimpl.recipes.aha`
 # builds that situation. Its base is pretrained on additions whose completions give a careless
 # answer "in the head" (each carry dropped two times out of three, so the answer is often wrong),
-# and only in one document out of ten go on to check it by recomputing column by column; when
-# the check disagrees, the writer says "wait" and takes the recomputed value:
+# and only about one document in ten goes on to check it, restating the problem and recomputing it
+# column by column; when the check disagrees, the writer says "wait" and takes the recomputed
+# value. Column drills outside the answer format (`sum 47+85: 7+5=12,4+8+1=13 so 132.`) give the
+# base its arithmetic "from elsewhere":
 #
 # * `47+85=<think>122</think><answer>122</answer>` (most documents);
 # * `47+85=<think>122. check 47+85: 7+5=12,4+8+1=13 so 132. wait, 132</think><answer>132</answer>`.
@@ -723,8 +725,8 @@ plt.tight_layout()
 plt.show()
 
 # %% [markdown]
-# A self-correction taken from the held-out problems after GRPO (greedy decoding): the first
-# answer is wrong, the check disagrees, "wait", and the final answer is the recomputed one.
+# Self-corrections taken from the held-out problems after GRPO (greedy decoding): the first
+# answer is wrong, the check recomputes the sum, and the final answer is the recomputed one.
 
 # %%
 from refimpl.tasks.reflection import is_self_correction, parse_reflection  # noqa: E402
@@ -735,24 +737,33 @@ for s in fixes[:3]:
     print(f"{s['prompt']}{s['completion']}\n    first answer {r.first} (right: {s['answer']}), final {r.final}")
 assert fixes and all(parse_reflection(s["completion"]).first != s["answer"] for s in fixes)
 unfixed = [s for s in aha["samples_after"] if parse_reflection(s["completion"]).checked and not s["correct"]]
+waits = sum(parse_reflection(s["completion"]).waited for s in aha["samples_after"])
 print(f"\n{len(fixes)} of {len(aha['samples_after'])} greedy completions correct themselves; "
-      f"{len(unfixed)} check and still end wrong")
+      f"{len(unfixed)} check and still end wrong; {waits} say 'wait'")
 for s in unfixed[:2]:
     print(f"    {s['prompt']}{s['completion']}")
 
 # %% [markdown]
-# **What the miniature shows.** A behaviour the base model almost never shows under greedy
-# decoding, and only in a tenth of its samples, becomes the usual one under RL that rewards
-# nothing but the right answer in the right format, because completions that check are right more
-# often; the completions grow longer as a consequence, and real self-corrections appear: a wrong
-# first answer, "wait", a right final one. That is the mechanism the R1 report describes and the
-# later analyses of it found: RL selects among behaviours the base already has.
+# **What the miniature shows.** A behaviour the base model never shows under greedy decoding, and
+# only in about a tenth of its samples, becomes the usual one under RL that rewards nothing but
+# the right answer in the right format, because completions that check are right more often; the
+# completions grow several times longer as a consequence, and self-corrections appear: a wrong
+# first answer, a recomputation, a right final one. That is the mechanism the R1 report describes
+# and later analyses of it found: RL selects among behaviours the base already has. One detail
+# came out differently from the corpus: the policy stopped writing "wait". It now closes every
+# check with "ok" and answers with the recomputed value whatever the verdict, since only the final
+# answer is rewarded and the verdict word earns nothing. The useful part of the habit (recompute,
+# then trust the recomputation) was kept, and its wording was not.
 #
-# **What it does not show.** The check and the "wait" were written into the corpus verbatim; the
-# tiny model does not invent them, it only makes a rare habit common. It cannot show reflection
-# that was never in the base, the emergence of new ways to check, or an "aha" in the sense of an
-# insight, and the check here is a full recomputation, which a careful writer would simply do
-# instead of the careless first answer: the policy keeps the first answer because its base did.
+# **What it does not show.** The check, and the arithmetic it needs (the column drills), were
+# written into the corpus; the tiny model does not invent them, it only makes a rare habit common.
+# It cannot show reflection that was never in the base, new ways of checking, or an "aha" in the
+# sense of an insight, and the check here is a full recomputation, which a careful writer would
+# simply do instead of the careless first answer: the policy keeps the first answer because its
+# base did. Getting the base to *perform* the rare check at all took two design steps that are
+# worth knowing: with checks in a tenth of the documents and no drills, the base had not learned to
+# find the prompt's digits from inside the check, its checks were wrong, checking did not pay,
+# and RL made it rarer instead of more common.
 
 # %% [markdown]
 # ## Exercises

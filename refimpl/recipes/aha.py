@@ -20,8 +20,12 @@ or for length — and room for the longer completions (``max_completion_length``
 
 **Measured.** The returned rates are computed by :func:`refimpl.tasks.reflection.reflection_stats`
 on the held-out prompts, greedily and sampled at temperature 1, before and after RL, and along the
-run every ``eval_every`` steps (``curve``). The command line's numbers are in the report of issue 18
-and the chapter "GRPO and R1-Zero" runs the defaults.
+run every ``eval_every`` steps (``curve``). Defaults, seed 0, 128 held-out problems, greedy:
+completions that check 0% → 94.5% (sampled 12.5% → 83%), self-corrections (wrong first answer,
+right final one) 0% → 42% (sampled 1.6% → 41%), accuracy 26.6% → 71.9%, mean length 11.0 → 53.4
+tokens; about 5.5 minutes on a busy 2-core machine. The policy stops writing "wait": it ends every
+check with "ok" and answers with the recomputed value. Without the column drills and the restated
+problem in the check, the base's checks were wrong and RL made checking rarer (0.10 → 0.02 sampled).
 """
 
 from __future__ import annotations

@@ -91,9 +91,10 @@ def parse_reflection(completion: str) -> Reflection:
 
 
 def is_self_correction(completion: str, gold: str) -> bool:
-    """True iff the first answer is wrong, a "wait" follows, and the final answer is right."""
+    """True iff the first answer is wrong, a check follows, and the final answer is right (whether or
+    not the completion says "wait": RL keeps the fix and may drop the word, see the "aha" recipe)."""
     r = parse_reflection(completion)
-    return r.waited and r.first is not None and r.first != gold and r.final == gold
+    return r.checked and r.first is not None and r.first != gold and r.final == gold
 
 
 def reflection_stats(completions, answers) -> dict:

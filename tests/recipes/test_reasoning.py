@@ -36,6 +36,8 @@ def test_parse_reflection_on_handcrafted_transcripts():
     assert not is_self_correction(UNFIXED, "132")               # the check disagreed, the answer was not fixed
     assert not is_self_correction(PASSED, "132")                # right from the start: nothing to correct
     assert not is_self_correction(SELF_CORRECTION, "122")       # "fixed" into a wrong answer
+    assert is_self_correction(UNFIXED.replace("<answer>122", "<answer>132"), "132")  # fixed, no "wait" said
+    assert not is_self_correction("<think>122</think><answer>132</answer>", "132")  # no check: not a correction
     with pytest.raises(TypeError, match="completion"):
         parse_reflection(None)
 
