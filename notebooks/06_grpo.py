@@ -710,6 +710,105 @@ for m in h[:: max(len(h) // 5, 1)] + [h[-1]]:
 # that RL has made dominant. {doc}`07_r1` starts the same RL from a cold-started model instead.
 
 # %% [markdown]
+# ## 8. The "aha moment" in miniature
+#
+# R1-Zero's completions did more than grow: they started to re-examine themselves, "Wait, wait.
+# Wait. That's an aha moment I can flag here" (R1 §2.2.4), although no reward asked for it. Work
+# since then has traced the behaviour to the base model: RL amplifies checking and backtracking
+# that pretraining already put there, rarely, when it pays. The recipe `refimpl.recipes.aha`
+# builds that situation. Its base is pretrained on additions whose completions give a careless
+# answer "in the head" (each carry dropped two times out of three, so the answer is often wrong),
+# and only about one document in ten goes on to check it, restating the problem and recomputing it
+# column by column; when the check disagrees, the writer says "wait" and takes the recomputed
+# value. Column drills outside the answer format (`sum 47+85: 7+5=12,4+8+1=13 so 132.`) give the
+# base its arithmetic "from elsewhere":
+#
+# * `47+85=<think>122</think><answer>122</answer>` (most documents);
+# * `47+85=<think>122. check 47+85: 7+5=12,4+8+1=13 so 132. wait, 132</think><answer>132</answer>`.
+#
+# GRPO then runs exactly as above, with the accuracy and format rewards only (nothing for
+# checking, nothing for length), and longer completions allowed. The detectors of
+# `refimpl.tasks.reflection` read every completion back into its first answer, check, "wait" and
+# final answer.
+
+# %%
+from refimpl.recipes.aha import aha_run  # noqa: E402
+
+t0 = time.perf_counter()
+aha = aha_run(cache_dir="_cache", progress=False)
+print(f"{'loaded from the cache' if aha['cached'] else 'trained'} in {time.perf_counter() - t0:.0f} s "
+      f"({aha['seconds']:.0f} s when computed)")
+print("corpus:", *aha["corpus_examples"][:4], sep="\n    ")
+names = {"reflection_rate": "completions that check", "self_correction_rate": "wrong first answer fixed",
+         "accuracy": "accuracy", "mean_length": "mean length (tokens)"}
+table(["held-out, greedy", "base", "after GRPO", "base, sampled", "after, sampled"],
+      [(label, *(f"{v:.2f}" for v in (aha[f"{k}_before"], aha[f"{k}_after"], aha["sampled_before"][k],
+                                      aha["sampled_after"][k]))) for k, label in names.items()])
+assert aha["reflection_rate_after"] >= 0.5 and aha["reflection_rate_after"] >= aha["reflection_rate_before"] + 0.3
+assert aha["accuracy_after"] >= aha["accuracy_before"] + 0.2
+assert aha["mean_length_after"] >= 2 * aha["mean_length_before"]           # "several times longer"
+assert aha["reflection_rate_before"] <= 0.02 and 0.05 <= aha["sampled_before"]["reflection_rate"] <= 0.2
+assert aha["self_correction_rate_after"] > aha["self_correction_rate_before"]
+
+# %% tags=["hide-input"]
+cs = np.array([c["step"] for c in aha["curve"]])
+fig, ax = plt.subplots(1, 3, figsize=(13, 3.4))
+for mode, ls in (("greedy", "-"), ("sampled", "--")):
+    ax[0].plot(cs, [c[mode]["reflection_rate"] for c in aha["curve"]], ls=ls, marker="o", label=f"check ({mode})")
+    ax[0].plot(cs, [c[mode]["self_correction_rate"] for c in aha["curve"]], ls=ls, marker="s",
+               label=f"self-correction ({mode})")
+    ax[1].plot(cs, [c[mode]["accuracy"] for c in aha["curve"]], ls=ls, marker="o", label=mode)
+    ax[2].plot(cs, [c[mode]["mean_length"] for c in aha["curve"]], ls=ls, marker="o", label=mode)
+ax[0].set_title("share of held-out completions"), ax[1].set_title("held-out accuracy")
+ax[2].set_title("mean completion length (tokens)")
+for a in ax:
+    a.set_xlabel("GRPO step"), a.set_ylim(bottom=0), a.legend(fontsize=8)
+ax[0].set_ylim(0, 1.02), ax[1].set_ylim(0, 1.02)
+plt.tight_layout()
+plt.show()
+
+# %% [markdown]
+# Self-corrections taken from the held-out problems after GRPO (greedy decoding): the first
+# answer is wrong, the check recomputes the sum, and the final answer is the recomputed one.
+
+# %%
+from refimpl.tasks.reflection import is_self_correction, parse_reflection  # noqa: E402
+
+fixes = [s for s in aha["samples_after"] if is_self_correction(s["completion"], s["answer"])]
+for s in fixes[:3]:
+    r = parse_reflection(s["completion"])
+    print(f"{s['prompt']}{s['completion']}\n    first answer {r.first} (right: {s['answer']}), final {r.final}")
+assert fixes and all(parse_reflection(s["completion"]).first != s["answer"] for s in fixes)
+unfixed = [s for s in aha["samples_after"] if parse_reflection(s["completion"]).checked and not s["correct"]]
+waits = sum(parse_reflection(s["completion"]).waited for s in aha["samples_after"])
+print(f"\n{len(fixes)} of {len(aha['samples_after'])} greedy completions correct themselves; "
+      f"{len(unfixed)} check and still end wrong; {waits} say 'wait'")
+assert waits <= 0.05 * len(aha["samples_after"])                            # the word "wait" is gone
+for s in unfixed[:2]:
+    print(f"    {s['prompt']}{s['completion']}")
+
+# %% [markdown]
+# **What the miniature shows.** A behaviour the base model never shows under greedy decoding, and
+# only in about a tenth of its samples, becomes the usual one under RL that rewards nothing but
+# the right answer in the right format, because completions that check are right more often; the
+# completions grow several times longer as a consequence, and self-corrections appear: a wrong
+# first answer, a recomputation, a right final one. That is the mechanism the R1 report describes
+# and later analyses of it found: RL selects among behaviours the base already has. One detail
+# came out differently from the corpus: the policy stopped writing "wait". It now closes every
+# check with "ok" and answers with the recomputed value whatever the verdict, since only the final
+# answer is rewarded and the verdict word earns nothing. The useful part of the habit (recompute,
+# then trust the recomputation) was kept, and its wording was not.
+#
+# **What it does not show.** The check, and the arithmetic it needs (the column drills), were
+# written into the corpus; the tiny model does not invent them, it only makes a rare habit common.
+# It cannot show reflection that was never in the base, new ways of checking, or an "aha" in the
+# sense of an insight, and the check here is a full recomputation, which a careful writer would
+# simply do instead of the careless first answer: the policy keeps the first answer because its
+# base did. Getting the base to *perform* the rare check at all took two design steps that are
+# worth knowing: with checks in a tenth of the documents and no drills, the base had not learned to
+# find the prompt's digits from inside the check, its checks were wrong, checking did not pay,
+# and RL made it rarer instead of more common.
+
 # ## Summary
 #
 # What this chapter measured (the numbers are computed by the cells above when the page is built):

@@ -328,6 +328,47 @@ assert 0 < rs["n_examples"] < 1.5 * rs["n_sampled"] / 4
 # samples in R1, against 300 and a few hundred here.
 
 # %% [markdown]
+# ## 5. Language consistency in training
+#
+# Section 2 scored hand-written strings. The recipe `refimpl.recipes.language` puts the reward into
+# training. Its miniature "languages" are two scripts for the same numbers: digits, and letters
+# (`a` = 0, `b` = 1, …, `j` = 9). The base model is pretrained on the careless writers' traces of
+# {doc}`06_grpo`, except that at each boundary between two columns the writer switches, for the
+# rest of the trace, to letters with probability 0.6, as R1-Zero drifted between languages:
+# `47+85=<think>7+5=12,e+i=bc</think><answer>122</answer>`. The answer stays in digits. From
+# this base the recipe runs the R1-Zero GRPO twice: with the accuracy and format rewards only, and
+# with R1's language-consistency reward added (weight 1; the share of the `<think>` characters
+# that are digits or `+ = ,`; characters, since these traces have no spaces to split words at).
+# A completion counts as consistent when its whole trace is in digits.
+
+# %%
+from refimpl.recipes.language import language_run  # noqa: E402
+
+t0 = time.perf_counter()
+lang = language_run(cache_dir="_cache", progress=False)
+print(f"{'loaded from the cache' if lang['cached'] else 'trained'} in {time.perf_counter() - t0:.0f} s "
+      f"({lang['seconds']:.0f} s when computed)")
+print("corpus:", *lang["corpus_examples"][:4], sep="\n    ")
+runs = {"base": "pretrained base", "zero": "R1-Zero (accuracy + format)", "lc": "+ language consistency"}
+table(["model", "consistent (greedy)", "consistent (sampled)", "accuracy (greedy)", "accuracy (sampled)"],
+      [(label, *(f"{lang[k][m][q]:.1%}" for q, m in (("consistent", "greedy"), ("consistent", "sampled"),
+                                                    ("accuracy", "greedy"), ("accuracy", "sampled"))))
+       for k, label in runs.items()])
+for k in ("zero", "lc"):
+    print(f"{runs[k]}:", *(f"{p}{c}" for p, c, _ in lang[k]["sampled_samples"][:2]))
+print(f"accuracy cost of the language reward (greedy): {lang['accuracy_cost']:+.1%}")
+assert lang["consistency_before"] < 0.5 and lang["consistency_lc"] >= 0.95
+assert lang["lc"]["sampled"]["consistent"] > lang["zero"]["sampled"]["consistent"] + 0.3
+assert lang["zero"]["sampled"]["consistent"] <= lang["base"]["sampled"]["consistent"] + 0.1  # mixing stays
+
+# %% [markdown]
+# Without the language reward, RL has no reason to prefer one script: both compute the same sums,
+# so the mixing the base learned survives the accuracy reward, while the accuracy rises as in
+# {doc}`06_grpo`. With it, the traces become consistent, greedy and (mostly) sampled. The
+# accuracy cost printed above is the miniature's counterpart of R1's "slight degradation"; it is
+# small here because the letters are an equally good way to compute, so forcing one script costs
+# little, while in R1 the languages differ in how well the model reasons in them.
+
 # ## Summary
 #
 # What this chapter measured (the numbers are computed by the cells above when the page is built):

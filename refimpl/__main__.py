@@ -26,6 +26,8 @@ RECIPES = {
     "r1": ("refimpl.recipes.r1", "r1_run"),
     "dsa-pretrain": ("refimpl.recipes.dsa_pretrain", "dsa_pretrain_run"),
     "moe-rl-stability": ("refimpl.recipes.moe_rl_stability", "moe_rl_stability_run"),
+    "cot-ablation": ("refimpl.recipes.cot", "cot_ablation_run"),
+    "aha": ("refimpl.recipes.aha", "aha_run"),
 }
 
 

@@ -48,7 +48,7 @@ from ..tasks import EVAL_SIZE, TOKENIZER, eval_set
 from ..tree import tree_map
 from .advantages import SCALE_REWARDS, group_advantages
 from .grpo import IS_LEVELS, KL_ESTIMATORS, LOSS_TYPES, grpo_loss_from_logits
-from .rewards import accuracy_reward, combine_rewards, format_reward, overlong_penalty
+from .rewards import accuracy_reward, combine_rewards, format_reward, language_consistency_reward, overlong_penalty
 from .rollout import (  # noqa: F401 - evaluate, rejection_sample, RolloutBatch, completion_logps: part of this API
     RolloutBatch,
     _check_policy,
@@ -90,6 +90,9 @@ class GRPOConfig:
     held-out prompts for the periodic greedy evaluation. ``backend``: ``"numpy"``/``"numba"``/None.
     DeepSeek-V3.2 §3.1 (:mod:`refimpl.rl.stable`): ``use_bias_correction_kl``,
     ``off_policy_mask_threshold`` (TRL's names), ``keep_routing``, ``keep_sampling_mask``.
+    ``language_weight`` > 0 adds R1's language-consistency reward (§2.3.2) with that weight: the
+    share of the ``<think>`` text's characters in ``language_alphabet``
+    (:func:`refimpl.rl.language_consistency_reward`).
 
     Defaults: DAPO's token-level loss and clip-higher (ε_lo 0.2, ε_hi 0.28) with β = 0 (no
     reference model, as DAPO and TRL's default; R1 used β = 0.001), G = 8, and a learning rate
@@ -131,6 +134,8 @@ class GRPOConfig:
     off_policy_mask_threshold: float | None = None
     keep_routing: bool = False
     keep_sampling_mask: bool = False
+    language_weight: float = 0.0
+    language_alphabet: str = "0123456789+=,"
 
     def __post_init__(self):
         check_integer("num_generations", self.num_generations)
@@ -167,6 +172,9 @@ class GRPOConfig:
                              f"got {self.soft_punish_cache}")
         check_choice("backend", self.backend, BACKENDS)
         check_stable_options(self)
+        check_real("language_weight", self.language_weight, low=0.0)
+        if not isinstance(self.language_alphabet, str) or not self.language_alphabet:
+            raise ValueError(f"language_alphabet: expected a non-empty str, got {self.language_alphabet!r}")
 
     def replace(self, **changes) -> GRPOConfig:
         """A copy with ``changes`` (unknown names raise ValueError)."""
@@ -190,6 +198,8 @@ def _score(task, texts, answers, lengths, gc):
         total = total + overlong_penalty(np.asarray(lengths, dtype=np.int64),
                                          max_completion_len=gc.max_completion_length,
                                          soft_punish_cache=gc.soft_punish_cache)
+    if gc.language_weight:   # R1 §2.3.2: the share of the CoT in the target language, added to the reward
+        total = total + gc.language_weight * language_consistency_reward(texts, alphabet=gc.language_alphabet)
     return acc, fmt, total
 
 

@@ -1,0 +1,120 @@
+r"""Does thinking first help? The same tiny model trained to answer directly, and to think first.
+
+The claim behind chain-of-thought reasoning (DeepSeek-R1 §1, §2.2: "the model ... first thinks
+about the reasoning process in the mind and then provides the user with the answer"), measured in
+miniature. Two copies of one initialisation of the R1 policy (:func:`~refimpl.recipes.r1.r1_model_config`,
+~100k parameters) are fine-tuned with the same data (the same prompts, the same order), the same
+number of steps, batch size and learning rate, and differ only in their targets:
+
+* **direct**: ``47+85=`` → ``<answer>132</answer>`` — the answer in one go, "in the head";
+* **think first**: ``47+85=`` → ``<think>7+5=12,4+8+1=13</think><answer>132</answer>`` — the
+  column sums, least significant first, carries written (:class:`~refimpl.tasks.AdditionTask`).
+
+Both are evaluated greedily on held-out problems whose two operands both have ``d`` digits, for
+each ``d`` in ``eval_digits``, including lengths longer than any training problem
+(``train_max_digits``). Prompts of every held-out set are kept out of the training data.
+
+Why the gap should grow with length: a direct answer must produce the leading digit first, and
+it depends on every carry below it, all computed in one forward pass; the trace turns the sum
+into a chain of one-digit additions, each depending only on two prompt digits and the previous
+carry, the same work at every length.
+
+**Measured** (``python -m refimpl cot-ablation``, defaults: 1500 steps of 32 rows, 4000 training
+problems of 1..5 digits, 64 held-out problems per length, seed 0): thinking first 100%, 94%, 91%,
+61% at 2, 3, 4, 5 digits, 0% at 6 and 7 (beyond training); direct 3% at 2 digits and 0% beyond.
+Overall (2..7 digits) 57.6% against 0.5%. The gap is largest on the shortest problems: the direct
+model has not learned even two-digit sums in this budget, and neither generalises past the
+training lengths, so the claim "the gap grows with length" is *not* what this budget shows.
+"""
+
+from __future__ import annotations
+
+import time
+
+import numpy as np
+
+from ..model.transformer import init_params
+from ..rl.rollout import evaluate
+from ..rl.trainer import sft_train
+from ..tasks import AdditionTask, eval_set, format_completion, make_dataset
+from . import _cache
+from .r1 import SOURCES, r1_model_config
+
+COT_SOURCES = SOURCES + ("recipes/cot.py",)
+
+
+def cot_model_config():
+    """The R1 policy with room for 7-digit traces (``max_position_embeddings=128``; RoPE, no learned positions)."""
+    return r1_model_config(max_position_embeddings=128)
+
+
+def direct_completion(answer: str) -> str:
+    """The direct-answer target: ``<answer>answer</answer>``, no reasoning."""
+    return f"<answer>{answer}</answer>"
+
+
+def cot_data(n_train, seed, train_max_digits, eval_digits, eval_n):
+    """``(direct, think)``: the same ``n_train`` training prompts as (prompt, completion) pairs in the
+    two styles. Operands have 1..``train_max_digits`` digits (independently); held-out prompts of
+    every length in ``eval_digits`` are excluded."""
+    task = AdditionTask(1, train_max_digits)
+    banned = {e.prompt for d in eval_digits for e in eval_set(AdditionTask(d, d), eval_n)}
+    pool = make_dataset(task, n_train + len(banned), np.random.default_rng(seed))
+    exs = [e for e in pool if e.prompt not in banned][:n_train]
+    direct = [(e.prompt, direct_completion(e.answer)) for e in exs]
+    think = [(e.prompt, format_completion(task.chain_of_thought(e.prompt), e.answer)) for e in exs]
+    return direct, think
+
+
+def cot_ablation_run(steps=1500, seed=0, progress=True, cache_dir=None, *, n_train=4000, train_max_digits=5,
+                     eval_digits=(2, 3, 4, 5, 6, 7), eval_n=64, batch_size=32, lr=3e-3):
+    """Direct answer vs think first, with the same model, data and steps (see the module docstring).
+
+    Both models start from ``init_params(config, default_rng(seed))`` and are trained by
+    :func:`~refimpl.rl.trainer.sft_train` for ``steps`` steps of ``batch_size`` rows drawn with the
+    same seed (loss on the completion only), learning rate ``lr`` with warmup and cosine decay.
+    Evaluation: greedy, ``eval_n`` held-out problems per number of digits.
+
+    Returns ``dict(accuracy_with_cot, accuracy_without_cot, gap, per_length, train_max_digits,
+    history, samples, seconds, cached)``: overall held-out accuracies (mean over the lengths),
+    ``per_length`` a list of ``dict(digits, with_cot, without_cot, beyond_training)``, ``history``
+    the two training-loss curves, ``samples`` a few greedy completions of each model at each length.
+    """
+    for name, v, low in (("steps", steps, 0), ("n_train", n_train, 1), ("eval_n", eval_n, 1),
+                         ("train_max_digits", train_max_digits, 1)):
+        if isinstance(v, bool) or not isinstance(v, int) or v < low:
+            raise ValueError(f"{name}: expected an int >= {low}, got {v!r}")
+    eval_digits = tuple(int(d) for d in eval_digits)
+    if not eval_digits or not all(1 <= d <= 7 for d in eval_digits):
+        raise ValueError(f"eval_digits: expected lengths in 1..7 (128 positions), got {eval_digits!r}")
+    config = cot_model_config()
+    args = dict(steps=steps, seed=seed, n_train=n_train, train_max_digits=train_max_digits, eval_digits=eval_digits,
+                eval_n=eval_n, batch_size=batch_size, lr=lr)
+    key = _cache.cache_key("cot_ablation", args, COT_SOURCES)
+    if cache_dir is not None and (hit := _cache.load(cache_dir, key, config, ["direct", "think"])) is not None:
+        return {**hit[1], "cached": True}
+    t0 = time.perf_counter()
+    data = dict(zip(("direct", "think"), cot_data(n_train, seed, train_max_digits, eval_digits, eval_n), strict=True))
+    init = init_params(config, np.random.default_rng(seed), np.float32)
+    trained, history = {}, {}
+    for style, pairs in data.items():
+        out = sft_train(init, config, pairs, steps=steps, batch_size=batch_size, lr=lr,
+                        warmup_steps=min(50, steps), seed=seed, progress=progress)
+        trained[style], history[style] = out["params"], [float(x) for x in out["history"]["lm_loss"]]
+    rows, samples = [], {}
+    for d in eval_digits:
+        acc = {}
+        for style in ("direct", "think"):
+            ev = evaluate(trained[style], config, AdditionTask(d, d), n=eval_n, max_new_tokens=12 + 9 * d)
+            acc[style] = ev["accuracy"]
+            samples[f"{style}/{d}"] = [(s["prompt"], s["completion"], s["correct"]) for s in ev["samples"][:3]]
+        rows.append({"digits": d, "with_cot": acc["think"], "without_cot": acc["direct"],
+                     "beyond_training": d > train_max_digits})
+    with_cot = float(np.mean([r["with_cot"] for r in rows]))
+    without = float(np.mean([r["without_cot"] for r in rows]))
+    meta = _cache.plain({"accuracy_with_cot": with_cot, "accuracy_without_cot": without, "gap": with_cot - without,
+                         "per_length": rows, "train_max_digits": train_max_digits, "history": history,
+                         "samples": samples, "seconds": time.perf_counter() - t0})
+    if cache_dir is not None:
+        _cache.save(cache_dir, key, trained, meta)
+    return {**meta, "cached": False}
