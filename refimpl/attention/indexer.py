@@ -33,6 +33,7 @@ from typing import NamedTuple
 
 import numpy as np
 
+from .._validate import check_float, check_integer
 from ..core.linear import linear_backward, linear_forward
 from ..core.rmsnorm import rmsnorm_forward
 from ..core.rope import deinterleave_perm, rope_backward, rope_forward, rope_inv_freq
@@ -181,6 +182,9 @@ def select_topk(scores, index_topk, q_offset=0):
     key above it and the lowest-position keys equal to it, which is the first ``k`` of
     ``argsort(-(I + C), kind="stable")``.
     """
+    check_float("scores", scores, ndim=3, allow_inf=True)
+    check_integer("index_topk", index_topk, low=1)
+    check_integer("q_offset", q_offset, low=0)
     b, t, s = scores.shape
     causal = np.arange(s)[None, :] <= q_offset + np.arange(t)[:, None]  # (T, S)
     kk = min(int(index_topk), s)

@@ -101,7 +101,12 @@ def unbiased_kl(logps, old_logps, ref_logps):
         rho = np.ones_like(lp) if old_logps is None else np.exp(lp - old_logps)  # (...)
         k3 = np.expm1(x) - x                                            # (...) e^x - x - 1, exact near 0
     # forward: D = rho k3(l), rho = exp(l - l_old)    so: dD/dl = rho k3 + rho (1 - e^x) = -rho x
-    return rho * k3, -rho * x
+    with np.errstate(over="ignore", invalid="ignore"):
+        d, dd = rho * k3, -rho * x                                      # (...), (...)
+    if not (np.isfinite(d).all() and np.isfinite(dd).all()):
+        raise ValueError("ref_logps/old_logps: the KL estimate overflows float64 (exp of a log-ratio beyond "
+                         "~709); the policies disagree too much at some token for an unclamped estimate")
+    return d, dd
 
 
 def off_policy_sequence_mask(advantages, logps, sampling_logps, mask, threshold):

@@ -47,6 +47,14 @@ def _lin():
 
 
 CASES = {
+    # cases added with DeepSeek-V3.2 and the fused cross-entropy
+    "core.cross_entropy_forward_backward": lambda: (core.cross_entropy_forward_backward, (_r(3, 5), _ids(3)), {}),
+    "rl.unbiased_kl": lambda: (rl.unbiased_kl, (-np.abs(_r(2, 3)), -np.abs(_r(2, 3, seed=1)),
+                                                -np.abs(_r(2, 3, seed=2))), {}),
+    "rl.off_policy_sequence_mask": lambda: (rl.off_policy_sequence_mask,
+                                            (_r(2), -np.abs(_r(2, 3)), -np.abs(_r(2, 3, seed=1)),
+                                             np.ones((2, 3)), 0.1), {}),
+    "attention.select_topk": lambda: (attention.select_topk, (_r(1, 4, 4), 2), {}),
     # core
     "core.sigmoid": lambda: (core.sigmoid, (_r(3, 4),), {}),
     "core.silu_forward": lambda: (core.silu_forward, (_r(3, 4),), {}),
