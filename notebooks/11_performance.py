@@ -15,7 +15,8 @@
 # %% [markdown]
 # # Performance: the benchmarks, side by side
 #
-# Every chapter so far showed the readable NumPy reference. Where a loop is hot, refimpl also has a
+# Every chapter so far showed the readable NumPy reference. Where a loop is hot (the cross-entropy
+# of {doc}`02_backprop_by_hand`, the expert dispatch of {doc}`04_moe`), refimpl also has a
 # Numba twin behind the same signature (`backend="numba"`), and the benchmark harness in
 # `benchmarks/` times the reference, the twin and PyTorch's CPU kernels side by side, on the same
 # data, in one process, with the same thread count. This page shows one such run, and says which:
