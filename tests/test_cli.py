@@ -77,5 +77,7 @@ def test_readme_steps_option_exists_for_every_recipe_or_is_explained():
     for recipe, (module, name) in RECIPES.items():
         params = inspect.signature(getattr(importlib.import_module(module), name)).parameters
         # the README's `--steps N`, or (distill) the option it names instead
-        assert "steps" in params or ("budget" in params and f"({recipe}:\n" in readme.replace(" \n", "\n")
-                                     and "`--budget x`" in readme), recipe
+        stage_steps = [k for k in params if k.endswith("_steps")]
+        assert ("steps" in params or ("budget" in params and f"({recipe}:\n" in readme.replace(" \n", "\n")
+                                      and "`--budget x`" in readme)
+                or (recipe in readme and stage_steps and all(f"`--{k}`" in readme for k in stage_steps))), recipe

@@ -210,10 +210,10 @@ def moe_rl_stability_run(steps=5, num_iterations=(1, 2, 4), seed=0, progress=Tru
     Returns ``dict(config, grpo_config, mechanism, mismatch, sweep, stress, stress_lr, base_eval, seconds)``.
     """
     t0 = time.perf_counter()
+    opts = dict(prompts_per_step=prompts_per_step, top_p=top_p, eval_n=eval_n, **overrides)
+    gc = r1_zero_grpo_config(1, seed, num_iterations=max(n_updates, 1), **opts)  # bad options fail before training
     base = pretrain_base(base_steps, seed, eval_n=128, progress=progress, cache_dir=cache_dir)
     config, params = base["config"], base["params"]
-    opts = dict(prompts_per_step=prompts_per_step, top_p=top_p, eval_n=eval_n, **overrides)
-    gc = r1_zero_grpo_config(1, seed, num_iterations=max(n_updates, 1), **opts)
     mech = routing_mechanism(params, config, gc, n_updates, seed)
     mismatch = {p: engine_mismatch(params, config, gc, seed, p) for p in ("bf16", "fp8")}
     sweep = stability_sweep(params, config, tuple(num_iterations), steps, seed, delta=delta, beta=beta,
