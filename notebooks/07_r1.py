@@ -321,7 +321,8 @@ assert 0 < rs["n_examples"] < 1.5 * rs["n_sampled"] / 4
 # data. R1-Zero's most striking results, chains of thought that grow to thousands of tokens and
 # reflection that arises without ever being shown (the "aha moment", R1 §2.2.4), need a far more
 # capable base model and long training. The miniature of {doc}`06_grpo` §8 shows the part a tiny
-# model can: checking that the base does rarely becomes the rule under RL. Readability and language mixing are simulated by a corrupted corpus rather than
+# model can: checking that the base does rarely becomes the rule under RL. Readability and
+# language mixing are simulated by a corrupted corpus rather than
 # arising from RL. Stage 4 (RL for all scenarios, with preference reward models for helpfulness
 # and harmlessness) and the ~200k non-reasoning SFT samples have no counterpart here, and the
 # sizes differ by many orders of magnitude: thousands of cold-start examples and ~800k SFT
