@@ -114,10 +114,10 @@ plt.show()
 # For query token $t$ and earlier token $s$ the indexer computes, with $H^I$ = `index_n_heads`
 # heads of width $d^I$ = `index_head_dim` (64 and 128 in the released model, checked above),
 #
-# $$ (eq-dsa-index)
+# $$
 # I_{t,s} = \frac{1}{\sqrt{d^I}}\sum_{j=1}^{H^I} w_{t,j}\,\mathrm{ReLU}\big(\mathbf q^I_{t,j}\cdot\mathbf k^I_s\big),
 # \qquad w_{t,j} = \frac{(W^{IW}\mathbf x_t)_j}{\sqrt{H^I}}
-# $$
+# $$ (eq-dsa-index)
 #
 # (V3.2 §2.1, eq. 1; the two constants come from DeepSeek's inference code). Three details matter,
 # and each is easy to get wrong:
@@ -144,10 +144,10 @@ show_source(indexer_qkw, index_scores)
 # to those alone, all heads sharing one selected set $\mathcal S_t$ (MLA's latent is shared by the
 # heads, so a per-head selection would read more rows, not fewer):
 #
-# $$ (eq-dsa-attn)
+# $$
 # \mathbf o_{t,h} = \sum_{s\in\mathcal S_t,\ s\le t}
 #   \mathrm{softmax}_s\big(\sigma\,\mathbf q_{t,h}\cdot\mathbf k_{s,h}\big)\,\mathbf v_{s,h}
-# $$
+# $$ (eq-dsa-attn)
 #
 # The "$s \le t$" is not redundant. When a row has fewer than $k$ earlier tokens, a top-$k$ over the
 # whole row also returns future positions (score $-\infty$), and only re-applying the causal mask
@@ -221,9 +221,9 @@ assert decode_gap < 1e-12 and prefix_gap < 1e-12
 # be the main attention probabilities and $p_{t,s} = \frac1H\sum_h A_{t,h,s}$ their head-mean
 # (already normalised). The indexer learns to match it:
 #
-# $$ (eq-indexer-kl)
-# \mathcal L^I = \sum_t \mathrm{KL}\big(p_{t,:}\,\big\|\,\pi_{t,:}\big), \qquad \pi_{t,:} = \mathrm{Softmax}(I_{t,:}),
 # $$
+# \mathcal L^I = \sum_t \mathrm{KL}\big(p_{t,:}\,\big\|\,\pi_{t,:}\big), \qquad \pi_{t,:} = \mathrm{Softmax}(I_{t,:}),
+# $$ (eq-indexer-kl)
 #
 # over all causal keys in the **dense warm-up** (V3.2 eq. 3: attention stays dense, everything
 # but the indexer is frozen) and over the selected keys $\mathcal S_t$ in **sparse training**

@@ -83,12 +83,12 @@ def log_softmax(z):
 # standard deviation (TRL: `scale_rewards="none"`). With a mask $M_{i,t}$ on the surrogate and the
 # new KL estimate $\mathbb D_{i,t}$ (V3.2 §3.1, eq. 5 and 8):
 #
-# $$ (eq-v32-objective)
+# $$
 # \mathcal J(\theta)=\mathbb E\Big[\frac1G\sum_{i=1}^G\frac1{|o_i|}\sum_{t=1}^{|o_i|}\Big(
 # \min\big(r_{i,t}\hat A_{i,t},\ \mathrm{clip}(r_{i,t},1-\varepsilon,1+\varepsilon)\hat A_{i,t}\big)M_{i,t}
 # -\beta\,\mathbb D_{i,t}\Big)\Big],\qquad
 # r_{i,t}=\frac{\pi_\theta(o_{i,t}\mid q,o_{i,<t})}{\pi_{old}(o_{i,t}\mid q,o_{i,<t})}.
-# $$
+# $$ (eq-v32-objective)
 #
 # $M$ multiplies the surrogate only; the KL term always stays. Every surrogate refimpl implements
 # vanishes, with its gradient, when $\hat A = 0$, so masking a sequence is exactly zeroing its
@@ -105,10 +105,10 @@ def log_softmax(z):
 # these tokens receive huge weights and the noise accumulates. V3.2's fix (eq. 7) weights k3 by
 # the importance ratio $\rho=\pi_\theta/\pi_{old}$, *not detached*:
 #
-# $$ (eq-v32-unbiased-kl)
+# $$
 # \mathbb D=\rho\,(e^{x}-x-1),\qquad
 # \frac{\partial\mathbb D}{\partial\ell}=\rho\,k_3+\rho\,(1-e^{x})=\rho\,(\ell-\ell^{ref}).
-# $$
+# $$ (eq-v32-unbiased-kl)
 #
 # For a token drawn from $\pi_{old}$ both are unbiased, per position:
 # $\mathbb E_{\pi_{old}}[\mathbb D]=\sum_o\pi_\theta\,(\pi_{ref}/\pi_\theta-\log(\pi_{ref}/\pi_\theta)-1)
@@ -179,11 +179,11 @@ assert w_k3[0] > 40 and w_v32[0] < 4
 # current one, a k1 estimate of $\mathrm{KL}(\pi_{old}\|\pi_\theta)$, and masks the sequence when it is
 # both stale and bad (eq. 9):
 #
-# $$ (eq-v32-opsm)
+# $$
 # M_{i,t}=\begin{cases}0&\hat A_{i,t}<0\ \text{ and }\
 # \frac1{|o_i|}\sum_{t'}\log\frac{\pi_{old}(o_{i,t'}\mid\cdot)}{\pi_\theta(o_{i,t'}\mid\cdot)}>\delta\\
 # 1&\text{otherwise.}\end{cases}
-# $$
+# $$ (eq-v32-opsm)
 #
 # The paper's argument: the model learns most from its own mistakes, but mistakes sampled by a
 # policy it has moved far away from can mislead the update. Positive-advantage sequences are kept
@@ -220,11 +220,11 @@ assert np.array_equal(v32_grpo_loss(lp_now, lp_now + div[:, None], None, adv, ma
 # kept set, and restricts $\pi_{ref}$ the same way (the paper does not say); the gradient is the
 # log-softmax VJP restricted to $\mathcal V$:
 #
-# $$ (eq-v32-sampling-mask)
+# $$
 # \ell^{\mathcal V}=\frac{z_o}{\tau}-\log\sum_{u\in\mathcal V}e^{z_u/\tau},\qquad
 # \frac{\partial\ell^{\mathcal V}}{\partial z_v}
 # =\frac{\mathbb 1[v=o]-\pi^{\mathcal V}_\theta(v)}{\tau}\,\mathbb 1[v\in\mathcal V].
-# $$
+# $$ (eq-v32-sampling-mask)
 
 # %%
 z = np.array([[3.0, 2.2, 1.5, 0.4, -0.5, -1.0, -2.0]])
