@@ -238,7 +238,7 @@ def gkd_train(student_params, student_config, teacher_params, teacher_config, ta
 def _bar(progress, total, desc):
     if not progress:
         return None
-    from tqdm.auto import tqdm
+    from tqdm import tqdm  # plain text: tqdm.auto warns in a kernel without ipywidgets
     return tqdm(total=total, desc=desc, leave=False)
 
 

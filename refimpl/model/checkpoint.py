@@ -316,7 +316,9 @@ def save_pretrained(path, params, config, *, dtype=None, max_shard_bytes=None):
     """
     d = hf_config_dict(config)
     config_from_hf(json.loads(json.dumps(d)))                    # the file must read back
-    check_params_for_save(params, config)
+    from .structure import check_params
+    check_params(params, config)             # the tree against the config, as at every entry point
+    check_params_for_save(params, config)    # and what the hub layout can hold
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
     with atomic_write(path / "config.json", "w") as f:

@@ -50,6 +50,10 @@ class ShapeOnlyGenerator(np.random.Generator):
 def expected_params(config, *, mtp=None):
     """The tree ``init_params(config, mtp=mtp)`` builds, with read-only zero-stride leaves."""
     from .transformer import init_params
+    if config.tie_word_embeddings:
+        # a loaded tied model (Qwen2.5) carries lm_head as the embedding array itself: same shapes as
+        # the untied tree, which is what init_params (it only builds untied models) describes
+        config = config.replace(tie_word_embeddings=False)
     return init_params(config, ShapeOnlyGenerator(), np.float64, mtp=mtp)
 
 

@@ -130,7 +130,7 @@ def train(state, config, batch_fn, tc, *, checkpoint_path=None, checkpoint_every
     end = tc.steps if stop_at is None else min(stop_at, tc.steps)
     bar = None
     if progress:
-        from tqdm.auto import tqdm
+        from tqdm import tqdm  # plain text: tqdm.auto warns in a kernel without ipywidgets
         bar = tqdm(total=end - state.step, desc="train", leave=False)
     while state.step < end:
         state = train_step(state, config, batch_fn(state.rng, state.step), tc)

@@ -89,7 +89,7 @@ def fp8_train_run(steps=150, seed=0, tile=32, fmt="e4m3", backward=True, batch_s
     losses, seconds, gemms, finals = {}, {}, [], {}
     bar = None
     if progress:
-        from tqdm.auto import tqdm
+        from tqdm import tqdm  # plain text: tqdm.auto warns in a kernel without ipywidgets
         bar = tqdm(total=len(modes) * steps, desc=" + ".join(modes), leave=False)
     for mode in modes:
         params = init_params(config, np.random.default_rng(seed), np.float32)

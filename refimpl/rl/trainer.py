@@ -344,7 +344,7 @@ def grpo_train(params, config, task, gc, *, ref_params=None, progress=True, eval
     run_eval(0)
     bar = None
     if progress:
-        from tqdm.auto import tqdm
+        from tqdm import tqdm  # plain text: tqdm.auto warns in a kernel without ipywidgets
         bar = tqdm(total=gc.steps, desc="grpo", leave=False)
     for step in range(1, gc.steps + 1):
         t0 = time.perf_counter()
