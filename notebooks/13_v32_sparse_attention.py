@@ -231,8 +231,9 @@ assert decode_gap < 1e-12 and prefix_gap < 1e-12
 # detached). In the sparse stage refimpl takes $p$ from the sparse attention itself, which already
 # sums to 1 on $\mathcal S_t$ (the papers do not say which; this is the natural reading).
 #
-# The backward is short. The softmax-KL pair gives $\partial\mathcal L^I/\partial I_{t,s} = \pi_{t,s}
-# - p_{t,s} \equiv G_{t,s}$ on the allowed keys (each row sums to 0). Through
+# The backward is short. The softmax-KL pair gives
+# $\partial\mathcal L^I/\partial I_{t,s} = \pi_{t,s} - p_{t,s} \equiv G_{t,s}$
+# on the allowed keys (each row sums to 0). Through
 # {eq}`eq-dsa-index`, with $z_{t,j,s} = \mathbf q_{t,j}\cdot\mathbf k_s$,
 #
 # $$
@@ -374,7 +375,11 @@ plt.show()
 # compare only there). The cell skips if the installed transformers has no `deepseek_v32`.
 
 # %%
+import warnings  # noqa: E402
+
 try:
+    from tqdm import TqdmWarning
+    warnings.filterwarnings("ignore", category=TqdmWarning)   # transformers imports tqdm.auto (no widgets here)
     import torch
     import transformers
     has_v32 = hasattr(transformers, "DeepseekV32ForCausalLM")

@@ -148,16 +148,16 @@ def test_save_refuses_params_and_configs_that_would_not_load(tmp_path):
     config, params = random_student(hub_config("qwen2", hk=2))
     attn = params["model"]["layers"][0]["self_attn"]
     bad = [({"o_proj_bias": np.zeros(16)}, "unexpected (parameter|entry) .*o_proj_bias"),
-           ({"q_proj_bias": np.zeros(5)}, "self_attn/q_proj_bias has shape \\(5,\\)"),
-           ({"q_proj": attn["q_proj"].astype(np.int64)}, "self_attn/q_proj must be a float32/float64"),
-           ({"q_proj_bias": None}, "q_proj_bias must be a float32/float64")]
+           ({"q_proj_bias": np.zeros(5)}, "q_proj_bias(: expected shape| has shape).*\\(5,\\)"),
+           ({"q_proj": attn["q_proj"].astype(np.int64)}, "q_proj(: expected dtype| must be a) float32"),
+           ({"q_proj_bias": None}, "q_proj_bias(: expected| must be a)")]
     for change, match in bad:
         p = {**params, "model": {**params["model"], "layers": [
             {**params["model"]["layers"][0], "self_attn": {**attn, **change}}, *params["model"]["layers"][1:]]}}
-        with pytest.raises(ValueError, match=match):
+        with pytest.raises((ValueError, TypeError), match=match):   # the shared tree check raises TypeError for dtypes
             save_pretrained(tmp_path / "x", p, config)
     missing = {**params, "model": {k: v for k, v in params["model"].items() if k != "norm"}}
-    with pytest.raises(ValueError, match="missing model/norm"):
+    with pytest.raises(ValueError, match="missing (model/norm|tensor model.norm)"):
         save_pretrained(tmp_path / "x", missing, config)
     tied = config.replace(tie_word_embeddings=True)
     with pytest.raises(ValueError, match="lm_head differs"):
