@@ -14,7 +14,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
-from .base import Example, _check_rng
+from .base import Example, check_rng
 
 _PROMPT = re.compile(r"(\d+)\+(\d+)=")
 
@@ -38,7 +38,7 @@ class AdditionTask:
         return int(rng.integers(0 if d == 1 else 10 ** (d - 1), 10 ** d))
 
     def sample(self, rng) -> Example:
-        rng = _check_rng(rng)
+        rng = check_rng(rng)
         a, b = self._operand(rng), self._operand(rng)
         return Example(f"{a}+{b}=", str(a + b))
 

@@ -50,7 +50,7 @@ def reference_completion(task: Task, example: Example) -> str:
     return format_completion(task.chain_of_thought(example.prompt), example.answer)
 
 
-def _check_rng(rng) -> np.random.Generator:
+def check_rng(rng) -> np.random.Generator:
     if not isinstance(rng, np.random.Generator):
         raise TypeError(f"rng: expected a numpy.random.Generator, got {type(rng).__name__}")
     return rng
@@ -61,7 +61,7 @@ def make_dataset(task: Task, n: int, rng, *, exclude_eval=True, unique=True) -> 
 
     Raises ValueError if the task cannot supply ``n`` distinct prompts in a reasonable number of draws.
     """
-    rng = _check_rng(rng)
+    rng = check_rng(rng)
     if isinstance(n, bool) or not isinstance(n, int | np.integer) or n < 0:
         raise ValueError(f"n: expected an int >= 0, got {n!r}")
     banned = {e.prompt for e in eval_set(task)} if exclude_eval else set()

@@ -29,7 +29,7 @@ from typing import NamedTuple
 import numpy as np
 
 from .arithmetic import AdditionTask
-from .base import Example, _check_rng, format_completion
+from .base import Example, check_rng, format_completion
 
 _THINK = re.compile(r"<think>(.*?)</think>", re.DOTALL)
 _ANSWER = re.compile(r"<answer>(.*?)</answer>", re.DOTALL)
@@ -40,7 +40,7 @@ _COLUMNS = AdditionTask()           # its chain_of_thought: the column sums of a
 def careless_answer(a: int, b: int, rng, *, p_carry: float) -> str:
     """``a + b`` computed column by column, each carry into the next column kept with probability
     ``p_carry`` (else dropped); the last column's sum is written in full, as on paper."""
-    rng = _check_rng(rng)
+    rng = check_rng(rng)
     x, y = str(a)[::-1], str(b)[::-1]
     width = max(len(x), len(y))
     out, carry = "", 0

@@ -10,7 +10,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
-from .base import Example, _check_rng
+from .base import Example, check_rng
 
 _PROMPT = re.compile(r"sort (\d+)=")
 
@@ -30,7 +30,7 @@ class SortingTask:
                              f"got {self.min_len}, {self.max_len}")
 
     def sample(self, rng) -> Example:
-        rng = _check_rng(rng)
+        rng = check_rng(rng)
         n = int(rng.integers(self.min_len, self.max_len + 1))
         digits = "".join(str(d) for d in rng.integers(0, 10, size=n))
         return Example(f"sort {digits}=", "".join(sorted(digits)))
