@@ -37,13 +37,13 @@ def load_pretrained(path, dtype=None):
     DeepSeek-V2/V3, or an R1-Distill student (``model_type`` ``qwen2`` or ``llama``), in float64
     (default) or ``dtype=np.float32``.
 
-    Returns a :class:`refimpl.model.generate.Model`: ``m(input_ids)`` gives float64 logits
+    Returns a :class:`refimpl.model.pretrained.Model`: ``m(input_ids)`` gives float64 logits
     (B, T, V), ``m.generate(input_ids, max_new_tokens=n)`` greedy continuations (B, T + n). See
-    :func:`refimpl.model.checkpoint.load_pretrained`; the model package is imported on first call.
+    :func:`refimpl.model.pretrained.load_pretrained`; the model package is imported on first call.
     """
     import numpy as np
 
-    from .model.checkpoint import load_pretrained as _load
+    from .model.pretrained import load_pretrained as _load
     return _load(path, np.float64 if dtype is None else dtype)
 
 

@@ -26,7 +26,8 @@ from typing import NamedTuple
 
 import numpy as np
 
-from .._validate import check_config, check_float, check_integer, check_real, check_same_dtype
+from .._validate import check_float, check_integer, check_real, check_same_dtype
+from ..config import check_config
 from ..core.linear import linear_backward, linear_forward
 from ..core.rope import rope_attention_factor, rope_backward, rope_forward, rope_inv_freq
 from .kv_cache import KVCache, check_positions, default_head_dim
@@ -74,8 +75,11 @@ def _softmax_inplace(s):
     return s
 
 
-def _attend(qh, kh, vh, scale, t, q_offset, allowed=None):
-    """Head-major core. qh (B, Hk, G*T, Dk), kh (B, Hk, S, Dk), vh (B, Hk, S, Dv).
+def attend(qh, kh, vh, scale, t, q_offset, allowed=None):
+    """Causal attention, head-major (shared by MHA/GQA and MLA's naive and absorbed paths).
+
+    Shapes: ``qh (B, Hk, G*T, Dk)``, ``kh (B, Hk, S, Dk)``, ``vh (B, Hk, S, Dv)`` -> ``o (B, Hk, G*T, Dv)``
+    and the attention probabilities ``p (B, Hk, G*T, S)``.
 
     ``allowed`` (B, T, S) bool, optional: a per-query key set (DSA's top-k selection) intersected
     with the causal mask; it must keep at least one causal key per row.
@@ -132,7 +136,7 @@ def sdpa_forward(q, k, v, scale, *, q_offset=0, allowed=None):
     vh = v.transpose(0, 2, 1, 3)                                        # (B, Hk, S, Dv)
     if allowed is not None and np.shape(allowed) != (b, t, s_len):
         raise ValueError(f"allowed: expected shape ({b}, {t}, {s_len}), got {np.shape(allowed)}")
-    oh, p = _attend(qh, kh, vh, scale, t, q_offset, allowed)            # (B, Hk, G*T, Dv)
+    oh, p = attend(qh, kh, vh, scale, t, q_offset, allowed)            # (B, Hk, G*T, Dv)
     o = oh.reshape(b, hk, g, t, -1).transpose(0, 3, 1, 2, 4).reshape(b, t, h, -1)  # (B, T, H, Dv)
     return o, SDPACache(qh, kh, vh, p, scale, (b, t, h, hk, g))
 
@@ -338,7 +342,7 @@ def mha_infer(x, params, config, cache, start_pos=0):
     if cache.k.shape[0] != b or cache.k.shape[1] != hk or cache.k.shape[3] != dh:
         raise ValueError(f"cache: expected k of shape ({b}, {hk}, Tmax, {dh}), got {cache.k.shape}")
     check_same_dtype("cache.k", cache.k, "x", x)
-    end = _check_start(start_pos, t, cache.k.shape[2])
+    end = check_start_pos(start_pos, t, cache.k.shape[2])
     positions = check_positions(start_pos + np.arange(t), b, t, config.max_position_embeddings,
                                 name="start_pos")                          # (B, T)
     q, k, v, _ = _mha_qkv(x, params, config, positions, dh, h, hk, lin=project)
@@ -346,12 +350,13 @@ def mha_infer(x, params, config, cache, start_pos=0):
     cache.v[:, :, start_pos:end] = v.transpose(0, 2, 1, 3)              # (B, Hk, T, Dh)
     g = h // hk
     qh = q.reshape(b, t, hk, g, dh).transpose(0, 2, 3, 1, 4).reshape(b, hk, g * t, dh)  # (B, Hk, G*T, Dh)
-    oh, _ = _attend(qh, cache.k[:, :, :end], cache.v[:, :, :end], dh ** -0.5, t, start_pos)  # (B, Hk, G*T, Dh)
+    oh, _ = attend(qh, cache.k[:, :, :end], cache.v[:, :, :end], dh ** -0.5, t, start_pos)  # (B, Hk, G*T, Dh)
     o = oh.reshape(b, hk, g, t, dh).transpose(0, 3, 1, 2, 4).reshape(b, t, h * dh)  # (B, T, H*Dh)
     return project(o, params["o_proj"], params.get("o_proj_bias"))[0]  # (B, T, D)
 
 
-def _check_start(start_pos, t, capacity):
+def check_start_pos(start_pos, t, capacity):
+    """The end of the cache window a decode step writes: ``start_pos + T``, checked against ``capacity``."""
     if not isinstance(start_pos, int | np.integer) or start_pos < 0:
         raise ValueError(f"start_pos: expected a non-negative integer, got {start_pos!r}")
     if t < 1:

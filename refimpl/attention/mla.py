@@ -30,12 +30,13 @@ from typing import NamedTuple
 
 import numpy as np
 
-from .._validate import check_config, check_float, check_same_dtype
+from .._validate import check_float, check_same_dtype
+from ..config import check_config
 from ..core.linear import linear_backward, linear_forward
 from ..core.rmsnorm import rmsnorm_backward, rmsnorm_forward
 from ..core.rope import rope_attention_factor, rope_backward, rope_forward, rope_inv_freq, softmax_scale
 from .kv_cache import LatentKVCache, check_positions, uses_mla
-from .mha import _attend, _check_start, check_weight, project, sdpa_backward, sdpa_forward
+from .mha import attend, check_start_pos, check_weight, project, sdpa_backward, sdpa_forward
 
 #: The latent RMSNorms (``q_a_layernorm``, ``kv_a_layernorm``) use this eps in DeepSeek's code and
 #: transformers, whatever ``rms_norm_eps`` says; only the block norms read ``rms_norm_eps``.
@@ -268,7 +269,7 @@ def mla_infer(x, params, config, cache, start_pos=0, *, impl="absorb", allowed=N
         raise ValueError(f"cache: expected latent of shape ({b}, Tmax, {dc + dr}) with kv_lora_rank={dc}, "
                          f"got {cache.latent.shape} with kv_lora_rank={cache.kv_lora_rank}")
     check_same_dtype("cache.latent", cache.latent, "x", x)
-    end = _check_start(start_pos, t, cache.latent.shape[1])
+    end = check_start_pos(start_pos, t, cache.latent.shape[1])
     positions = check_positions(start_pos + np.arange(t), b, t, config.max_position_embeddings,
                                 name="start_pos")                          # (B, T)
     q_nope, q_pe, _ = _queries(x, params, config, positions, project)   # (B, T, H, Dn), (B, T, H, Dr)
@@ -289,14 +290,14 @@ def mla_infer(x, params, config, cache, start_pos=0, *, impl="absorb", allowed=N
         kh = np.concatenate([kv[..., :dn], np.broadcast_to(lat[:, :, None, dc:], (b, s_len, h, dr))],
                             axis=-1).transpose(0, 2, 1, 3)                # (B, H, S, Dqk)
         qh = np.concatenate([q_nope, q_pe], axis=-1).transpose(0, 2, 1, 3)  # (B, H, T, Dqk)
-        oh, _ = _attend(qh, kh, kv[..., dn:].transpose(0, 2, 1, 3), scale, t, off, allowed)  # (B, H, T, Dv)
+        oh, _ = attend(qh, kh, kv[..., dn:].transpose(0, 2, 1, 3), scale, t, off, allowed)  # (B, H, T, Dv)
         o = oh.transpose(0, 2, 1, 3)                                    # (B, T, H, Dv)
     else:
         w_uk, w_uv = absorbed_weights(params, config)                   # (H, Dn, Dc), (H, Dv, Dc)
         q_abs = _per_head(q_nope, w_uk)                                 # (B, T, H, Dc)
         qh = np.concatenate([q_abs, q_pe], axis=-1)                     # (B, T, H, Dc+Dr)
         qh = qh.transpose(0, 2, 1, 3).reshape(b, 1, h * t, dc + dr)     # (B, 1, H*T, Dc+Dr): MQA rows
-        oh, _ = _attend(qh, lat[:, None], lat[:, None, :, :dc], scale, t, off, allowed)  # (B, 1, H*T, Dc)
+        oh, _ = attend(qh, lat[:, None], lat[:, None, :, :dc], scale, t, off, allowed)  # (B, 1, H*T, Dc)
         o_lat = oh.reshape(b, h, t, dc).transpose(0, 2, 1, 3)           # (B, T, H, Dc)
         o = _per_head(o_lat, w_uv.transpose(0, 2, 1))                   # (B, T, H, Dv)
     return o.reshape(b, t, h * dv) @ params["o_proj"].T                 # (B, T, D)

@@ -7,7 +7,7 @@ and combine kernels it built for this; here the MPI library is the engine). :cla
 counts and dtype given to MPI. :meth:`Comm.traffic` gathers those records into a
 ``(ranks, ranks)`` matrix, and :func:`cross_node_bytes` sums the entries whose source and destination
 sit on different simulated nodes (ranks ``d`` are grouped as node ``d // devices_per_node``, as in
-:func:`refimpl.moe.parallel.expert_placement`).
+:func:`refimpl.moe.traffic.expert_placement`).
 
 Distributed code must never leave one rank raising while the others wait in a collective: that
 hangs. :meth:`Comm.agree` runs a local check on every rank and all-gathers the outcome, so a bad
