@@ -357,11 +357,10 @@ def mha_infer(x, params, config, cache, start_pos=0):
 
 def check_start_pos(start_pos, t, capacity):
     """The end of the cache window a decode step writes: ``start_pos + T``, checked against ``capacity``."""
-    if not isinstance(start_pos, int | np.integer) or start_pos < 0:
-        raise ValueError(f"start_pos: expected a non-negative integer, got {start_pos!r}")
+    start_pos = check_integer("start_pos", start_pos, low=0)
     if t < 1:
         raise ValueError(f"x: expected at least one token, got T={t}")
-    end = int(start_pos) + t
+    end = start_pos + t
     if end > capacity:
         raise ValueError(f"start_pos: start_pos + T = {end} exceeds the cache's capacity {capacity}")
     return end

@@ -24,6 +24,8 @@ import json
 
 import numpy as np
 
+from .._validate import check_integer
+
 
 def _mpi():
     try:
@@ -67,8 +69,8 @@ class Comm:
         values = self.comm.allgather(devices_per_node)
         if any(v != values[0] for v in values):
             raise ValueError(f"devices_per_node: differs across ranks: {values}")
-        if not isinstance(devices_per_node, int | np.integer) or devices_per_node < 1 \
-                or self.size % devices_per_node:
+        devices_per_node = check_integer("devices_per_node", devices_per_node, low=1)
+        if self.size % devices_per_node:
             raise ValueError(f"devices_per_node: expected a positive divisor of the {self.size} ranks, "
                              f"got {devices_per_node!r}")
         self.devices_per_node = int(devices_per_node)

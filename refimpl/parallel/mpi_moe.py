@@ -42,7 +42,7 @@ from typing import NamedTuple
 
 import numpy as np
 
-from .._validate import check_float, check_shape
+from .._validate import check_float, check_integer, check_shape
 from ..backend import resolve_backend
 from ..core.activations import swiglu_mlp_backward, swiglu_mlp_forward
 from ..moe.balance import expert_load
@@ -90,9 +90,7 @@ def shard_experts(experts, rank, size):
     if not isinstance(experts, dict) or "gate_proj" not in experts:
         raise ValueError("experts: expected the dict of stacked expert arrays (gate_proj (E, I, D), ...)")
     e = np.shape(experts["gate_proj"])[0]
-    for name, v in (("size", size), ("rank", rank)):
-        if isinstance(v, bool) or not isinstance(v, int | np.integer):
-            raise TypeError(f"{name}: expected an integer, got {type(v).__name__}")
+    size, rank = check_integer("size", size), check_integer("rank", rank)
     if size < 1 or e % size:
         raise ValueError(f"size: expected a divisor of the {e} experts, got {size}")
     if not 0 <= rank < size:

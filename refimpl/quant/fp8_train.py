@@ -46,6 +46,7 @@ from contextlib import contextmanager
 
 import numpy as np
 
+from .._validate import check_bool, check_integer
 from ..backend import resolve_backend
 from ..core.linear import GEMM_OVERRIDE
 from .fp8 import FP8_FORMATS, fp8_gemm, quantize_activation, quantize_weight
@@ -55,9 +56,7 @@ TRAIN_SCALE_FLOOR = 2.0**-100
 
 
 def _check_tile(tile):
-    if isinstance(tile, bool) or not isinstance(tile, int | np.integer) or tile < 1:
-        raise ValueError(f"tile: expected a positive integer (V3 uses 128), got {tile!r}")
-    return int(tile)
+    return check_integer("tile", tile, low=1)     # V3 uses 128
 
 
 def _check_2d(name, a, shape):
@@ -181,8 +180,7 @@ class FP8Gemm(GemmProvider):
             raise ValueError(f"fmt: expected one of {sorted(FP8_FORMATS)}, got {fmt!r}")
         if scale_fmt not in (None, "ue8m0"):
             raise ValueError(f"scale_fmt: expected None or 'ue8m0', got {scale_fmt!r}")
-        if not isinstance(backward, bool):
-            raise TypeError(f"backward: expected a bool, got {type(backward).__name__}")
+        backward = check_bool("backward", backward)
         super().__init__(exclude=exclude, log=log)
         self.fmt, self.scale_fmt, self.backward, self.backend = fmt, scale_fmt, backward, backend
 
