@@ -14,6 +14,16 @@ Notation (shared by the code's shape comments and the book)::
     K   experts per token          G   expert groups, or GRPO group size (each use names which)
     V   vocabulary                 N   flattened rows (B*T) where a function flattens them
     I   FFN / expert intermediate size
+    Hk  key/value heads (GQA)      Gq  query heads per key/value head, H / Hk
+    Dk  query/key width in the attention core      S   key positions attended over
+    Tmax  KV cache capacity        HI / DI  lightning indexer heads / head dim
+    Din / Dout  linear input / output width        Np, Dinp, Doutp  padded to the FP8 tile
+    A   (token, expert) assignments after dispatch R   MPI ranks
+    Nm / Nr / Ns  expert-parallel rows between hops / received / sent
+    Tc  completion tokens          Tk  tokens at MTP depth k (T - k)
+    L   padded length of a batch   C   rows per chunk      P   GRPO prompts (P * G completions)
+    F   reward functions           W   width of an element-wise distillation loss (V or top-k)
+    (book/notation.md has the table; a lowercase name in a shape comment is a local variable)
 
 Importing refimpl is cheap: it loads NumPy and the pure-Python modules only; numba is imported and
 kernels compiled on first use.

@@ -65,7 +65,7 @@ except ImportError:     # i14c/i14b bridge (issue 14): i14b makes it public in g
 
 
 class Hop(NamedTuple):
-    rows: np.ndarray        # (S,) int64 local row of each copy sent, sorted by destination rank
+    rows: np.ndarray        # (Ns,) int64 local row of each copy sent, sorted by destination rank
     sendcounts: np.ndarray  # (R,) int64 copies sent to each rank
     recvcounts: np.ndarray  # (R,) int64 copies received from each rank
 
@@ -78,7 +78,7 @@ class EPCache(NamedTuple):
     plan: object           # DispatchPlan of the received rows over the local experts
     experts: object        # ExpertsCache of the local experts
     ys: np.ndarray         # (A, D) local expert outputs, expert-sorted
-    wr: np.ndarray         # (Rn, K) received gate weights (0 for slots held by other ranks)
+    wr: np.ndarray         # (Nr, K) received gate weights (0 for slots held by other ranks)
     shared: object | None  # SwiGLUMLPCache or None
     shape: tuple           # shape of x
     comm: object           # refimpl.parallel.comm.Comm
@@ -138,12 +138,12 @@ def _plan_hop(comm, dest, label):
     Exchanges the counts (``<label>/counts``) and returns the :class:`Hop` and ``mine`` (S, K), the
     slots of each copy that its destination is responsible for."""
     m, r = dest.shape[0], comm.size
-    sent = np.zeros((m, r + 1), dtype=bool)                               # (M, R + 1), column R: no slot
+    sent = np.zeros((m, r + 1), dtype=bool)                               # (Nm, R + 1), column R: no slot
     np.put_along_axis(sent, np.where(dest >= 0, dest, r), True, axis=1)
-    to, rows = np.nonzero(sent[:, :r].T)                                  # (S,), (S,) sorted by rank, then row
+    to, rows = np.nonzero(sent[:, :r].T)                                  # (Ns,), (Ns,) sorted by rank, then row
     sendcounts = np.bincount(to, minlength=r).astype(np.int64)            # (R,)
     recvcounts = comm.exchange_counts(sendcounts, f"{label}/counts")      # (R,)
-    return Hop(rows, sendcounts, recvcounts), dest[rows] == to[:, None]   # (S, K)
+    return Hop(rows, sendcounts, recvcounts), dest[rows] == to[:, None]   # (Ns, K)
 
 
 def _out(comm, hop, a, label):
@@ -153,7 +153,7 @@ def _out(comm, hop, a, label):
 
 def _back(comm, hop, a, n_rows, label):
     """Return rows along the hop (combine direction) and add them into their ``n_rows`` sources."""
-    got = comm.alltoallv(a, hop.recvcounts, hop.sendcounts, label)        # (S, ...)
+    got = comm.alltoallv(a, hop.recvcounts, hop.sendcounts, label)        # (Ns, ...)
     return _scatter_add(np.zeros((n_rows,) + a.shape[1:], dtype=a.dtype), hop.rows, got)
 
 
@@ -206,34 +206,34 @@ def ep_moe_forward(x, params, config, comm, *, two_hop=False, mask_value=-np.inf
     u = x.reshape(-1, x.shape[-1])                                        # (N, D)
     backend = resolve_backend(backend, work=max(u.size * k, 1))
     routing, gcache = gate_forward(u, params["gate"], config, mask_value=mask_value, backend=backend)
-    xm, em, wm = u, routing.idx, routing.weights                          # (M, D), (M, K), (M, K) rows to route
+    xm, em, wm = u, routing.idx, routing.weights                          # (Nm, D), (Nm, K), (Nm, K) rows to route
     inter, pre = None, ""
     if two_hop:
         # hop 1: once per target node, to the rank with this rank's index within that node
         node = routing.idx // (n_loc * dpn)                               # (N, K) node of each chosen expert
         inter, mine = _plan_hop(comm, node * dpn + comm.rank % dpn, "inter/dispatch")
-        xm = _out(comm, inter, u, "inter/dispatch/x")                     # (M, D)
+        xm = _out(comm, inter, u, "inter/dispatch/x")                     # (Nm, D)
         em = comm.alltoallv(np.where(mine, routing.idx[inter.rows], -1), inter.sendcounts, inter.recvcounts,
-                            "inter/dispatch/experts")                     # (M, K) global ids on this node, else -1
+                            "inter/dispatch/experts")                     # (Nm, K) global ids on this node, else -1
         wm = comm.alltoallv(np.where(mine, routing.weights[inter.rows], 0.0), inter.sendcounts, inter.recvcounts,
-                            "inter/dispatch/weights")                     # (M, K)
+                            "inter/dispatch/weights")                     # (Nm, K)
         pre = "intra/"
     # hop to the experts: once per rank holding at least one of the row's experts
-    owner = np.where(em >= 0, em // n_loc, -1)                            # (M, K) rank of each slot's expert
+    owner = np.where(em >= 0, em // n_loc, -1)                            # (Nm, K) rank of each slot's expert
     hop, mine = _plan_hop(comm, owner, pre + "dispatch")
-    xr = _out(comm, hop, xm, pre + "dispatch/x")                          # (Rn, D)
+    xr = _out(comm, hop, xm, pre + "dispatch/x")                          # (Nr, D)
     lid = comm.alltoallv(np.where(mine, em[hop.rows] - owner[hop.rows] * n_loc, -1), hop.sendcounts,
-                         hop.recvcounts, pre + "dispatch/slots")          # (Rn, K) local expert id or -1
+                         hop.recvcounts, pre + "dispatch/slots")          # (Nr, K) local expert id or -1
     wr = comm.alltoallv(np.where(mine, wm[hop.rows], 0.0).astype(u.dtype), hop.sendcounts, hop.recvcounts,
-                        pre + "dispatch/weights")                         # (Rn, K)
+                        pre + "dispatch/weights")                         # (Nr, K)
     # local experts on the received rows: the single-process machinery
-    keep = lid >= 0                                                       # (Rn, K)
+    keep = lid >= 0                                                       # (Nr, K)
     plan = make_plan(np.where(keep, lid, 0), n_loc, keep, backend=backend)
     xs = dispatch(xr, plan, backend=backend)                              # (A, D)
     ys, ecache = experts_forward(xs, params["experts"], plan.offsets)     # (A, D)
-    yr = combine(ys, wr, plan, backend=backend)                           # (Rn, D) partial sum per row
+    yr = combine(ys, wr, plan, backend=backend)                           # (Nr, D) partial sum per row
     # combine: the reverse all-to-alls, each sender adding up the partial sums of its rows
-    y = _back(comm, hop, yr, xm.shape[0], pre + "combine/y")              # (M, D)
+    y = _back(comm, hop, yr, xm.shape[0], pre + "combine/y")              # (Nm, D)
     if two_hop:
         y = _back(comm, inter, y, u.shape[0], "inter/combine/y")          # (N, D)
     scache = None
@@ -273,17 +273,17 @@ def ep_moe_backward(dy, cache, dscores=None):
         dx_shared, dparams["shared_experts"] = swiglu_mlp_backward(dyf, scache)  # (N, D)
         dx += dx_shared
     # forward: y[rows] += returned partial sums (combine)    so: send dy out along the same hops
-    dym = dyf if inter is None else _out(comm, inter, dyf, "inter/combine_bwd/dy")  # (M, D)
-    dyr = _out(comm, hop, dym, pre + "combine_bwd/dy")                    # (Rn, D)
+    dym = dyf if inter is None else _out(comm, inter, dyf, "inter/combine_bwd/dy")  # (Nm, D)
+    dyr = _out(comm, hop, dym, pre + "combine_bwd/dy")                    # (Nr, D)
     # forward: yr = combine(ys, wr)
-    dys, dwr = combine_backward(dyr, ys, wr, plan, backend=backend)       # (A, D), (Rn, K)
+    dys, dwr = combine_backward(dyr, ys, wr, plan, backend=backend)       # (A, D), (Nr, K)
     # forward: ys = experts(xs)
     dxs, dparams["experts"] = experts_backward(dys, ecache)               # (A, D)
     # forward: xs = dispatch(xr)
-    dxr = dispatch_backward(dxs, plan, backend=backend)                   # (Rn, D)
+    dxr = dispatch_backward(dxs, plan, backend=backend)                   # (Nr, D)
     # forward: xr, wr = rows and weights sent out (dispatch)    so: send the gradients home, adding copies
-    dxm = _back(comm, hop, dxr, n_mid, pre + "dispatch_bwd/dx")           # (M, D)
-    dwm = _back(comm, hop, dwr, n_mid, pre + "dispatch_bwd/weights")      # (M, K), 0 on other ranks' slots
+    dxm = _back(comm, hop, dxr, n_mid, pre + "dispatch_bwd/dx")           # (Nm, D)
+    dwm = _back(comm, hop, dwr, n_mid, pre + "dispatch_bwd/weights")      # (Nm, K), 0 on other ranks' slots
     if inter is not None:
         dxm = _back(comm, inter, dxm, dyf.shape[0], "inter/dispatch_bwd/dx")        # (N, D)
         dwm = _back(comm, inter, dwm, dyf.shape[0], "inter/dispatch_bwd/weights")   # (N, K)
