@@ -197,3 +197,14 @@ def test_no_private_names_across_modules():
     found = private_uses()
     assert found <= PENDING, f"private names used outside their module: {sorted(found - PENDING)}"
     assert PENDING <= found, f"fixed, remove from PENDING: {sorted(PENDING - found)}"
+
+
+#: Modules over the 400-line limit, owned by other helpers this round (issue 14); the list can only shrink.
+OVERSIZE_PENDING = {"refimpl/rl/grpo.py", "refimpl/rl/trainer.py", "benchmarks/harness.py"}
+
+
+def test_modules_at_most_400_lines():
+    over = {p.relative_to(ROOT).as_posix() for d in ("refimpl", "benchmarks", "book/_ext")
+            for p in (ROOT / d).rglob("*.py") if len(p.read_text(encoding="utf-8").splitlines()) > 400}
+    assert over <= OVERSIZE_PENDING, f"modules over 400 lines: {sorted(over - OVERSIZE_PENDING)}"
+    assert OVERSIZE_PENDING <= over, f"within 400 lines now, remove: {sorted(OVERSIZE_PENDING - over)}"
