@@ -36,8 +36,8 @@ import numpy as np
 
 from .._validate import BACKENDS, check_betas, check_bool, check_choice, check_integer, check_real
 from ..model.generate import generate
-from ..model.transformer import IGNORE_INDEX, model_backward, model_forward, shift_labels
 from ..model.sft import sft_train
+from ..model.transformer import IGNORE_INDEX, model_backward, model_forward, shift_labels
 from ..optim import adamw_update, clip_grad_norm, warmup_cosine_lr
 from ..tasks import TOKENIZER, make_dataset, pad_sequences, reference_completion
 from ..train import append_row, check_loop_options, init_state, resume_state, run_loop

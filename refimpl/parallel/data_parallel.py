@@ -24,8 +24,8 @@ from __future__ import annotations
 import numpy as np
 
 from ..model.train import apply_gradients
-from ..train import run_loop
 from ..model.transformer import loss_backward, loss_forward
+from ..train import run_loop
 from ..tree import tree_flatten
 
 

@@ -78,5 +78,5 @@ def run_loop(state, step_fn, *, end, desc="train", progress=True, postfix=None, 
 def lm_loss_grads(cache, params):
     """Gradients of :func:`refimpl.model.loss_forward`'s loss for every parameter: the loops' one call
     of :func:`refimpl.model.loss_backward` (so a change of its signature is mended here only)."""
-    from ..model.transformer import loss_backward   # imported here: refimpl.model imports this package
+    from ..model.transformer import loss_backward  # imported here: refimpl.model imports this package
     return loss_backward(cache, params)

@@ -136,7 +136,7 @@ def load_checkpoint(path):
     moment unlike its parameter raises ValueError naming the file and the tensor.
     """
     from ..config import ModelConfig
-    from ..model.structure import check_params   # imported here: refimpl.model imports this package
+    from ..model.structure import check_params  # imported here: refimpl.model imports this package
     try:
         meta, trees, frozen = _read(path)
         check_integer("step", meta["step"], low=0)

@@ -21,7 +21,7 @@ V = TOKENIZER.vocab_size
 
 def _same(a, b):
     la, lb = tree_flatten(a)[0], tree_flatten(b)[0]
-    return len(la) == len(lb) and all(np.array_equal(x, y) and x.dtype == y.dtype for x, y in zip(la, lb))
+    return len(la) == len(lb) and all(np.array_equal(x, y) and x.dtype == y.dtype for x, y in zip(la, lb, strict=False))
 
 
 def _check(full, resumed, half_steps, n):
