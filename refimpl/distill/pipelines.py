@@ -30,7 +30,7 @@ resume).
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 
 import numpy as np
 
@@ -91,14 +91,6 @@ class GKDConfig:
         check_betas("betas", self.betas)
         check_bool("seq_kd", self.seq_kd)
         check_choice("backend", self.backend, BACKENDS)
-
-    def replace(self, **changes) -> GKDConfig:
-        """A copy with ``changes`` (unknown names raise ValueError)."""
-        names = {f.name for f in fields(self)}
-        unknown = sorted(set(changes) - names)
-        if unknown:
-            raise ValueError(f"changes: unknown GKDConfig field(s) {unknown}")
-        return type(self)(**{**{n: getattr(self, n) for n in names}, **changes})
 
 
 def _check_pair(student_config, teacher_config):

@@ -9,11 +9,12 @@ from refimpl.distill.pipelines import GKDConfig, default_data, gkd_train, sequen
 from refimpl.model import init_params
 from refimpl.model.train import TrainConfig, init_state, train
 from refimpl.optim import warmup_cosine_lr
-from refimpl.recipes.distill import dense_student_config
 from refimpl.rl import GRPOConfig, grpo_train, rollout, sft_train
 from refimpl.tasks import TOKENIZER, AdditionTask
 from refimpl.train import History, load_checkpoint
 from refimpl.tree import tree_flatten
+
+from ..distill.helpers import student_config, teacher_config
 
 TASK = AdditionTask(1, 2)
 V = TOKENIZER.vocab_size
@@ -124,15 +125,7 @@ def test_pretraining_resumes_exactly(tmp_path):
 
 
 def teacher_student():
-    tc = ModelConfig.preset("tiny").replace(vocab_size=V, hidden_size=8, intermediate_size=8, moe_intermediate_size=4,
-                                            num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=2,
-                                            q_lora_rank=4, kv_lora_rank=4, qk_nope_head_dim=2, qk_rope_head_dim=2,
-                                            v_head_dim=2, n_routed_experts=4, n_group=2, topk_group=1,
-                                            num_experts_per_tok=2, first_k_dense_replace=1,
-                                            num_nextn_predict_layers=0, max_position_embeddings=64,
-                                            initializer_range=0.3)
-    sc = dense_student_config(hidden_size=8, intermediate_size=12, num_attention_heads=4, num_key_value_heads=2,
-                              max_position_embeddings=64, initializer_range=0.3)
+    sc, tc = student_config(), teacher_config()
     return init_params(sc, np.random.default_rng(1)), sc, init_params(tc, np.random.default_rng(0)), tc
 
 
