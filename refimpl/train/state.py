@@ -61,8 +61,15 @@ def append_row(state, row) -> History:
     return History([*state.history, row])
 
 
+def _builtin(x):
+    """JSON for NumPy scalars and arrays in a history row (as Python numbers and lists)."""
+    if isinstance(x, np.generic | np.ndarray):
+        return x.tolist()
+    raise TypeError(f"state: a history row or extra value of type {type(x).__name__} cannot be stored as JSON")
+
+
 def _text(obj):
-    return np.frombuffer(json.dumps(obj).encode(), dtype=np.uint8)
+    return np.frombuffer(json.dumps(obj, default=_builtin).encode(), dtype=np.uint8)
 
 
 def _trees(state):

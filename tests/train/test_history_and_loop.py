@@ -91,7 +91,8 @@ def test_checkpoint_keeps_frozen_trees_extra_and_rng(tmp_path):
     ref = init_params(cfg, np.random.default_rng(1), np.float32)
     state = init_state(params, seed=3, frozen={"ref_params": ref}, extra={"evals": [{"step": 0, "accuracy": 0.5}]})
     state.rng.random(7)
-    state = state._replace(history=History([{"step": 1, "loss": 1.5, "seconds": 0.1}]), step=1)
+    state = state._replace(history=History([{"step": 1, "loss": 1.5, "seconds": 0.1, "f32": np.float32(0.25),
+                                             "n": np.int64(3)}]), step=1)
     save_checkpoint(tmp_path / "c.npz", state, cfg)
     back, cfg2 = load_checkpoint(tmp_path / "c.npz")
     assert cfg2 == cfg and isinstance(back.history, History) and back.history == state.history
@@ -100,6 +101,10 @@ def test_checkpoint_keeps_frozen_trees_extra_and_rng(tmp_path):
                        (("params", state.params, back.params), ("ref", ref, back.frozen["ref_params"]))):
         assert all(np.array_equal(u, v) and u.dtype == v.dtype for u, v in zip(a, b, strict=True)), name
     assert tree_paths(back.frozen["ref_params"]) == tree_paths(ref)
+    assert type(back.history[0]["f32"]) is float and back.history[0]["n"] == 3       # NumPy scalars as numbers
+    with pytest.raises(TypeError, match="history row"):
+        save_checkpoint(tmp_path / "x.npz", state._replace(extra={"bad": object()}), cfg)
+    assert not (tmp_path / "x.npz").exists()                              # atomic: nothing half-written
     assert resume_state(tmp_path / "c.npz", cfg).step == 1 and resume_state(back, cfg) is back
     with pytest.raises(ValueError, match="resume"):
         resume_state(tmp_path / "c.npz", cfg.replace(vocab_size=12))
