@@ -1,4 +1,4 @@
-r"""Training loop: AdamW + global-norm clipping + warmup-cosine, V3's bias update, checkpoints, exact resume.
+r"""Pretraining step and loop: AdamW + global-norm clipping + warmup-cosine, V3's bias update, exact resume.
 
 One step (DeepSeek-V3 §2.1.2, §4.2): forward and hand-written backward of
 :func:`~refimpl.model.transformer.loss_forward` (next-token CE + balance loss + MTP), clip the

@@ -131,3 +131,24 @@ def test_reads_a_checkpoint_with_the_old_dict_of_lists_history(tmp_path):
     back, _ = load_checkpoint(tmp_path / "old.npz")
     assert isinstance(back, TrainState) and back.history == [{"loss": 3.0, "lr": 0.1}, {"loss": 2.0, "lr": 0.2}]
     assert back.history["loss"] == [3.0, 2.0] and back.extra == {} and back.frozen == {}
+
+
+@pytest.mark.parametrize("make,field,bad,exc", [
+    ("train", "steps", True, TypeError), ("train", "warmup_steps", 200, ValueError), ("train", "lr", "1e-3", TypeError),
+    ("train", "backend", "cuda", ValueError),
+    ("grpo", "steps", -1, ValueError), ("grpo", "warmup_steps", 1.5, TypeError),
+    ("grpo", "lr", float("nan"), ValueError), ("grpo", "backend", "cuda", ValueError),
+    ("gkd", "steps", 0, ValueError), ("gkd", "warmup_steps", 101, ValueError), ("gkd", "lr", None, TypeError),
+    ("gkd", "backend", "cuda", ValueError),
+])
+def test_every_training_config_is_validated_when_built(make, field, bad, exc):
+    """TrainConfig, GRPOConfig and GKDConfig check their scalars with the same helpers (refimpl._validate):
+    TypeError for a wrong type, ValueError for a value out of range, the field named; backend defaults to
+    None (REFIMPL_BACKEND, then auto) in all three."""
+    from refimpl.distill.pipelines import GKDConfig
+    from refimpl.model.train import TrainConfig
+    from refimpl.rl import GRPOConfig
+    cls = {"train": TrainConfig, "grpo": GRPOConfig, "gkd": GKDConfig}[make]
+    assert cls().backend is None
+    with pytest.raises(exc, match=field):
+        cls(**{field: bad})
