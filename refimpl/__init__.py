@@ -39,7 +39,7 @@ __version__ = "0.1.0"
 
 # Submodules load on first attribute access (``refimpl.moe``), keeping ``import refimpl`` cheap.
 _SUBMODULES = ("attention", "moe", "rl", "tasks", "distill", "quant", "optim", "testing", "tree", "kernels", "display",
-               "model", "accounting")
+               "model", "accounting", "train")
 
 
 def load_pretrained(path, dtype=None):
@@ -132,4 +132,7 @@ FUZZ_PENDING = (
     'rl.selective_log_softmax_backward', 'rl.sft_train', 'tasks.eval_seed', 'tasks.eval_set', 'tasks.get_task',
     'tasks.make_dataset', 'tasks.pad_sequences', 'tasks.reference_completion', 'testing.check_grad',
     'testing.tol', 'testing.tree_flatten',
+    'model.sft_train', 'model.sft_rows', 'train.init_state', 'train.append_row', 'train.run_loop',
+    'train.check_loop_options', 'train.lm_loss_grads', 'train.save_checkpoint', 'train.load_checkpoint',
+    'train.resume_state', 'train.unflatten',
 )

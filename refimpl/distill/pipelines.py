@@ -22,7 +22,9 @@ standard attention, :func:`refimpl.recipes.distill.dense_student_config`):
 Every gradient is hand-written: the loss gives the gradient with respect to the student logits,
 :func:`refimpl.model.model_backward` carries it to every student parameter; the teacher gets
 none. All randomness comes from one ``numpy.random.Generator`` seeded by ``seed``, so a run is a
-deterministic function of its arguments.
+deterministic function of its arguments. Both trainers run on the shared loop of
+:mod:`refimpl.train` (one state, one history format with ``seconds`` per step, checkpoints, exact
+resume).
 """
 
 from __future__ import annotations
@@ -34,10 +36,11 @@ import numpy as np
 
 from .._validate import BACKENDS, check_betas, check_bool, check_choice, check_integer, check_real
 from ..model.generate import generate
+from ..model.sft import sft_train
 from ..model.transformer import IGNORE_INDEX, model_backward, model_forward, shift_labels
-from ..optim import adamw_init, adamw_update, clip_grad_norm, warmup_cosine_lr
-from ..rl.trainer import sft_train
+from ..optim import adamw_update, clip_grad_norm, warmup_cosine_lr
 from ..tasks import TOKENIZER, make_dataset, pad_sequences, reference_completion
+from ..train import append_row, check_loop_options, init_state, resume_state, run_loop
 from ..tree import tree_map
 from .losses import generalized_jsd_loss
 
@@ -49,7 +52,8 @@ class GKDConfig:
     """GKD settings with TRL ``GKDConfig`` names (``lmbda``, ``beta``, ``temperature``, ``seq_kd``,
     ``max_new_tokens``) plus the optimiser's: ``steps``, ``batch_size`` prompts per step, ``lr``
     (warmup + cosine to ``min_lr``, default ``lr / 10``), ``warmup_steps``, ``betas``,
-    ``weight_decay``, ``max_grad_norm``; ``seed`` drives every random draw."""
+    ``weight_decay``, ``max_grad_norm``; ``seed`` drives every random draw. ``backend``: None (the
+    ``REFIMPL_BACKEND`` default), ``"auto"``, ``"numpy"`` or ``"numba"``. Validated when built."""
 
     lmbda: float = 0.5
     beta: float = 0.5
@@ -67,7 +71,7 @@ class GKDConfig:
     weight_decay: float = 0.0
     max_grad_norm: float = 1.0
     seed: int = 0
-    backend: str | None = "numpy"
+    backend: str | None = None
 
     def __post_init__(self):
         for name in ("lmbda", "beta"):
@@ -163,12 +167,13 @@ def _generate(params, config, prompts, cfg, rng):
 def gkd_step(state, student_config, teacher_params, teacher_config, pairs, cfg):
     """One GKD step on a batch of dataset ``pairs`` (``(prompt, completion)`` strings).
 
-    ``state`` is ``dict(params, opt, step, rng)``; returns ``(new_state, metrics)`` with ``source``
+    ``state`` is a :class:`~refimpl.train.TrainState` (its ``rng`` tosses the coin and samples);
+    returns the next state, whose history gains the step's row: ``step``, ``source``
     (``"dataset"``, ``"teacher"`` or ``"student"``: whose completions were trained on), ``loss``,
     ``tokens`` (scored positions), ``sequence_tokens`` (real tokens through both models),
     ``student_generated_tokens``, ``grad_norm``, ``lr``, ``completion_length``.
     """
-    rng = state["rng"]
+    rng = state.rng
     prompts = [TOKENIZER.encode(p, add_bos=True) for p, _ in pairs]
     ids, labels = encode_pairs(pairs)
     source = "dataset"
@@ -176,21 +181,21 @@ def gkd_step(state, student_config, teacher_params, teacher_config, pairs, cfg):
         ids, labels = _rows_from_tokens(prompts, _generate(teacher_params, teacher_config, prompts, cfg, rng))
         source = "teacher"
     if rng.random() < cfg.lmbda:                     # TRL: on-policy with probability lmbda
-        ids, labels = _rows_from_tokens(prompts, _generate(state["params"], student_config, prompts, cfg, rng))
+        ids, labels = _rows_from_tokens(prompts, _generate(state.params, student_config, prompts, cfg, rng))
         source = "student"
-    loss, grads, info = gkd_loss(state["params"], student_config, teacher_params, teacher_config, ids, labels,
+    loss, grads, info = gkd_loss(state.params, student_config, teacher_params, teacher_config, ids, labels,
                                  beta=cfg.beta, temperature=cfg.loss_temperature, backend=cfg.backend)
     grads, norm = clip_grad_norm(grads, cfg.max_grad_norm)
-    lr = warmup_cosine_lr(state["step"], lr=cfg.lr, warmup_steps=cfg.warmup_steps, total_steps=cfg.steps,
+    lr = warmup_cosine_lr(state.step, lr=cfg.lr, warmup_steps=cfg.warmup_steps, total_steps=cfg.steps,
                           min_lr=cfg.lr / 10 if cfg.min_lr is None else cfg.min_lr)
-    params, opt = adamw_update(state["params"], grads, state["opt"], lr=lr, betas=cfg.betas,
+    params, opt = adamw_update(state.params, grads, state.opt, lr=lr, betas=cfg.betas,
                                weight_decay=cfg.weight_decay)
     completion = (labels != IGNORE_INDEX).sum(axis=1)                     # (B,) tokens after the prompt
-    metrics = {"step": state["step"], "source": source, "loss": float(loss), "tokens": info["tokens"],
-               "sequence_tokens": int((ids != TOKENIZER.pad_id).sum()),
-               "student_generated_tokens": int(completion.sum()) if source == "student" else 0,
-               "grad_norm": float(norm), "lr": float(lr), "completion_length": float(np.mean(completion))}
-    return {"params": params, "opt": opt, "step": state["step"] + 1, "rng": rng}, metrics
+    row = {"step": state.step + 1, "source": source, "loss": float(loss), "tokens": info["tokens"],
+           "sequence_tokens": int((ids != TOKENIZER.pad_id).sum()),
+           "student_generated_tokens": int(completion.sum()) if source == "student" else 0,
+           "grad_norm": float(norm), "lr": float(lr), "completion_length": float(np.mean(completion))}
+    return state._replace(params=params, opt=opt, step=state.step + 1, history=append_row(state, row))
 
 
 def default_data(task, n, seed=0):
@@ -199,40 +204,40 @@ def default_data(task, n, seed=0):
 
 
 def gkd_train(student_params, student_config, teacher_params, teacher_config, task, cfg, *, data=None,
-              n_data=512, progress=True, callback=None):
+              n_data=512, progress=True, callback=None, checkpoint_path=None, checkpoint_every=0, stop_at=None,
+              resume=None):
     """Generalized knowledge distillation (Agarwal et al. 2024, Algorithm 1; TRL ``GKDTrainer``).
 
     ``data``: the dataset, a list of ``(prompt, completion)`` strings (default :func:`default_data`
     with ``n_data`` reference completions of ``task``); each step draws ``cfg.batch_size`` of them
     with replacement. ``callback(step, metrics, params) -> bool`` stops the run when it returns True.
+    Loop options (:func:`refimpl.train.run_loop`): ``checkpoint_path`` / ``checkpoint_every``,
+    ``stop_at`` (end after that many steps of the ``cfg.steps`` schedule), ``resume`` (a checkpoint
+    path or a :class:`~refimpl.train.TrainState`) to continue bit for bit.
 
-    Returns ``dict(params, history, seconds)``: ``history`` is a list of per-step metrics
-    (:func:`gkd_step`), ``seconds`` the wall time per step (kept apart: the history is deterministic).
+    Returns ``dict(params, history, seconds, state)``: ``history`` a :class:`~refimpl.train.History`
+    of per-step metrics (:func:`gkd_step`, plus ``seconds``), ``seconds`` the wall time per step
+    (the history's ``==`` ignores it: the rest is deterministic), ``state`` the final state.
     """
     if not isinstance(cfg, GKDConfig):
         raise TypeError(f"cfg: expected a GKDConfig, got {type(cfg).__name__}")
     _check_pair(student_config, teacher_config)
+    check_loop_options(stop_at=stop_at, checkpoint_every=checkpoint_every)
     data = default_data(task, n_data, cfg.seed) if data is None else list(data)
     if not data:
         raise ValueError("data: expected at least one (prompt, completion) pair")
-    state = {"params": student_params, "opt": adamw_init(student_params), "step": 0,
-             "rng": np.random.default_rng(cfg.seed)}
-    history, seconds = [], []
-    bar = _bar(progress, cfg.steps, "gkd")
-    for _ in range(cfg.steps):
-        t0 = time.perf_counter()
-        pick = state["rng"].integers(0, len(data), cfg.batch_size)
-        state, metrics = gkd_step(state, student_config, teacher_params, teacher_config, [data[i] for i in pick], cfg)
-        history.append(metrics)
-        seconds.append(time.perf_counter() - t0)
-        if bar is not None:
-            bar.update(1)
-            bar.set_postfix(loss=f"{metrics['loss']:.4f}", src=metrics["source"][0])
-        if callback is not None and callback(metrics["step"], metrics, state["params"]):
-            break
-    if bar is not None:
-        bar.close()
-    return {"params": state["params"], "history": history, "seconds": seconds}
+
+    def step_fn(state):
+        pick = state.rng.integers(0, len(data), cfg.batch_size)
+        return gkd_step(state, student_config, teacher_params, teacher_config, [data[i] for i in pick], cfg)
+
+    state = init_state(student_params, cfg.seed) if resume is None else resume_state(resume, student_config)
+    state = run_loop(state, step_fn, end=cfg.steps if stop_at is None else min(stop_at, cfg.steps), desc="gkd",
+                     progress=progress, postfix=lambda m: {"loss": f"{m['loss']:.4f}", "src": m["source"][0]},
+                     callback=callback, checkpoint_path=checkpoint_path, checkpoint_every=checkpoint_every,
+                     config=student_config)
+    return {"params": state.params, "history": state.history, "seconds": [r["seconds"] for r in state.history],
+            "state": state}
 
 
 def _bar(progress, total, desc):
@@ -261,7 +266,7 @@ def accept(task, completion, answer, *, require_format=True):
 
 def teacher_generations(teacher_params, teacher_config, task, n_prompts, *, num_samples=1, temperature=0.0,
                         top_p=1.0, max_new_tokens=48, reject=True, require_format=True, seed=0, batch_size=64,
-                        backend="numpy", progress=True):
+                        backend=None, progress=True):
     """Teacher completions of ``n_prompts`` fresh training prompts, with rejection of wrong answers.
 
     The data of sequence-level KD (Kim & Rush 2016, §3) as DeepSeek-R1 built it (§2.3.3, §2.4):
@@ -279,8 +284,7 @@ def teacher_generations(teacher_params, teacher_config, task, n_prompts, *, num_
                          f"got {num_samples}")
     for name, v in (("n_prompts", n_prompts), ("num_samples", num_samples), ("batch_size", batch_size),
                     ("max_new_tokens", max_new_tokens)):
-        if not isinstance(v, int) or v < 1:
-            raise ValueError(f"{name}: expected a positive integer, got {v!r}")
+        check_integer(name, v, low=1)
     rng = np.random.default_rng(seed)
     examples = make_dataset(task, n_prompts, rng)
     rows = [e for e in examples for _ in range(num_samples)]
@@ -309,7 +313,8 @@ def teacher_generations(teacher_params, teacher_config, task, n_prompts, *, num_
 
 
 def sequence_kd_train(student_params, student_config, data, *, steps=200, batch_size=32, lr=3e-3, min_lr=None,
-                      warmup_steps=None, weight_decay=0.0, max_grad_norm=1.0, seed=0, backend="numpy", progress=True):
+                      warmup_steps=None, weight_decay=0.0, max_grad_norm=1.0, seed=0, backend=None, progress=True,
+                      callback=None, checkpoint_path=None, checkpoint_every=0, stop_at=None, resume=None):
     """Sequence-level KD: fine-tune the student on teacher generations by next-token cross-entropy.
 
     .. math:: \\mathcal{L} = -\\frac{1}{N_v}\\sum_{n} \\log q_\\theta(\\hat y_{n+1} \\mid \\hat y_{\\le n})
@@ -317,20 +322,21 @@ def sequence_kd_train(student_params, student_config, data, *, steps=200, batch_
     over the completion tokens of the teacher's accepted answers (Kim & Rush 2016, §3; the SFT of
     DeepSeek-R1 §2.4, no RL). ``data``: ``(prompt, completion)`` strings (e.g.
     :func:`teacher_generations`' ``data``); each step draws ``batch_size`` rows with replacement
-    and takes an AdamW step (warmup + cosine to ``min_lr``, default ``lr / 10``) through
-    :func:`refimpl.model.train.train`. It is R1's SFT stage, :func:`refimpl.rl.trainer.sft_train`,
-    on teacher data (with a 5% warmup by default).
+    and takes an AdamW step (warmup + cosine to ``min_lr``, default ``lr / 10``). It is R1's SFT
+    stage, :func:`refimpl.model.sft_train`, on teacher data (with a 5% warmup by default); the loop
+    options (``callback``, ``checkpoint_path``, ``checkpoint_every``, ``stop_at``, ``resume``) are
+    that function's.
 
-    Returns ``dict(params, history, tokens, seconds)`` (``history``: per-metric lists,
-    :data:`refimpl.model.train.HISTORY`; ``tokens``: real tokens trained on, forward and backward;
-    ``seconds``: total wall time).
+    Returns ``dict(params, history, tokens, seconds, state)`` (``history``: a
+    :class:`~refimpl.train.History`, per step ``step``, :data:`refimpl.model.train.HISTORY`,
+    ``seconds``; ``tokens``: real tokens trained on, forward and backward; ``seconds``: the wall
+    time of each step).
     """
     data = list(data)
     if not data:
         raise ValueError("data: expected at least one (prompt, completion) pair (did rejection drop everything?)")
     warm = max(steps // 20, 1) if warmup_steps is None else warmup_steps
-    t0 = time.perf_counter()
-    out = sft_train(student_params, student_config, data, steps=steps, batch_size=batch_size, lr=lr, min_lr=min_lr,
-                    warmup_steps=warm, weight_decay=weight_decay, max_grad_norm=max_grad_norm, seed=seed,
-                    progress=progress, backend=backend)
-    return {**out, "seconds": time.perf_counter() - t0}
+    return sft_train(student_params, student_config, data, steps=steps, batch_size=batch_size, lr=lr, min_lr=min_lr,
+                     warmup_steps=warm, weight_decay=weight_decay, max_grad_norm=max_grad_norm, seed=seed,
+                     progress=progress, backend=backend, callback=callback, checkpoint_path=checkpoint_path,
+                     checkpoint_every=checkpoint_every, stop_at=stop_at, resume=resume)

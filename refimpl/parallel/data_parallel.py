@@ -25,6 +25,7 @@ import numpy as np
 
 from ..model.train import apply_gradients
 from ..model.transformer import loss_backward, loss_forward
+from ..train import run_loop
 from ..tree import tree_flatten
 
 
@@ -112,8 +113,9 @@ def dp_train(state, config, batch_fn, tc, comm, *, stop_at=None):
     comm.check_same("tc", tc)
     comm.check_same("params", state.params)
     end = tc.steps if stop_at is None else min(stop_at, tc.steps)
-    while state.step < end:
-        ids, labels = batch_fn(state.rng, state.step)
+
+    def step_fn(s):
+        ids, labels = batch_fn(s.rng, s.step)
         rows = local_rows(np.shape(ids)[0], comm.rank, comm.size)
-        state = dp_train_step(state, config, (ids[rows], None if labels is None else labels[rows]), tc, comm)
-    return state
+        return dp_train_step(s, config, (ids[rows], None if labels is None else labels[rows]), tc, comm)
+    return run_loop(state, step_fn, end=end, progress=False)     # the shared loop of refimpl.train

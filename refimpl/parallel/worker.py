@@ -125,7 +125,7 @@ def task_train(args):
     flat = np.concatenate([a.reshape(-1) for a in leaves])
     spread = comm.allreduce_sum(np.abs(flat - comm.comm.bcast(flat, root=0)))  # bitwise replica check
     out = {f"p.{p}": a for p, a in zip(tree_paths(state.params), leaves, strict=True)}
-    out["history"] = np.frombuffer(json.dumps(state.history).encode(), dtype=np.uint8)
+    out["history"] = np.frombuffer(json.dumps(state.history.columns()).encode(), dtype=np.uint8)
     out["replica_spread"] = np.array(float(spread.max()))
     _save(comm, args.out, out)
 

@@ -124,7 +124,8 @@ def aha_run(steps=40, seed=0, progress=True, cache_dir=None, *, base_steps=3000,
     meta = {f"{k}_{when}": m[k] for when, m in (("before", before), ("after", after))
             for k in ("reflection_rate", "self_correction_rate", "accuracy", "mean_length")}
     meta.update(sampled_before=curve[0]["sampled"], sampled_after=curve[-1]["sampled"], curve=curve,
-                history=[{k: v for k, v in h.items() if k not in ("sample", "iterations")} for h in run["history"]],
+                history=[{k: v for k, v in h.items() if k not in ("sample", "iterations", "seconds")}
+                         for h in run["history"]],
                 corpus_examples=corpus[:12], samples_before=samples_before, samples_after=samples_after,
                 sampled_transcripts_after=sampled_after, seconds=time.perf_counter() - t0)
     meta = _cache.plain(meta)

@@ -12,7 +12,8 @@
 * :mod:`~refimpl.rl.stable` — DeepSeek-V3.2's stable-RL changes for MoE policies: the unbiased
   KL estimate, off-policy sequence masking, Keep Routing and Keep Sampling Mask (trainer options).
 * :mod:`~refimpl.rl.trainer` — the GRPO trainer (π_old/π_ref, DAPO dynamic sampling, metrics,
-  deterministic by seed) and supervised fine-tuning.
+  deterministic by seed, exact resume) on the shared loop of :mod:`refimpl.train`; supervised
+  fine-tuning (:func:`refimpl.model.sft_train`) is re-exported here.
 
 Options carry TRL ``GRPOConfig`` names and TRL's single-process semantics; each docstring says
 where verl or Liger differ.

@@ -29,33 +29,35 @@ accumulation (so TRL's normalisers are exact, see :mod:`refimpl.rl.grpo`); the M
 present, are not trained by RL. Every random draw comes from one ``numpy.random.Generator`` seeded by
 ``seed``: the same seed gives the same history and parameters, bit for bit.
 
-Rollout helpers, :func:`evaluate` and :func:`rejection_sample` live in :mod:`refimpl.rl.rollout` and
-are re-exported here.
+The steps run on the shared loop of :mod:`refimpl.train` (one state, one history format, progress,
+callback, evaluation hook, checkpoints every N steps): a run stopped and resumed from its
+checkpoint gives the same history and parameters, bit for bit, as one run, because the sampling
+RNG, the AdamW state, π_ref and the evaluations are all in the checkpoint, and π_old is recomputed
+from the current policy at the start of every step. Rollout helpers (:func:`~refimpl.rl.rollout.collect_rollouts`),
+:func:`evaluate` and :func:`rejection_sample` live in :mod:`refimpl.rl.rollout`;
+:func:`~refimpl.model.sft_train` lives in :mod:`refimpl.model.sft`; both are re-exported here.
 """
 
 from __future__ import annotations
 
-import time
 from dataclasses import dataclass, fields
 
 import numpy as np
 
 from .._validate import BACKENDS, check_betas, check_bool, check_choice, check_integer, check_real
-from ..model.train import TrainConfig, init_state, train
+from ..model.sft import sft_train  # noqa: F401 - re-exported: refimpl.rl.trainer.sft_train is public API
 from ..model.transformer import model_backward, model_forward
-from ..optim import adamw_init, adamw_update, clip_grad_norm, default_decay_mask
-from ..tasks import EVAL_SIZE, TOKENIZER, eval_set
+from ..optim import adamw_update, clip_grad_norm, default_decay_mask, warmup_cosine_lr
+from ..tasks import EVAL_SIZE, eval_set
+from ..train import append_row, check_loop_options, init_state, resume_state, run_loop
 from ..tree import tree_map
 from .advantages import SCALE_REWARDS, group_advantages
 from .grpo import IS_LEVELS, KL_ESTIMATORS, LOSS_TYPES, grpo_loss_from_logits
-from .rewards import accuracy_reward, combine_rewards, format_reward, language_consistency_reward, overlong_penalty
 from .rollout import (  # noqa: F401 - evaluate, rejection_sample, RolloutBatch, completion_logps: part of this API
     RolloutBatch,
-    _check_policy,
-    _check_task,
-    _completion_text,
-    _draw_prompts,
-    _sample_completions,
+    check_policy,
+    check_task,
+    collect_rollouts,
     completion_logps,
     evaluate,
     rejection_sample,
@@ -80,14 +82,16 @@ class GRPOConfig:
     (batch B = prompts_per_step * G), ``max_completion_length`` new tokens at most, ``temperature``
     τ and ``top_p``. Optimisation: ``steps`` generation steps, each followed by ``num_iterations``
     AdamW updates on the same batch (π_old = the sampling policy, reused; TRL's μ), ``lr``,
-    ``warmup_steps`` (linear warmup, then constant), ``betas``, ``weight_decay``,
+    ``warmup_steps`` (linear warmup, then constant: :func:`refimpl.optim.warmup_cosine_lr` with
+``min_lr = lr``), ``betas``, ``weight_decay``,
     ``max_grad_norm``. Loss: ``loss_type``, ``epsilon``, ``epsilon_high``, ``delta``, ``beta``,
     ``kl_estimator``, ``importance_sampling_level``, ``entropy_coef`` — as
     :func:`refimpl.rl.grpo_loss`. Rewards: ``reward_weights`` for (accuracy, format),
     ``scale_rewards`` for :func:`refimpl.rl.group_advantages`, ``soft_punish_cache`` > 0 adds
     DAPO's overlong penalty with that buffer. ``dynamic_sampling``: DAPO's filter of zero-std
     groups with at most ``max_resample_rounds`` extra generation rounds per step. ``eval_n``:
-    held-out prompts for the periodic greedy evaluation. ``backend``: ``"numpy"``/``"numba"``/None.
+    held-out prompts for the periodic greedy evaluation. ``backend``: None (the ``REFIMPL_BACKEND``
+    default), ``"auto"``, ``"numpy"`` or ``"numba"``.
     DeepSeek-V3.2 §3.1 (:mod:`refimpl.rl.stable`): ``use_bias_correction_kl``,
     ``off_policy_mask_threshold`` (TRL's names), ``keep_routing``, ``keep_sampling_mask``.
     ``language_weight`` > 0 adds R1's language-consistency reward (§2.3.2) with that weight: the
@@ -128,7 +132,7 @@ class GRPOConfig:
     mask_truncated_completions: bool = True
     eval_n: int = 128
     seed: int = 0
-    backend: str | None = "numpy"
+    backend: str | None = None
     # DeepSeek-V3.2 §3.1 (refimpl.rl.stable): unbiased KL, OPSM's delta, Keep Routing, Keep Sampling Mask
     use_bias_correction_kl: bool = False
     off_policy_mask_threshold: float | None = None
@@ -186,59 +190,6 @@ class GRPOConfig:
 
 
 # ----------------------------------------------------------------------------------------------
-# Rollouts and rewards
-# ----------------------------------------------------------------------------------------------
-
-def _score(task, texts, answers, lengths, gc):
-    """Per-function rewards (B, 2) and their weighted total (B,)."""
-    acc = accuracy_reward(texts, answers, check=task.check)            # (B,)
-    fmt = format_reward(texts)                                          # (B,)
-    total = combine_rewards(np.stack([acc, fmt], axis=1), gc.reward_weights)  # (B,)
-    if gc.soft_punish_cache:
-        total = total + overlong_penalty(np.asarray(lengths, dtype=np.int64),
-                                         max_completion_len=gc.max_completion_length,
-                                         soft_punish_cache=gc.soft_punish_cache)
-    if gc.language_weight:   # R1 §2.3.2: the share of the CoT in the target language, added to the reward
-        total = total + gc.language_weight * language_consistency_reward(texts, alphabet=gc.language_alphabet)
-    return acc, fmt, total
-
-
-def _rollout(params, config, task, gc, rng, banned):
-    """Sample, score and (with dynamic sampling) filter one step's batch. Returns the batch pieces
-    and the metrics of the *first* generation round (an unbiased sample of the current policy)."""
-    P, G = gc.prompts_per_step, gc.num_generations
-    kept_ids, kept_comp, kept_r, rounds, first = [], [], [], 0, None
-    while True:
-        rounds += 1
-        exs = _draw_prompts(task, P, rng, banned)
-        ids, comps = _sample_completions(params, config, [e.prompt for e in exs], G, gc.max_completion_length,
-                                         gc.temperature, gc.top_p, rng, gc.backend)
-        texts = [_completion_text(c) for c in comps]
-        answers = [e.answer for e in exs for _ in range(G)]
-        acc, fmt, total = _score(task, texts, answers, [len(c) for c in comps], gc)
-        r = total.reshape(P, G)                                         # (P, G)
-        flat = ~(r.max(axis=1) > r.min(axis=1))                         # (P,) zero-std groups
-        if first is None:
-            lens = np.array([len(c) for c in comps])
-            ended = np.array([len(c) > 0 and c[-1] == TOKENIZER.eos_id for c in comps])
-            first = {"reward": float(total.mean()), "accuracy": float(acc.mean()), "format": float(fmt.mean()),
-                     "completion_length": float(lens.mean()), "truncated": float(np.mean(~ended)),
-                     "frac_reward_zero_std": float(flat.mean())}
-            sample = {"prompt": exs[0].prompt, "completion": texts[0], "reward": float(total[0])}
-        keep = ~flat if gc.dynamic_sampling else np.ones(P, bool)
-        for g in np.flatnonzero(keep):
-            rows = range(g * G, (g + 1) * G)
-            kept_ids += [ids[i] for i in rows]
-            kept_comp += [comps[i] for i in rows]
-            kept_r.append(total[g * G:(g + 1) * G])
-        if not gc.dynamic_sampling or len(kept_r) >= P or rounds > gc.max_resample_rounds:
-            break
-    kept_r = kept_r[:P]
-    n = len(kept_r) * G
-    return kept_ids[:n], kept_comp[:n], (np.concatenate(kept_r) if kept_r else np.zeros(0)), rounds, first, sample
-
-
-# ----------------------------------------------------------------------------------------------
 # Training
 # ----------------------------------------------------------------------------------------------
 
@@ -247,31 +198,31 @@ def _grads_like(grads, params):
     return {k: grads[k] if k in grads else tree_map(np.zeros_like, params[k]) for k in params}
 
 
-def grpo_objective(params, config, batch, advantages, old_logps, ref_logps, gc, record=None):
+def grpo_objective(params, config, batch, advantages, old_logps, ref_logps, cfg, record=None):
     r"""The GRPO loss of a rollout batch and its gradient for every parameter (no update).
 
-    :math:`J(\theta)` of :func:`refimpl.rl.grpo_loss_from_logits` (with ``gc``'s loss options and
+    :math:`J(\theta)` of :func:`refimpl.rl.grpo_loss_from_logits` (with ``cfg``'s loss options and
     the sampling temperature) on the completion-aligned logits of :func:`refimpl.model.model_forward`;
     the gradient goes logits → :meth:`RolloutBatch.scatter` → :func:`refimpl.model.model_backward`.
     ``old_logps`` None means on-policy (ratio 1 in value); ``ref_logps`` is needed when β ≠ 0.
     ``record``: the batch's :class:`~refimpl.rl.stable.SamplingRecord`; with it the V3.2 options of
-    ``gc`` apply (:func:`~refimpl.rl.stable.v32_grpo_loss_from_logits`) and ``info`` adds
+    ``cfg`` apply (:func:`~refimpl.rl.stable.v32_grpo_loss_from_logits`) and ``info`` adds
     ``routing_drift`` (:func:`~refimpl.rl.stable.routing_drift` over the loss's tokens).
 
     Shapes: advantages (B,), old_logps / ref_logps (B, Tc) or None -> loss (), grads (params' tree), info.
     """
-    routes = record.routes if record is not None and gc.keep_routing else None
-    logits, cache, minfo = model_forward(batch.ids, params, config, backend=gc.backend, routes=routes)  # (B, T, V)
-    kw = dict(temperature=gc.temperature, entropy_coef=gc.entropy_coef, loss_type=gc.loss_type, epsilon=gc.epsilon,
-              epsilon_high=gc.epsilon_high, delta=gc.delta, beta=gc.beta, kl_estimator=gc.kl_estimator,
-              importance_sampling_level=gc.importance_sampling_level, max_completion_length=gc.max_completion_length)
+    routes = record.routes if record is not None and cfg.keep_routing else None
+    logits, cache, minfo = model_forward(batch.ids, params, config, backend=cfg.backend, routes=routes)  # (B, T, V)
+    kw = dict(temperature=cfg.temperature, entropy_coef=cfg.entropy_coef, loss_type=cfg.loss_type, epsilon=cfg.epsilon,
+              epsilon_high=cfg.epsilon_high, delta=cfg.delta, beta=cfg.beta, kl_estimator=cfg.kl_estimator,
+              importance_sampling_level=cfg.importance_sampling_level, max_completion_length=cfg.max_completion_length)
     args = (batch.gather(logits), batch.comp, old_logps, ref_logps, advantages.astype(logits.dtype), batch.mask)
     if record is None:
         loss, dlc, info = grpo_loss_from_logits(*args, **kw)
     else:
         loss, dlc, info = v32_grpo_loss_from_logits(
             *args, sampling_mask=record.vocab_mask, sampling_logps=record.logps,
-            use_bias_correction_kl=gc.use_bias_correction_kl, off_policy_mask_threshold=gc.off_policy_mask_threshold,
+            use_bias_correction_kl=cfg.use_bias_correction_kl, off_policy_mask_threshold=cfg.off_policy_mask_threshold,
             **kw)
         counted = np.zeros(batch.ids.shape, bool)                       # (B, T) positions the loss reads
         counted[batch.rows, batch.pos] = batch.mask
@@ -285,11 +236,11 @@ def _rl_decay_mask(path, p):
     return default_decay_mask(path, p) and not path.startswith("mtp.")
 
 
-def _update(params, opt, config, batch, adv, old, ref, gc, lr, record=None):
+def _update(params, opt, config, batch, adv, old, ref, cfg, lr, record=None):
     """One AdamW update on a rollout batch: loss and gradients, clip, step."""
-    loss, grads, info = grpo_objective(params, config, batch, adv, old, ref, gc, record)
-    grads, norm = clip_grad_norm(grads, gc.max_grad_norm)
-    params, opt = adamw_update(params, grads, opt, lr=lr, betas=tuple(gc.betas), weight_decay=gc.weight_decay,
+    loss, grads, info = grpo_objective(params, config, batch, adv, old, ref, cfg, record)
+    grads, norm = clip_grad_norm(grads, cfg.max_grad_norm)
+    params, opt = adamw_update(params, grads, opt, lr=lr, betas=tuple(cfg.betas), weight_decay=cfg.weight_decay,
                                decay_mask=_rl_decay_mask)
     info.update(loss=float(loss), grad_norm=norm)
     return params, opt, info
@@ -300,163 +251,108 @@ ITER_KEYS = ("loss", "ratio_mean", "clip_ratio/low_mean", "clip_ratio/high_mean"
              "opsm_masked_fraction")
 
 
-def grpo_train(params, config, task, gc, *, ref_params=None, progress=True, eval_every=25, callback=None):
-    """Train ``params`` (a policy with ModelConfig ``config``) on ``task`` with GRPO settings ``gc``.
+def grpo_train(params, config, task, cfg, *, ref_params=None, progress=True, eval_every=25, callback=None,
+               checkpoint_path=None, checkpoint_every=0, stop_at=None, resume=None):
+    """Train ``params`` (a policy with ModelConfig ``config``) on ``task`` with GRPO settings ``cfg``.
 
     ``ref_params``: π_ref for the KL term (default: a copy of the initial ``params``; only used
-    when ``gc.beta != 0``). ``eval_every``: greedy held-out evaluation (:func:`evaluate` on
-    ``gc.eval_n`` prompts of :func:`refimpl.tasks.eval_set`) before the first step, every that
-    many steps and after the last step (0 or None: before the first and after the last only).
-    ``callback(step, metrics, params)`` is called after every step; if it returns True the run
-    stops there (the final evaluation still runs).
+    when ``cfg.beta != 0``, and then kept in the state's ``frozen`` trees, so checkpoints hold it).
+    ``eval_every``: greedy held-out evaluation (:func:`evaluate` on ``cfg.eval_n`` prompts of
+    :func:`refimpl.tasks.eval_set`) before the first step, every that many steps and after step
+    ``cfg.steps`` (0 or None: before the first and after the last only). ``callback(step, metrics,
+    params)`` is called after every step; if it returns True the run stops there (the final
+    evaluation still runs). Loop options (:func:`refimpl.train.run_loop`): ``checkpoint_path`` /
+    ``checkpoint_every`` save the state, ``stop_at`` ends after that many steps (no final
+    evaluation: the run is not over), ``resume`` (a checkpoint path or a
+    :class:`~refimpl.train.TrainState`) continues a run bit for bit.
 
-    Returns ``dict(params, history, evals, seconds)``: ``history`` is a list with one metrics dict
-    per step, ``step`` = 1, 2, ... (``reward``, ``accuracy``, ``format``, ``completion_length``,
-    ``truncated``, ``frac_reward_zero_std`` of the step's first generation round; ``num_groups``
-    trained on and ``generation_rounds``; ``loss``, ``kl`` (when β ≠ 0), ``clip_ratio/low_mean``,
+    Returns ``dict(params, history, evals, seconds, state)``: ``history`` is a
+    :class:`~refimpl.train.History` with one metrics dict per step, ``step`` = 1, 2, ...
+    (``reward``, ``accuracy``, ``format``, ``completion_length``, ``truncated``,
+    ``frac_reward_zero_std`` of the step's first generation round; ``num_groups`` trained on and
+    ``generation_rounds``; ``loss``, ``kl`` (when β ≠ 0), ``clip_ratio/low_mean``,
     ``clip_ratio/high_mean``, ``clip_ratio/region_mean``, ``ratio_mean``, ``entropy``,
     ``grad_norm`` averaged over the step's ``num_iterations`` updates, which are also listed one by
-    one in ``iterations``; ``lr``; a ``sample`` completion; and ``eval_accuracy`` / ``eval_format``
-    / ``eval_mean_length`` after evaluation steps); ``evals`` lists the evaluations as dicts
-    ``step, accuracy, format, mean_length`` (step 0: the policy before training); ``seconds`` is the
-    wall time of each step (kept out of ``history``, which is a deterministic function of the seed).
+    one in ``iterations``; ``lr``; a ``sample`` completion; ``eval_accuracy`` / ``eval_format`` /
+    ``eval_mean_length`` after evaluation steps; ``seconds``, the step's wall time); ``evals`` lists
+    the evaluations as dicts ``step, accuracy, format, mean_length`` (step 0: the policy before
+    training); ``seconds`` the wall time of each step (the history's column, which its ``==``
+    ignores: everything else is a deterministic function of the seed); ``state`` the final
+    :class:`~refimpl.train.TrainState`.
     """
-    if not isinstance(gc, GRPOConfig):
-        raise TypeError(f"gc: expected a GRPOConfig, got {type(gc).__name__}")
-    _check_policy(params, config)
-    _check_task(task)
+    if not isinstance(cfg, GRPOConfig):
+        raise TypeError(f"cfg: expected a GRPOConfig, got {type(cfg).__name__}")
+    check_policy(params, config)
+    check_task(task)
     if ref_params is not None:
-        _check_policy(ref_params, config, "ref_params")
-    if eval_every is not None and (isinstance(eval_every, bool) or not isinstance(eval_every, int) or eval_every < 0):
-        raise ValueError(f"eval_every: expected an int >= 0 or None, got {eval_every!r}")
-    if gc.beta != 0 and ref_params is None:
-        ref_params = tree_map(np.copy, params)
-    rng = np.random.default_rng(gc.seed)
-    banned = {e.prompt for e in eval_set(task, max(gc.eval_n, EVAL_SIZE))}
-    opt = adamw_init(params)
-    history, evals, seconds = [], [], []
+        check_policy(ref_params, config, "ref_params")
+    if eval_every is not None:
+        check_integer("eval_every", eval_every, low=0)
+    check_loop_options(stop_at=stop_at, checkpoint_every=checkpoint_every)
+    banned = {e.prompt for e in eval_set(task, max(cfg.eval_n, EVAL_SIZE))}
 
-    def run_eval(step):
-        ev = evaluate(params, config, task, n=gc.eval_n, max_new_tokens=gc.max_completion_length, backend=gc.backend)
-        evals.append({"step": step, **{k: v for k, v in ev.items() if k != "samples"}})
-        return ev
+    def run_eval(state):
+        ev = evaluate(state.params, config, task, n=cfg.eval_n, max_new_tokens=cfg.max_completion_length,
+                      backend=cfg.backend)
+        row = {"step": state.step, **{k: v for k, v in ev.items() if k != "samples"}}
+        return state._replace(extra={**state.extra, "evals": [*state.extra.get("evals", []), row]}), ev
 
-    run_eval(0)
-    bar = None
-    if progress:
-        from tqdm import tqdm  # plain text: tqdm.auto warns in a kernel without ipywidgets
-        bar = tqdm(total=gc.steps, desc="grpo", leave=False)
-    for step in range(1, gc.steps + 1):
-        t0 = time.perf_counter()
-        lr = gc.lr * min(1.0, step / gc.warmup_steps) if gc.warmup_steps else gc.lr
-        ids, comps, rewards, rounds, m, sample = _rollout(params, config, task, gc, rng, banned)
-        m = {"step": step, **m, "num_groups": len(rewards) // gc.num_generations, "generation_rounds": rounds,
+    if resume is None:
+        state = init_state(params, cfg.seed, extra={"evals": []})
+        if cfg.beta != 0:
+            ref_params = tree_map(np.copy, params) if ref_params is None else ref_params
+        state = run_eval(state)[0]
+    else:
+        state = resume_state(resume, config)
+        ref_params = state.frozen.get("ref_params") if ref_params is None else ref_params
+        if cfg.beta != 0 and ref_params is None:
+            raise ValueError("resume: the state holds no π_ref (frozen 'ref_params') and cfg.beta != 0; "
+                             "pass ref_params")
+    if cfg.beta != 0:
+        state = state._replace(frozen={**state.frozen, "ref_params": ref_params})
+
+    def step_fn(state):
+        step = state.step + 1
+        lr = warmup_cosine_lr(state.step, lr=cfg.lr, warmup_steps=cfg.warmup_steps,
+                              total_steps=max(cfg.steps, cfg.warmup_steps), min_lr=cfg.lr)
+        ids, comps, rewards, rounds, m, sample = collect_rollouts(state.params, config, task, cfg, state.rng, banned)
+        m = {"step": step, **m, "num_groups": len(rewards) // cfg.num_generations, "generation_rounds": rounds,
              "lr": lr, "sample": sample}
-        iters = []
+        params, opt, iters = state.params, state.opt, []
         if len(rewards):
-            batch = RolloutBatch(ids, comps, gc)
-            adv, _ = group_advantages(rewards, gc.num_generations, scale_rewards=gc.scale_rewards)  # (B,)
+            batch = RolloutBatch(ids, comps, cfg)
+            adv, _ = group_advantages(rewards, cfg.num_generations, scale_rewards=cfg.scale_rewards)  # (B,)
             old = ref = record = None
-            if gc.num_iterations > 1 or uses_stable(gc):   # what the sampler knew (refimpl.rl.stable)
-                record = sampling_record(params, config, batch, gc)
-            if gc.num_iterations > 1:   # pi_old: the sampling policy, fixed for the step's updates
+            if cfg.num_iterations > 1 or uses_stable(cfg):   # what the sampler knew (refimpl.rl.stable)
+                record = sampling_record(params, config, batch, cfg)
+            if cfg.num_iterations > 1:   # pi_old: the sampling policy, fixed for the step's updates
                 old = record.logps                                      # (B, Tc)
-            if gc.beta != 0:
-                ref = policy_logps(ref_params, config, batch, gc, record)  # (B, Tc)
-            for _ in range(gc.num_iterations):
-                params, opt, info = _update(params, opt, config, batch, adv, old, ref, gc, lr, record)
+            if cfg.beta != 0:
+                ref = policy_logps(ref_params, config, batch, cfg, record)  # (B, Tc)
+            for _ in range(cfg.num_iterations):
+                params, opt, info = _update(params, opt, config, batch, adv, old, ref, cfg, lr, record)
                 iters.append({k: info[k] for k in ITER_KEYS if k in info})
         for k in ITER_KEYS:
             vals = [it[k] for it in iters if k in it]
             m[k] = float(np.mean(vals)) if vals else 0.0
         m["iterations"] = iters
-        last = step == gc.steps
-        stop = bool(callback(step, m, params)) if callback is not None else False
-        if last or stop or (eval_every and step % eval_every == 0):
-            ev = run_eval(step)
-            m.update(eval_accuracy=ev["accuracy"], eval_format=ev["format"], eval_mean_length=ev["mean_length"])
-        history.append(m)
-        seconds.append(time.perf_counter() - t0)
-        if bar is not None:
-            bar.update(1)
-            post = {"reward": f"{m['reward']:.2f}", "acc": f"{m['accuracy']:.2f}"}
-            if "eval_accuracy" in m:
-                post["eval"] = f"{m['eval_accuracy']:.2f}"
-            bar.set_postfix(post)
-        if stop:
-            break
-    if bar is not None:
-        bar.close()
-    return {"params": params, "history": history, "evals": evals, "seconds": seconds}
+        return state._replace(params=params, opt=opt, step=step, history=append_row(state, m))
 
+    def eval_hook(state, stopped):
+        if state.step == cfg.steps or stopped or (eval_every and state.step % eval_every == 0):
+            state, ev = run_eval(state)
+            return state, {"eval_accuracy": ev["accuracy"], "eval_format": ev["format"],
+                           "eval_mean_length": ev["mean_length"]}
+        return state, None
 
-# ----------------------------------------------------------------------------------------------
-# Supervised fine-tuning (cold start, rejection-sampling SFT, pretraining)
-# ----------------------------------------------------------------------------------------------
+    def postfix(m):
+        post = {"reward": f"{m['reward']:.2f}", "acc": f"{m['accuracy']:.2f}"}
+        if "eval_accuracy" in m:
+            post["eval"] = f"{m['eval_accuracy']:.2f}"
+        return post
 
-def _sft_rows(data):
-    """Token rows and loss masks for :func:`sft_train`'s two data forms."""
-    if isinstance(data, str) or not hasattr(data, "__len__") or len(data) == 0:
-        raise ValueError("data: expected a non-empty list of (prompt, completion) pairs or of strings")
-    rows, targets = [], []
-    for i, item in enumerate(data):
-        if isinstance(item, str):
-            ids = TOKENIZER.encode(item, add_bos=True, add_eos=True)
-            tgt = np.ones(len(ids), bool)
-        elif isinstance(item, tuple | list) and len(item) == 2 and all(isinstance(s, str) for s in item):
-            p = TOKENIZER.encode(item[0], add_bos=True)
-            c = TOKENIZER.encode(item[1], add_eos=True)
-            ids = np.concatenate([p, c])
-            tgt = np.concatenate([np.zeros(len(p), bool), np.ones(len(c), bool)])
-        else:
-            raise TypeError(f"data: item {i} is neither a str nor a (prompt, completion) pair of str: {item!r:.80}")
-        rows.append(ids)
-        targets.append(tgt)
-    return rows, targets
-
-
-def sft_train(params, config, data, *, steps=100, batch_size=32, lr=1e-3, min_lr=None, warmup_steps=0,
-              weight_decay=0.0, max_grad_norm=1.0, seed=0, progress=True, backend="numpy"):
-    """Supervised fine-tuning by next-token cross-entropy (the cold-start and rejection-sampling SFT
-    stages of DeepSeek-R1 §2.3.1, §2.3.3; also the base model's pretraining).
-
-    ``data``: a list of ``(prompt, completion)`` string pairs — rows ``<bos> prompt completion
-    <eos>`` with the loss on the completion and ``<eos>`` only — or a list of strings — rows
-    ``<bos> text <eos>`` with the loss on every token. Batches of ``batch_size`` rows are drawn with
-    replacement (``default_rng(seed)``) and padded to their longest row, for ``steps`` AdamW steps
-    (linear warmup, cosine decay to ``min_lr``, default ``lr / 10``) through
-    :func:`refimpl.model.train.train` (V3's balance loss and bias update included).
-
-    Returns ``dict(params, history, tokens)`` (``history``: per-metric lists, see
-    :data:`refimpl.model.train.HISTORY`; ``tokens``: real tokens trained on, for compute accounting).
-    """
-    _check_policy(params, config)
-    rows, targets = _sft_rows(data)
-    for name, v, low in (("steps", steps, 0), ("batch_size", batch_size, 1), ("warmup_steps", warmup_steps, 0)):
-        if isinstance(v, bool) or not isinstance(v, int | np.integer) or v < low:
-            raise ValueError(f"{name}: expected an int >= {low}, got {v!r}")
-    if warmup_steps > steps:
-        raise ValueError(f"warmup_steps: expected <= steps={steps}, got {warmup_steps}")
-    longest = max(len(r) for r in rows)
-    if longest > config.max_position_embeddings:
-        raise ValueError(f"data: a row has {longest} tokens, more than max_position_embeddings="
-                         f"{config.max_position_embeddings}")
-    lens = np.array([len(r) for r in rows])                            # (N,)
-    ids = np.zeros((len(rows), longest), dtype=np.int64)                # (N, L) right-padded
-    labels = np.full((len(rows), longest), -100, dtype=np.int64)        # (N, L) -100 = no loss
-    for i, (r, t) in enumerate(zip(rows, targets, strict=True)):
-        ids[i, :len(r)] = r
-        labels[i, :len(r)] = np.where(t, r, -100)
-
-    tokens = [0]
-
-    def batch_fn(rng, step):
-        pick = rng.integers(0, len(rows), batch_size)                   # (b,)
-        width = int(lens[pick].max())
-        tokens[0] += int(lens[pick].sum())
-        return ids[pick, :width], labels[pick, :width]
-
-    tc = TrainConfig(steps=steps, lr=lr, min_lr=lr / 10 if min_lr is None else min_lr, warmup_steps=warmup_steps,
-                     weight_decay=weight_decay, max_grad_norm=max_grad_norm, backend=backend)
-    state = train(init_state(params, seed), config, batch_fn, tc, progress=progress)
-    return {"params": state.params, "history": state.history, "tokens": tokens[0]}
+    state = run_loop(state, step_fn, end=cfg.steps if stop_at is None else min(stop_at, cfg.steps), desc="grpo",
+                     progress=progress, postfix=postfix, callback=callback, eval_hook=eval_hook,
+                     checkpoint_path=checkpoint_path, checkpoint_every=checkpoint_every, config=config)
+    return {"params": state.params, "history": state.history, "evals": state.extra["evals"],
+            "seconds": [r["seconds"] for r in state.history], "state": state}

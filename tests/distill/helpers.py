@@ -5,6 +5,9 @@ from __future__ import annotations
 from hypothesis import strategies as st
 
 from refimpl import distill as d
+from refimpl.config import ModelConfig
+from refimpl.recipes.distill import dense_student_config
+from refimpl.tasks import TOKENIZER
 from refimpl.testing import strategies as rst
 
 # name -> (function, extra keyword options drawn per test); every one has the signature
@@ -52,3 +55,19 @@ def unchunked_jsd(h, w, teacher, labels, **kw):
     loss, dz = d.generalized_jsd_loss(z, teacher, labels, **kw)
     dz2 = dz.reshape(-1, w.shape[0])
     return loss, (dz2 @ w).reshape(h.shape), dz2.T @ h.reshape(-1, h.shape[-1])
+
+
+def teacher_config():
+    """A tiny MoE + MLA teacher (dense layer, then a V3-routed MoE layer) with the char tokenizer's vocabulary."""
+    return ModelConfig.preset("tiny").replace(
+        vocab_size=TOKENIZER.vocab_size, hidden_size=8, intermediate_size=8, moe_intermediate_size=4,
+        num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=2, q_lora_rank=4, kv_lora_rank=4,
+        qk_nope_head_dim=2, qk_rope_head_dim=2, v_head_dim=2, n_routed_experts=4, n_group=2, topk_group=1,
+        num_experts_per_tok=2, first_k_dense_replace=1, num_nextn_predict_layers=0, max_position_embeddings=64,
+        initializer_range=0.3)
+
+
+def student_config():
+    """A tiny dense (Llama-style) student with the same vocabulary."""
+    return dense_student_config(hidden_size=8, intermediate_size=12, num_attention_heads=4, num_key_value_heads=2,
+                                max_position_embeddings=64, initializer_range=0.3)

@@ -5,7 +5,6 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from refimpl.config import ModelConfig
 from refimpl.distill import generalized_jsd_loss, pipelines
 from refimpl.distill.pipelines import (
     GKDConfig,
@@ -16,30 +15,15 @@ from refimpl.distill.pipelines import (
     teacher_generations,
 )
 from refimpl.model import init_params, model_forward, shift_labels
-from refimpl.recipes.distill import dense_student_config
 from refimpl.rl.trainer import sft_train
 from refimpl.tasks import TOKENIZER, AdditionTask, reference_completion
 from refimpl.testing import check_grad, tol
 from refimpl.tree import tree_flatten
 
+from .helpers import student_config, teacher_config
+
 TASK = AdditionTask(1, 2)
 V = TOKENIZER.vocab_size
-
-
-def teacher_config():
-    """A tiny MoE + MLA teacher (dense layer, then a V3-routed MoE layer)."""
-    return ModelConfig.preset("tiny").replace(vocab_size=V, hidden_size=8, intermediate_size=8, moe_intermediate_size=4,
-                                              num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=2,
-                                              q_lora_rank=4, kv_lora_rank=4, qk_nope_head_dim=2, qk_rope_head_dim=2,
-                                              v_head_dim=2, n_routed_experts=4, n_group=2, topk_group=1,
-                                              num_experts_per_tok=2, first_k_dense_replace=1,
-                                              num_nextn_predict_layers=0, max_position_embeddings=64,
-                                              initializer_range=0.3)
-
-
-def student_config():
-    return dense_student_config(hidden_size=8, intermediate_size=12, num_attention_heads=4, num_key_value_heads=2,
-                                max_position_embeddings=64, initializer_range=0.3)
 
 
 @pytest.fixture(scope="module")

@@ -9,7 +9,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from refimpl.config import ModelConfig
-from refimpl.model import init_params, model_forward
+from refimpl.model import init_params, model_forward, sft_rows
 from refimpl.rl import rollout, trainer
 from refimpl.rl.trainer import (
     GRPOConfig,
@@ -61,7 +61,7 @@ def text_rewards(monkeypatch):
         acc = np.array([1.0 if t[:1] and (t[0].isdigit() or "a" <= t[0] < "n") else 0.0 for t in texts])
         fmt = np.zeros(len(texts))
         return acc, fmt, acc * gc.reward_weights[0]
-    monkeypatch.setattr(trainer, "_score", score)
+    monkeypatch.setattr(rollout, "score_completions", score)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -264,13 +264,13 @@ def test_evaluate_is_greedy_and_consistent(monkeypatch):
     cfg = tiny_config()
     p = init_params(cfg, np.random.default_rng(25), np.float32)      # a seed whose completions stop early
     sampled = []
-    real = rollout._sample_completions
+    real = rollout.sample_completions
 
     def spy(*args):
         ids, comps = real(*args)
         sampled.append(comps)
         return ids, comps
-    monkeypatch.setattr(rollout, "_sample_completions", spy)
+    monkeypatch.setattr(rollout, "sample_completions", spy)
     a = evaluate(p, cfg, TASK, n=6, max_new_tokens=5)
     b = evaluate(p, cfg, TASK, n=6, max_new_tokens=5)
     assert a == b
@@ -288,12 +288,12 @@ def test_evaluate_is_greedy_and_consistent(monkeypatch):
                 break
         np.testing.assert_array_equal(c, row[len(row) - len(c):])
         assert len(row) - len(c) == len(TOKENIZER.encode(s["prompt"], add_bos=True))
-        assert s["completion"] == rollout._completion_text(c)
+        assert s["completion"] == rollout.completion_text(c)
 
 
 def test_sft_learns_completions_only():
     """SFT on (prompt, completion) pairs: the loss covers completion tokens only, and it goes down."""
-    rows, targets = trainer._sft_rows([("12+3=", "<answer>15</answer>"), "7+1=8"])
+    rows, targets = sft_rows([("12+3=", "<answer>15</answer>"), "7+1=8"])
     assert targets[0].tolist() == [False] * 6 + [True] * 5        # <answer> 1 5 </answer> <eos>
     assert targets[1].all() and rows[1][0] == TOKENIZER.bos_id and rows[1][-1] == EOS
     cfg = tiny_config()
@@ -312,7 +312,7 @@ def test_rejection_sampling_keeps_correct_formatted_distinct(monkeypatch):
                     f"<answer>{right}</answer>", f"<think>y</think><answer>{int(right) + 1}</answer>"]
             comps += [np.append(TOKENIZER.encode(pool[j % 4]), EOS) for j in range(G)]
         return None, comps
-    monkeypatch.setattr(rollout, "_sample_completions", fake)
+    monkeypatch.setattr(rollout, "sample_completions", fake)
     cfg = tiny_config()
     p = init_params(cfg, np.random.default_rng(9), np.float32)
     kept = rejection_sample(p, cfg, TASK, 5, 4)
@@ -344,7 +344,7 @@ def test_bad_config(changes, name):
 def test_bad_arguments():
     cfg = tiny_config()
     p = init_params(cfg, np.random.default_rng(10), np.float32)
-    with pytest.raises(TypeError, match="gc"):
+    with pytest.raises(TypeError, match="cfg"):
         grpo_train(p, cfg, TASK, dataclasses.asdict(small_gc()), progress=False)
     with pytest.raises(ValueError, match="vocab_size"):
         grpo_train(p, cfg.replace(vocab_size=10), TASK, small_gc(), progress=False)
