@@ -67,7 +67,7 @@ from refimpl.attention import (
     mla_infer,
     mla_param_shapes,
 )
-from refimpl.attention.mha import _attend, causal_mask
+from refimpl.attention.mha import attend, causal_mask
 from refimpl.core import rope_backward, rope_forward, rope_inv_freq, softmax_scale
 from refimpl.display import show_source
 from refimpl.testing import check_grad, tol
@@ -108,7 +108,7 @@ assert kv_cache_elements_per_token(b67) == 2 * 8 * 128 * 95 == 194_560
 # how a GQA kernel reads each cached key once for the whole group:
 
 # %%
-show_source(causal_mask, _attend)
+show_source(causal_mask, attend)
 
 # %% [markdown]
 # The defining property: GQA with $H_k$ groups is MHA whose key and value heads repeat each

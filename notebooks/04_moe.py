@@ -56,7 +56,7 @@ from IPython.display import Markdown, display
 
 from refimpl import ModelConfig
 from refimpl.core import swiglu_mlp_forward
-from refimpl.display import show_source
+from refimpl.display import show_source, table
 from refimpl.moe import (
     balance_backward,
     bias_update,
@@ -81,13 +81,6 @@ from refimpl.testing.naive import moe_dense_reference
 
 t_start = time.perf_counter()
 rng = np.random.default_rng(0)
-
-
-def table(header, rows):
-    """A markdown table from a header and rows of already-formatted cells."""
-    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    lines += ["| " + " | ".join(str(c) for c in r) + " |" for r in rows]
-    display(Markdown("\n".join(lines)))
 
 
 # %% tags=["remove-cell"]

@@ -62,7 +62,7 @@ import numpy as np  # noqa: E402
 from IPython.display import Markdown, display  # noqa: E402
 
 from refimpl.core import log_softmax_forward, softmax_forward  # noqa: E402
-from refimpl.display import show_source  # noqa: E402
+from refimpl.display import show_source, table  # noqa: E402
 from refimpl.recipes.r1 import r1_zero_run  # noqa: E402
 from refimpl.rl import (  # noqa: E402
     accuracy_reward,
@@ -82,13 +82,6 @@ from refimpl.rl import grpo as grpo_module  # noqa: E402
 from refimpl.tasks import TOKENIZER, AdditionTask, Example, reference_completion  # noqa: E402
 
 t_start = time.perf_counter()
-
-
-def table(header, rows):
-    """A markdown table from a header and rows of already-formatted cells."""
-    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    lines += ["| " + " | ".join(str(c) for c in r) + " |" for r in rows]
-    display(Markdown("\n".join(lines)))
 
 
 # %% [markdown]

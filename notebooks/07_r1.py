@@ -54,7 +54,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 from IPython.display import Markdown, display  # noqa: E402
 
-from refimpl.display import show_source  # noqa: E402
+from refimpl.display import show_source, table  # noqa: E402
 from refimpl.recipes.r1 import TASK, r1_run, r1_zero_run, steps_to_accuracy  # noqa: E402
 from refimpl.rl import (  # noqa: E402
     accuracy_reward,
@@ -68,13 +68,6 @@ from refimpl.rl import (  # noqa: E402
 from refimpl.tasks import AdditionTask, Example, reference_completion  # noqa: E402
 
 t_start = time.perf_counter()
-
-
-def table(header, rows):
-    """A markdown table from a header and rows of already-formatted cells."""
-    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    lines += ["| " + " | ".join(str(c) for c in r) + " |" for r in rows]
-    display(Markdown("\n".join(lines)))
 
 
 # %% tags=["remove-cell"]

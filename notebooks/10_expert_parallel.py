@@ -227,7 +227,7 @@ plt.show()
 
 # %% [markdown]
 # The measured bytes must equal the prediction of the single-process simulation
-# (`refimpl.moe.parallel.all_to_all_stats`) *exactly*. The simulation never runs MPI. It only
+# (`refimpl.moe.traffic.all_to_all_stats`) *exactly*. The simulation never runs MPI. It only
 # counts, from the routed expert ids, the distinct ranks that each token must visit (one-hop) and
 # the distinct remote nodes (two-hop).
 

@@ -49,7 +49,7 @@ import numpy as np  # noqa: E402
 from IPython.display import Markdown, display  # noqa: E402
 
 from refimpl.config import ModelConfig  # noqa: E402
-from refimpl.display import show_source  # noqa: E402
+from refimpl.display import show_source, table  # noqa: E402
 from refimpl.model.generate import top_p_mask  # noqa: E402
 from refimpl.recipes.moe_rl_stability import moe_rl_stability_run  # noqa: E402
 from refimpl.rl import grpo_loss  # noqa: E402
@@ -61,13 +61,6 @@ from refimpl.rl.stable import (  # noqa: E402
 )
 
 t_start = time.perf_counter()
-
-
-def table(header, rows):
-    """A markdown table from a header and rows of already-formatted cells."""
-    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    lines += ["| " + " | ".join(str(c) for c in r) + " |" for r in rows]
-    display(Markdown("\n".join(lines)))
 
 
 def log_softmax(z):

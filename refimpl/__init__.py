@@ -14,6 +14,16 @@ Notation (shared by the code's shape comments and the book)::
     K   experts per token          G   expert groups, or GRPO group size (each use names which)
     V   vocabulary                 N   flattened rows (B*T) where a function flattens them
     I   FFN / expert intermediate size
+    Hk  key/value heads (GQA)      Gq  query heads per key/value head, H / Hk
+    Dk  query/key width in the attention core      S   key positions attended over
+    Tmax  KV cache capacity        HI / DI  lightning indexer heads / head dim
+    Din / Dout  linear input / output width        Np, Dinp, Doutp  padded to the FP8 tile
+    A   (token, expert) assignments after dispatch R   MPI ranks
+    Nm / Nr / Ns  expert-parallel rows between hops / received / sent
+    Tc  completion tokens          Tk  tokens at MTP depth k (T - k)
+    L   padded length of a batch   C   rows per chunk      P   GRPO prompts (P * G completions)
+    F   reward functions           W   width of an element-wise distillation loss (V or top-k)
+    (book/notation.md has the table; a lowercase name in a shape comment is a local variable)
 
 Importing refimpl is cheap: it loads NumPy and the pure-Python modules only; numba is imported and
 kernels compiled on first use.
@@ -37,13 +47,13 @@ def load_pretrained(path, dtype=None):
     DeepSeek-V2/V3, or an R1-Distill student (``model_type`` ``qwen2`` or ``llama``), in float64
     (default) or ``dtype=np.float32``.
 
-    Returns a :class:`refimpl.model.generate.Model`: ``m(input_ids)`` gives float64 logits
+    Returns a :class:`refimpl.model.pretrained.Model`: ``m(input_ids)`` gives float64 logits
     (B, T, V), ``m.generate(input_ids, max_new_tokens=n)`` greedy continuations (B, T + n). See
-    :func:`refimpl.model.checkpoint.load_pretrained`; the model package is imported on first call.
+    :func:`refimpl.model.pretrained.load_pretrained`; the model package is imported on first call.
     """
     import numpy as np
 
-    from .model.checkpoint import load_pretrained as _load
+    from .model.pretrained import load_pretrained as _load
     return _load(path, np.float64 if dtype is None else dtype)
 
 

@@ -166,9 +166,3 @@ def check_upstream(name: str, dy, shape=None) -> np.ndarray:
         raise ValueError(f"{name}: expected shape {tuple(shape)} (the forward's output), got {tuple(dy.shape)}")
     return dy
 
-
-def check_config(config, name: str = "config") -> None:
-    """Raise TypeError unless ``config`` is a :class:`refimpl.ModelConfig`."""
-    from .config import ModelConfig
-    if not isinstance(config, ModelConfig):
-        raise TypeError(f"{name}: expected a refimpl.ModelConfig, got {type(config).__name__}")

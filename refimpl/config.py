@@ -170,6 +170,13 @@ class ModelConfig:
         return cls.from_dict(PRESETS[name])
 
 
+def check_config(config, name: str = "config") -> None:
+    """Raise TypeError unless ``config`` is a :class:`ModelConfig` (it lives here, not in
+    :mod:`refimpl._validate`, which this module uses: that way round there is no import cycle)."""
+    if not isinstance(config, ModelConfig):
+        raise TypeError(f"{name}: expected a refimpl.ModelConfig, got {type(config).__name__}")
+
+
 def _yarn(mscale):
     return {"type": "yarn", "factor": 40, "original_max_position_embeddings": 4096, "beta_fast": 32,
             "beta_slow": 1, "mscale": mscale, "mscale_all_dim": mscale}

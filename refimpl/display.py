@@ -1,4 +1,4 @@
-"""Helpers the book's chapters share for showing refimpl's own code.
+"""Helpers the book's chapters share: showing refimpl's own code, and tables of computed numbers.
 
 Chapters never re-implement what refimpl has; to show code they render the real source, trimmed
 to the part the text discusses: without the input checks of a function (``checks=False``), without
@@ -88,3 +88,34 @@ def show_source(*objects, checks: bool = True, docstring: bool = True, lines: tu
     from IPython.display import Markdown, display
 
     display(Markdown(source_markdown(*objects, checks=checks, docstring=docstring, lines=lines)))
+
+
+def _cell(value) -> str:
+    """One table cell: ``str(value)`` on one line, with ``|`` escaped so it cannot split the row."""
+    return " ".join(str(value).split("\n")).replace("|", "\\|")
+
+
+def table_markdown(header, rows) -> str:
+    """A Markdown (GFM) table from a header and rows of already-formatted cells.
+
+    Every cell is ``str(cell)`` with ``|`` escaped as ``\\|`` (Markdown renders it as ``|``, in code
+    spans too) and line breaks turned into spaces, so a cell cannot break the table. Each row must
+    have as many cells as the header (``ValueError`` naming the row otherwise).
+    """
+    header = list(header)
+    if not header:
+        raise ValueError("header: expected at least one column")
+    lines = ["| " + " | ".join(map(_cell, header)) + " |", "|" + "---|" * len(header)]
+    for i, row in enumerate(rows):
+        row = list(row)
+        if len(row) != len(header):
+            raise ValueError(f"rows[{i}]: expected {len(header)} cells like the header, got {len(row)}")
+        lines.append("| " + " | ".join(map(_cell, row)) + " |")
+    return "\n".join(lines)
+
+
+def table(header, rows) -> None:
+    """Display :func:`table_markdown` in a notebook (IPython is imported only when called)."""
+    from IPython.display import Markdown, display
+
+    display(Markdown(table_markdown(header, rows)))

@@ -2,7 +2,7 @@
 
 import pytest
 
-from refimpl.display import CHECKS_OMITTED, source_markdown, trimmed_source
+from refimpl.display import CHECKS_OMITTED, source_markdown, table, table_markdown, trimmed_source
 
 
 def scaled(x, k, *, eps=1e-6):
@@ -79,3 +79,27 @@ def test_trimmed_real_functions_still_parse():
         src = trimmed_source(f, checks=False)
         body = ast.parse(src).body[0].body
         assert CHECKS_OMITTED in src and not any(isinstance(s, ast.Raise) for s in body), f.__name__
+
+
+def test_table_markdown_escapes_pipes_and_keeps_columns():
+    md = table_markdown(["|x|", "a | b"], [("`p | q`", 1.5), ("two\nlines", None)])
+    assert md.splitlines() == ["| \\|x\\| | a \\| b |", "|---|---|", "| `p \\| q` | 1.5 |", "| two lines | None |"]
+    markdown_it = pytest.importorskip("markdown_it")
+    html = markdown_it.MarkdownIt("commonmark").enable("table").render(md)
+    assert html.count("<th>") == 2 and html.count("<td>") == 4      # no cell split the table
+    assert "<th>|x|</th>" in html and "<code>p | q</code>" in html
+
+
+def test_table_markdown_errors():
+    with pytest.raises(ValueError, match="header"):
+        table_markdown([], [])
+    with pytest.raises(ValueError, match=r"rows\[1\]: expected 2 cells"):
+        table_markdown(["a", "b"], [(1, 2), (1, 2, 3)])
+
+
+def test_table_displays_markdown(monkeypatch):
+    display = pytest.importorskip("IPython.display")
+    shown = []
+    monkeypatch.setattr(display, "display", shown.append)
+    table(["a"], [[1]])
+    assert [m.data for m in shown] == ["| a |\n|---|\n| 1 |"]

@@ -48,7 +48,7 @@ from .indexer import (
     select_topk,
 )
 from .kv_cache import LatentKVCache, check_positions, init_latent_cache
-from .mha import project
+from .mha import check_start_pos, project
 from .mla import init_mla_params, mla_backward, mla_forward, mla_infer
 
 
@@ -165,11 +165,7 @@ def dsa_infer(x, params, config, cache, start_pos=0, *, impl="absorb", return_se
     mla_p, idx_p = split_params(params)
     b, t, _ = x.shape
     _, di, topk = index_dims(config)
-    if not isinstance(start_pos, int | np.integer) or start_pos < 0:
-        raise ValueError(f"start_pos: expected a non-negative integer, got {start_pos!r}")
-    end = int(start_pos) + t
-    if end > cache.index_k.shape[1]:
-        raise ValueError(f"start_pos: start_pos + T = {end} exceeds the cache's capacity {cache.index_k.shape[1]}")
+    end = check_start_pos(start_pos, t, cache.index_k.shape[1])
     if cache.index_k.shape[0] != b or cache.index_k.shape[2] != di:
         raise ValueError(f"cache: expected index_k of shape ({b}, Tmax, {di}), got {cache.index_k.shape}")
     check_same_dtype("cache.index_k", cache.index_k, "x", x)

@@ -23,7 +23,8 @@ from typing import NamedTuple
 
 import numpy as np
 
-from .._validate import FLOAT_DTYPES, check_config, check_int, check_integer, check_real
+from .._validate import FLOAT_DTYPES, check_int, check_integer, check_real
+from ..config import check_config
 
 #: ``model_type`` values whose attention is MLA; any other (e.g. ``"llama"`` for DeepSeek LLM 67B)
 #: means standard MHA/GQA/MQA with ``num_key_value_heads`` key/value heads.

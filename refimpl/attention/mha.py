@@ -26,7 +26,8 @@ from typing import NamedTuple
 
 import numpy as np
 
-from .._validate import check_config, check_float, check_integer, check_real, check_same_dtype
+from .._validate import check_float, check_integer, check_real, check_same_dtype
+from ..config import check_config
 from ..core.linear import linear_backward, linear_forward
 from ..core.rope import rope_attention_factor, rope_backward, rope_forward, rope_inv_freq
 from .kv_cache import KVCache, check_positions, default_head_dim
@@ -42,12 +43,12 @@ MHA_BIASES = tuple(f"{k}_bias" for k in MHA_PARAMS)
 # ----------------------------------------------------------------------------------------------
 
 class SDPACache(NamedTuple):
-    qh: np.ndarray     # (B, Hk, G*T, Dk) queries, head-major, rows ordered (group, t)
+    qh: np.ndarray     # (B, Hk, Gq*T, Dk) queries, head-major, rows ordered (group, t)
     kh: np.ndarray     # (B, Hk, S, Dk) keys, head-major
     vh: np.ndarray     # (B, Hk, S, Dv) values, head-major
-    p: np.ndarray      # (B, Hk, G*T, S) attention probabilities
+    p: np.ndarray      # (B, Hk, Gq*T, S) attention probabilities
     scale: float
-    shape: tuple       # (B, T, H, Hk, G)
+    shape: tuple       # (B, T, H, Hk, Gq)
 
 
 def causal_mask(t, s, q_offset=0):
@@ -64,7 +65,7 @@ def causal_mask(t, s, q_offset=0):
 def _softmax_inplace(s):
     """Row softmax over the last axis, overwriting ``s`` (the values of ``core.softmax_forward``).
 
-    The score tensor (B, Hk, G*T, S) is attention's largest array; the core primitive validates it
+    The score tensor (B, Hk, Gq*T, S) is attention's largest array; the core primitive validates it
     and allocates three more of its size, this makes three passes and allocates nothing. Every row
     has a finite entry (a causal mask always keeps key 0), so no all-masked special case is needed.
     """
@@ -74,28 +75,31 @@ def _softmax_inplace(s):
     return s
 
 
-def _attend(qh, kh, vh, scale, t, q_offset, allowed=None):
-    """Head-major core. qh (B, Hk, G*T, Dk), kh (B, Hk, S, Dk), vh (B, Hk, S, Dv).
+def attend(qh, kh, vh, scale, t, q_offset, allowed=None):
+    """Causal attention, head-major (shared by MHA/GQA and MLA's naive and absorbed paths).
+
+    Shapes: ``qh (B, Hk, Gq*T, Dk)``, ``kh (B, Hk, S, Dk)``, ``vh (B, Hk, S, Dv)`` -> ``o (B, Hk, Gq*T, Dv)``
+    and the attention probabilities ``p (B, Hk, Gq*T, S)``.
 
     ``allowed`` (B, T, S) bool, optional: a per-query key set (DSA's top-k selection) intersected
     with the causal mask; it must keep at least one causal key per row.
     """
-    qs = qh * scale                                                     # (B, Hk, G*T, Dk)
+    qs = qh * scale                                                     # (B, Hk, Gq*T, Dk)
     if 4 * qh.shape[2] <= kh.shape[2]:
         # few query rows against a long cache (decode): OpenBLAS streams a long row-major
         # operand about twice as fast as a long transposed one, so compute (k q^T)^T
-        s = np.ascontiguousarray((kh @ qs.swapaxes(-1, -2)).swapaxes(-1, -2))  # (B, Hk, G*T, S)
+        s = np.ascontiguousarray((kh @ qs.swapaxes(-1, -2)).swapaxes(-1, -2))  # (B, Hk, Gq*T, S)
     else:
-        s = qs @ kh.swapaxes(-1, -2)                                    # (B, Hk, G*T, S)
+        s = qs @ kh.swapaxes(-1, -2)                                    # (B, Hk, Gq*T, S)
     keep = causal_mask(t, kh.shape[2], q_offset)                        # (T, S)
     if allowed is not None:
         keep = keep & allowed                                           # (B, T, S)
         s += np.where(np.tile(keep, (1, qh.shape[2] // t, 1))[:, None], 0.0, -np.inf).astype(s.dtype)
     elif not keep.all():
-        rows = np.tile(keep, (qh.shape[2] // t, 1))                     # (G*T, S)
+        rows = np.tile(keep, (qh.shape[2] // t, 1))                     # (Gq*T, S)
         s += np.where(rows, 0.0, -np.inf).astype(s.dtype)               # masked logits -> -inf
-    p = _softmax_inplace(s)                                             # (B, Hk, G*T, S)
-    return p @ vh, p                                                    # (B, Hk, G*T, Dv)
+    p = _softmax_inplace(s)                                             # (B, Hk, Gq*T, S)
+    return p @ vh, p                                                    # (B, Hk, Gq*T, Dv)
 
 
 def sdpa_forward(q, k, v, scale, *, q_offset=0, allowed=None):
@@ -127,12 +131,12 @@ def sdpa_forward(q, k, v, scale, *, q_offset=0, allowed=None):
     if not 0 <= q_offset <= s_len - t:
         raise ValueError(f"q_offset: expected 0 <= q_offset <= S - T = {s_len - t}, got {q_offset}")
     g = h // hk
-    qh = q.reshape(b, t, hk, g, dk).transpose(0, 2, 3, 1, 4).reshape(b, hk, g * t, dk)  # (B, Hk, G*T, Dk)
+    qh = q.reshape(b, t, hk, g, dk).transpose(0, 2, 3, 1, 4).reshape(b, hk, g * t, dk)  # (B, Hk, Gq*T, Dk)
     kh = k.transpose(0, 2, 1, 3)                                        # (B, Hk, S, Dk)
     vh = v.transpose(0, 2, 1, 3)                                        # (B, Hk, S, Dv)
     if allowed is not None and np.shape(allowed) != (b, t, s_len):
         raise ValueError(f"allowed: expected shape ({b}, {t}, {s_len}), got {np.shape(allowed)}")
-    oh, p = _attend(qh, kh, vh, scale, t, q_offset, allowed)            # (B, Hk, G*T, Dv)
+    oh, p = attend(qh, kh, vh, scale, t, q_offset, allowed)            # (B, Hk, Gq*T, Dv)
     o = oh.reshape(b, hk, g, t, -1).transpose(0, 3, 1, 2, 4).reshape(b, t, h, -1)  # (B, T, H, Dv)
     return o, SDPACache(qh, kh, vh, p, scale, (b, t, h, hk, g))
 
@@ -140,15 +144,15 @@ def sdpa_forward(q, k, v, scale, *, q_offset=0, allowed=None):
 def sdpa_backward(do, cache):
     """Gradients of :func:`sdpa_forward`. Shapes: do (B, T, H, Dv) -> dq, dk, dv like q, k, v."""
     qh, kh, vh, p, scale, (b, t, h, hk, g) = cache
-    doh = do.reshape(b, t, hk, g, -1).transpose(0, 2, 3, 1, 4).reshape(b, hk, g * t, -1)  # (B, Hk, G*T, Dv)
+    doh = do.reshape(b, t, hk, g, -1).transpose(0, 2, 3, 1, 4).reshape(b, hk, g * t, -1)  # (B, Hk, Gq*T, Dv)
     # forward: o = p @ v
-    dp = doh @ vh.swapaxes(-1, -2)                                      # (B, Hk, G*T, S)
+    dp = doh @ vh.swapaxes(-1, -2)                                      # (B, Hk, Gq*T, S)
     dvh = p.swapaxes(-1, -2) @ doh                                      # (B, Hk, S, Dv)
     # forward: p = softmax(s)   so: ds = p * (dp - sum_j p_j dp_j)   (masked: p = 0, so ds = 0)
     dp -= np.einsum("...ij,...ij->...i", p, dp)[..., None]              # in place: dp is ours
-    ds = np.multiply(dp, p, out=dp)                                     # (B, Hk, G*T, S)
+    ds = np.multiply(dp, p, out=dp)                                     # (B, Hk, Gq*T, S)
     # forward: s = scale * q @ k^T
-    dqh = (ds @ kh) * scale                                             # (B, Hk, G*T, Dk)
+    dqh = (ds @ kh) * scale                                             # (B, Hk, Gq*T, Dk)
     dkh = (ds.swapaxes(-1, -2) @ qh) * scale                            # (B, Hk, S, Dk)
     dq = dqh.reshape(b, hk, g, t, -1).transpose(0, 3, 1, 2, 4).reshape(b, t, h, -1)  # (B, T, H, Dk)
     return dq, dkh.transpose(0, 2, 1, 3), dvh.transpose(0, 2, 1, 3)     # (B, S, Hk, Dk), (B, S, Hk, Dv)
@@ -338,25 +342,25 @@ def mha_infer(x, params, config, cache, start_pos=0):
     if cache.k.shape[0] != b or cache.k.shape[1] != hk or cache.k.shape[3] != dh:
         raise ValueError(f"cache: expected k of shape ({b}, {hk}, Tmax, {dh}), got {cache.k.shape}")
     check_same_dtype("cache.k", cache.k, "x", x)
-    end = _check_start(start_pos, t, cache.k.shape[2])
+    end = check_start_pos(start_pos, t, cache.k.shape[2])
     positions = check_positions(start_pos + np.arange(t), b, t, config.max_position_embeddings,
                                 name="start_pos")                          # (B, T)
     q, k, v, _ = _mha_qkv(x, params, config, positions, dh, h, hk, lin=project)
     cache.k[:, :, start_pos:end] = k.transpose(0, 2, 1, 3)              # (B, Hk, T, Dh)
     cache.v[:, :, start_pos:end] = v.transpose(0, 2, 1, 3)              # (B, Hk, T, Dh)
     g = h // hk
-    qh = q.reshape(b, t, hk, g, dh).transpose(0, 2, 3, 1, 4).reshape(b, hk, g * t, dh)  # (B, Hk, G*T, Dh)
-    oh, _ = _attend(qh, cache.k[:, :, :end], cache.v[:, :, :end], dh ** -0.5, t, start_pos)  # (B, Hk, G*T, Dh)
+    qh = q.reshape(b, t, hk, g, dh).transpose(0, 2, 3, 1, 4).reshape(b, hk, g * t, dh)  # (B, Hk, Gq*T, Dh)
+    oh, _ = attend(qh, cache.k[:, :, :end], cache.v[:, :, :end], dh ** -0.5, t, start_pos)  # (B, Hk, Gq*T, Dh)
     o = oh.reshape(b, hk, g, t, dh).transpose(0, 3, 1, 2, 4).reshape(b, t, h * dh)  # (B, T, H*Dh)
     return project(o, params["o_proj"], params.get("o_proj_bias"))[0]  # (B, T, D)
 
 
-def _check_start(start_pos, t, capacity):
-    if not isinstance(start_pos, int | np.integer) or start_pos < 0:
-        raise ValueError(f"start_pos: expected a non-negative integer, got {start_pos!r}")
+def check_start_pos(start_pos, t, capacity):
+    """The end of the cache window a decode step writes: ``start_pos + T``, checked against ``capacity``."""
+    start_pos = check_integer("start_pos", start_pos, low=0)
     if t < 1:
         raise ValueError(f"x: expected at least one token, got T={t}")
-    end = int(start_pos) + t
+    end = start_pos + t
     if end > capacity:
         raise ValueError(f"start_pos: start_pos + T = {end} exceeds the cache's capacity {capacity}")
     return end

@@ -30,12 +30,13 @@ from typing import NamedTuple
 
 import numpy as np
 
-from .._validate import check_config, check_float, check_same_dtype
+from .._validate import check_float, check_same_dtype
+from ..config import check_config
 from ..core.linear import linear_backward, linear_forward
 from ..core.rmsnorm import rmsnorm_backward, rmsnorm_forward
 from ..core.rope import rope_attention_factor, rope_backward, rope_forward, rope_inv_freq, softmax_scale
 from .kv_cache import LatentKVCache, check_positions, uses_mla
-from .mha import _attend, _check_start, check_weight, project, sdpa_backward, sdpa_forward
+from .mha import attend, check_start_pos, check_weight, project, sdpa_backward, sdpa_forward
 
 #: The latent RMSNorms (``q_a_layernorm``, ``kv_a_layernorm``) use this eps in DeepSeek's code and
 #: transformers, whatever ``rms_norm_eps`` says; only the block norms read ``rms_norm_eps``.
@@ -113,11 +114,11 @@ def _queries(x, params, config, positions, lin=linear_forward):
     if config.q_lora_rank:
         cq, c_qa = lin(x, params["q_a_proj"])                           # (B, T, Dq)
         cq, c_qn = rmsnorm_forward(cq, params["q_a_layernorm"], LATENT_NORM_EPS)  # (B, T, Dq)
-        q, c_qb = lin(cq, params["q_b_proj"])                           # (B, T, H*Dqk)
+        q, c_qb = lin(cq, params["q_b_proj"])                           # (B, T, H*(Dn+Dr))
     else:
         c_qa = c_qn = None
-        q, c_qb = lin(x, params["q_proj"])                              # (B, T, H*Dqk)
-    q = q.reshape(b, t, h, dn + dr)                                     # (B, T, H, Dqk)
+        q, c_qb = lin(x, params["q_proj"])                              # (B, T, H*(Dn+Dr))
+    q = q.reshape(b, t, h, dn + dr)                                     # (B, T, H, Dn+Dr)
     q_pe, c_qr = rope_forward(q[..., dn:], positions[..., None], inv_freq, amp)  # (B, T, H, Dr)
     return q[..., :dn], q_pe, (c_qa, c_qn, c_qb, c_qr)
 
@@ -188,8 +189,8 @@ def mla_forward(x, params, config, positions=None, *, allowed=None):
     c_kv, k_pe, (c_kva, c_kvn, c_kr) = _latents(x, params, config, positions)
     kv, c_kvb = linear_forward(c_kv, params["kv_b_proj"])               # (B, T, H*(Dn+Dv))
     kv = kv.reshape(b, t, h, dn + dv)                                   # (B, T, H, Dn+Dv)
-    k = np.concatenate([kv[..., :dn], np.broadcast_to(k_pe[:, :, None], (b, t, h, dr))], axis=-1)  # (B, T, H, Dqk)
-    q = np.concatenate([q_nope, q_pe], axis=-1)                         # (B, T, H, Dqk)
+    k = np.concatenate([kv[..., :dn], np.broadcast_to(k_pe[:, :, None], (b, t, h, dr))], axis=-1)  # (B, T, H, Dn+Dr)
+    q = np.concatenate([q_nope, q_pe], axis=-1)                         # (B, T, H, Dn+Dr)
     o, c_at = sdpa_forward(q, k, kv[..., dn:], softmax_scale(dn + dr, config.rope_scaling),
                            allowed=allowed)                             # (B, T, H, Dv)
     y, c_o = linear_forward(o.reshape(b, t, h * dv), params["o_proj"])  # (B, T, D)
@@ -204,11 +205,11 @@ def mla_backward(dy, cache):
     # forward: y = o_proj(o.reshape(B, T, H*Dv))
     do, grads["o_proj"], _ = linear_backward(dy, cache.o)               # (B, T, H*Dv)
     # forward: o = attention(q, k, v, scale)
-    dq, dk, dv_ = sdpa_backward(do.reshape(b, t, h, dv), cache.attn)    # (B, T, H, Dqk), .., (B, T, H, Dv)
+    dq, dk, dvalue = sdpa_backward(do.reshape(b, t, h, dv), cache.attn) # (B, T, H, Dn+Dr), .., (B, T, H, Dv)
     # forward: k = [k_nope ; k_pe broadcast over heads]   so: dk_pe sums over heads
     dk_pe = dk[..., dn:].sum(axis=2)                                    # (B, T, Dr)
     # forward: [k_nope | v] = kv_b_proj(c_kv).reshape(B, T, H, Dn+Dv)
-    dkv = np.concatenate([dk[..., :dn], dv_], axis=-1).reshape(b, t, h * (dn + dv))  # (B, T, H*(Dn+Dv))
+    dkv = np.concatenate([dk[..., :dn], dvalue], axis=-1).reshape(b, t, h * (dn + dv))  # (B, T, H*(Dn+Dv))
     dc_kv, grads["kv_b_proj"], _ = linear_backward(dkv, cache.kv_b)     # (B, T, Dc)
     # forward: k_pe = rope(a[..., Dc:]);  c_kv = rmsnorm(a[..., :Dc])
     da_pe = rope_backward(dk_pe, cache.k_rope)                          # (B, T, Dr)
@@ -217,7 +218,7 @@ def mla_backward(dy, cache):
     dx, grads["kv_a_proj_with_mqa"], _ = linear_backward(np.concatenate([da_c, da_pe], axis=-1), cache.kv_a)
     # forward: q = [q_nope ; rope(q_pe_raw)]
     dq_pe = rope_backward(dq[..., dn:], cache.q_rope)                   # (B, T, H, Dr)
-    dq = np.concatenate([dq[..., :dn], dq_pe], axis=-1).reshape(b, t, h * (dn + dr))  # (B, T, H*Dqk)
+    dq = np.concatenate([dq[..., :dn], dq_pe], axis=-1).reshape(b, t, h * (dn + dr))  # (B, T, H*(Dn+Dr))
     if cache.q_a is None:
         # forward: q = q_proj(x)
         dx_q, grads["q_proj"], _ = linear_backward(dq, cache.q_b)       # (B, T, D)
@@ -268,7 +269,7 @@ def mla_infer(x, params, config, cache, start_pos=0, *, impl="absorb", allowed=N
         raise ValueError(f"cache: expected latent of shape ({b}, Tmax, {dc + dr}) with kv_lora_rank={dc}, "
                          f"got {cache.latent.shape} with kv_lora_rank={cache.kv_lora_rank}")
     check_same_dtype("cache.latent", cache.latent, "x", x)
-    end = _check_start(start_pos, t, cache.latent.shape[1])
+    end = check_start_pos(start_pos, t, cache.latent.shape[1])
     positions = check_positions(start_pos + np.arange(t), b, t, config.max_position_embeddings,
                                 name="start_pos")                          # (B, T)
     q_nope, q_pe, _ = _queries(x, params, config, positions, project)   # (B, T, H, Dn), (B, T, H, Dr)
@@ -287,16 +288,16 @@ def mla_infer(x, params, config, cache, start_pos=0, *, impl="absorb", allowed=N
     if impl == "naive":
         kv = (lat[..., :dc] @ params["kv_b_proj"].T).reshape(b, s_len, h, dn + dv)  # (B, S, H, Dn+Dv)
         kh = np.concatenate([kv[..., :dn], np.broadcast_to(lat[:, :, None, dc:], (b, s_len, h, dr))],
-                            axis=-1).transpose(0, 2, 1, 3)                # (B, H, S, Dqk)
-        qh = np.concatenate([q_nope, q_pe], axis=-1).transpose(0, 2, 1, 3)  # (B, H, T, Dqk)
-        oh, _ = _attend(qh, kh, kv[..., dn:].transpose(0, 2, 1, 3), scale, t, off, allowed)  # (B, H, T, Dv)
+                            axis=-1).transpose(0, 2, 1, 3)                # (B, H, S, Dn+Dr)
+        qh = np.concatenate([q_nope, q_pe], axis=-1).transpose(0, 2, 1, 3)  # (B, H, T, Dn+Dr)
+        oh, _ = attend(qh, kh, kv[..., dn:].transpose(0, 2, 1, 3), scale, t, off, allowed)  # (B, H, T, Dv)
         o = oh.transpose(0, 2, 1, 3)                                    # (B, T, H, Dv)
     else:
         w_uk, w_uv = absorbed_weights(params, config)                   # (H, Dn, Dc), (H, Dv, Dc)
         q_abs = _per_head(q_nope, w_uk)                                 # (B, T, H, Dc)
         qh = np.concatenate([q_abs, q_pe], axis=-1)                     # (B, T, H, Dc+Dr)
         qh = qh.transpose(0, 2, 1, 3).reshape(b, 1, h * t, dc + dr)     # (B, 1, H*T, Dc+Dr): MQA rows
-        oh, _ = _attend(qh, lat[:, None], lat[:, None, :, :dc], scale, t, off, allowed)  # (B, 1, H*T, Dc)
+        oh, _ = attend(qh, lat[:, None], lat[:, None, :, :dc], scale, t, off, allowed)  # (B, 1, H*T, Dc)
         o_lat = oh.reshape(b, h, t, dc).transpose(0, 2, 1, 3)           # (B, T, H, Dc)
         o = _per_head(o_lat, w_uv.transpose(0, 2, 1))                   # (B, T, H, Dv)
     return o.reshape(b, t, h * dv) @ params["o_proj"].T                 # (B, T, D)

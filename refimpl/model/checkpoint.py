@@ -1,9 +1,10 @@
 r"""Checkpoints in the Hugging Face hub layout: ``config.json`` + ``*.safetensors`` with per-expert tensors.
 
-:func:`load_pretrained` reads a DeepSeek-V2 / V3 directory as the hub stores it (``model_type``
-``deepseek_v2`` or ``deepseek_v3``; ``rope_scaling`` as the hub writes it, or ``rope_parameters`` as
-transformers >= 5 writes it) without pickle, and returns a :class:`Model`. :func:`save_pretrained`
-writes the same layout. The mapping between refimpl's parameter tree and hub names is one table,
+:func:`~refimpl.model.pretrained.load_pretrained` reads a DeepSeek-V2 / V3 directory as the hub
+stores it (``model_type`` ``deepseek_v2`` or ``deepseek_v3``; ``rope_scaling`` as the hub writes it, or
+``rope_parameters`` as transformers >= 5 writes it) without pickle, and returns a
+:class:`~refimpl.model.pretrained.Model`. :func:`save_pretrained` writes the same layout. The mapping
+between refimpl's parameter tree and hub names is one table,
 :func:`hub_spec`: every leaf has one name (``.weight`` appended, except the router's
 ``e_score_correction_bias``), and the stacked routed experts expand to
 ``model.layers.N.mlp.experts.E.{gate,up,down}_proj.weight``. Missing, unexpected or mis-shaped
@@ -350,16 +351,11 @@ def read_config(path):
         raise ValueError(f"{cfg}: {e}") from None
 
 
-def load_pretrained(path, dtype=np.float64):
-    """Load a hub-layout directory (DeepSeek-V2/V3, or an R1-Distill Qwen2/Llama student; one file or
-    sharded) into a :class:`Model` in ``dtype`` (float64 by default, or float32). Tensors are read one
-    at a time straight into ``dtype``, so memory holds each weight once."""
-    dtype = np.dtype(dtype)
-    if dtype not in (np.float32, np.float64):
-        raise ValueError(f"dtype: expected float32 or float64, got {dtype}")
-    config = read_config(path)
-    from .generate import Model
-    try:
-        return Model(config, from_hub(read_checkpoint(Path(path)), config, dtype))
-    except ValueError as e:             # name the directory too (a missing tensor is in no file)
-        raise ValueError(f"{os.fspath(path)}: {e}") from None
+
+def __getattr__(name):
+    # ``refimpl.model.checkpoint.load_pretrained`` was its home; it returns a Model and so lives in
+    # :mod:`.pretrained` (Model.save_pretrained imports this module: no cycle that way round)
+    if name == "load_pretrained":
+        from .pretrained import load_pretrained
+        return load_pretrained
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -209,27 +209,10 @@ def speculative_generate(params, config, input_ids, max_new_tokens, *, impl="abs
                   "acceptance_rate": accepted / max(drafted, 1)}
 
 
-class Model:
-    """A thin user-facing wrapper of ``(config, params)``; all state is in those two attributes.
-
-    ``m(input_ids)`` -> float64 logits (B, T, V); ``m.generate(input_ids, max_new_tokens=n, ...)``
-    (see :func:`generate`); ``m.save_pretrained(path)`` writes the hub layout.
-    """
-
-    def __init__(self, config, params):
-        self.config, self.params = config, params
-
-    def __repr__(self):
-        c = self.config
-        return (f"Model({c.extra.get('model_type', 'deepseek_v3')}, layers={c.num_hidden_layers}, "
-                f"hidden={c.hidden_size}, experts={c.n_routed_experts}, mtp={len(self.params.get('mtp', []))})")
-
-    def __call__(self, input_ids, positions=None):
-        return model_forward(input_ids, self.params, self.config, positions)[0].astype(np.float64)
-
-    def generate(self, input_ids, max_new_tokens=16, **kwargs):
-        return generate(self.params, self.config, input_ids, max_new_tokens, **kwargs)
-
-    def save_pretrained(self, path):
-        from .checkpoint import save_pretrained
-        save_pretrained(path, self.params, self.config)
+def __getattr__(name):
+    # ``refimpl.model.generate.Model`` was the class's home; it now lives in :mod:`.pretrained`
+    # (importing it here at the top would make an import cycle: pretrained imports generate)
+    if name == "Model":
+        from .pretrained import Model
+        return Model
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -1,6 +1,6 @@
 """The parameter tree a config implies, and the check of a given tree against it.
 
-:func:`expected_params` runs :func:`~refimpl.model.transformer.init_params` itself with a random
+:func:`init_params` draws a random tree. :func:`expected_params` runs it with a random
 generator that allocates nothing (each weight is a zero-stride view of one zero), so the expected
 tree follows every architecture ``init_params`` knows (MLA or standard attention, dense or MoE
 layers, MTP modules, optional biases) without a second description to keep in sync, and costs a
@@ -17,7 +17,33 @@ from __future__ import annotations
 
 import numpy as np
 
-from .._validate import FLOAT_DTYPES, check_config
+from .._validate import FLOAT_DTYPES
+from ..config import check_config
+from .block import init_block_params
+from .mtp import init_mtp_params
+
+
+def init_params(config, rng, dtype=np.float64, *, mtp=None):
+    """Random parameters: weights ~ N(0, ``initializer_range``), unit norm gains, zero router bias.
+
+    ``mtp`` (default: ``num_nextn_predict_layers > 0``) adds the V3 multi-token-prediction modules.
+    """
+    if not isinstance(rng, np.random.Generator):
+        raise TypeError(f"rng: expected a numpy.random.Generator, got {type(rng).__name__}")
+    check_config(config)
+    if np.dtype(dtype) not in FLOAT_DTYPES:
+        raise TypeError(f"dtype: expected float32 or float64, got {np.dtype(dtype)}")
+    if config.tie_word_embeddings:
+        raise ValueError("config.tie_word_embeddings: DeepSeek-V2/V3 untie the head; expected False")
+    v, d, std = config.vocab_size, config.hidden_size, config.initializer_range
+    params = {"model": {"embed_tokens": (std * rng.standard_normal((v, d))).astype(dtype),   # (V, D)
+                        "layers": [init_block_params(config, n, rng, dtype)
+                                   for n in range(config.num_hidden_layers)],
+                        "norm": np.ones(d, dtype=dtype)},
+              "lm_head": (std * rng.standard_normal((v, d))).astype(dtype)}                   # (V, D)
+    if config.num_nextn_predict_layers if mtp is None else mtp:
+        params["mtp"] = init_mtp_params(config, rng, dtype)
+    return params
 
 
 class _Shaped:
@@ -49,7 +75,6 @@ class ShapeOnlyGenerator(np.random.Generator):
 
 def expected_params(config, *, mtp=None):
     """The tree ``init_params(config, mtp=mtp)`` builds, with read-only zero-stride leaves."""
-    from .transformer import init_params
     if config.tie_word_embeddings:
         # a loaded tied model (Qwen2.5) carries lm_head as the embedding array itself: same shapes as
         # the untied tree, which is what init_params (it only builds untied models) describes

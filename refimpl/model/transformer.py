@@ -26,41 +26,18 @@ from typing import NamedTuple
 
 import numpy as np
 
-from .._validate import FLOAT_DTYPES, check_config, check_int
+from .._validate import check_int
+from ..config import check_config
 from ..core.cross_entropy import cross_entropy_backward, cross_entropy_forward
 from ..core.linear import embedding_backward, embedding_forward, linear_backward, linear_forward
 from ..core.rmsnorm import rmsnorm_backward, rmsnorm_forward
 from ..moe import balance_backward, expert_balance_forward, seq_balance_forward
 from ..tree import tree_map
-from .block import block_backward, block_forward, block_infer, init_block_params
-from .structure import check_params
+from .block import block_backward, block_forward, block_infer
+from .structure import check_params, init_params  # noqa: F401  (init_params: its old home)
 
 IGNORE_INDEX = -100
 BALANCE = ("auto", "seq", "expert", "none")
-
-
-def init_params(config, rng, dtype=np.float64, *, mtp=None):
-    """Random parameters: weights ~ N(0, ``initializer_range``), unit norm gains, zero router bias.
-
-    ``mtp`` (default: ``num_nextn_predict_layers > 0``) adds the V3 multi-token-prediction modules.
-    """
-    if not isinstance(rng, np.random.Generator):
-        raise TypeError(f"rng: expected a numpy.random.Generator, got {type(rng).__name__}")
-    check_config(config)
-    if np.dtype(dtype) not in FLOAT_DTYPES:
-        raise TypeError(f"dtype: expected float32 or float64, got {np.dtype(dtype)}")
-    if config.tie_word_embeddings:
-        raise ValueError("config.tie_word_embeddings: DeepSeek-V2/V3 untie the head; expected False")
-    v, d, std = config.vocab_size, config.hidden_size, config.initializer_range
-    params = {"model": {"embed_tokens": (std * rng.standard_normal((v, d))).astype(dtype),   # (V, D)
-                        "layers": [init_block_params(config, n, rng, dtype)
-                                   for n in range(config.num_hidden_layers)],
-                        "norm": np.ones(d, dtype=dtype)},
-              "lm_head": (std * rng.standard_normal((v, d))).astype(dtype)}                   # (V, D)
-    if config.num_nextn_predict_layers if mtp is None else mtp:
-        from .mtp import init_mtp_params
-        params["mtp"] = init_mtp_params(config, rng, dtype)
-    return params
 
 
 def check_input_ids(input_ids, config, name="input_ids"):

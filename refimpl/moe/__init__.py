@@ -4,7 +4,8 @@ Modules: :mod:`~refimpl.moe.gating` (V2 softmax / V3 sigmoid + bias routers, Mix
 :mod:`~refimpl.moe.dispatch` (permute by expert, per-expert GEMMs, combine, token dropping),
 :mod:`~refimpl.moe.layer` (forward and hand-written backward of the whole layer),
 :mod:`~refimpl.moe.balance` (V2 auxiliary losses, V3 sequence-wise loss and bias update),
-:mod:`~refimpl.moe.parallel` (per-device load and all-to-all volume for an expert placement),
+:mod:`~refimpl.moe.traffic` (simulated expert parallelism: per-device load and all-to-all volume for
+an expert placement; the real MPI version is :mod:`refimpl.parallel`),
 :mod:`~refimpl.moe.params` (initialisation, checkpoint layouts, total vs active parameters).
 """
 
@@ -28,7 +29,6 @@ from .gating import (
     select_experts,
 )
 from .layer import moe_backward, moe_forward
-from .parallel import all_to_all_stats, expert_placement, node_limited_comparison
 from .params import (
     count_parameters,
     experts_from_fused,
@@ -38,6 +38,7 @@ from .params import (
     permute_experts,
     split_shared_experts,
 )
+from .traffic import all_to_all_stats, expert_placement, node_limited_comparison
 
 __all__ = [
     "Routing", "gate_forward", "gate_backward", "mixtral_gate_forward", "mixtral_gate_backward",

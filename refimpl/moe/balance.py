@@ -56,7 +56,7 @@ def _prepare(scores, idx):
 
 
 def _check_devices(n_devices, e):
-    if isinstance(n_devices, bool) or not isinstance(n_devices, int | np.integer) or n_devices < 1 or e % n_devices:
+    if e % check_integer("n_devices", n_devices, low=1):
         raise ValueError(f"n_devices: expected a divisor of the {e} experts, got {n_devices!r}")
 
 

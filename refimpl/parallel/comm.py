@@ -7,7 +7,7 @@ and combine kernels it built for this; here the MPI library is the engine). :cla
 counts and dtype given to MPI. :meth:`Comm.traffic` gathers those records into a
 ``(ranks, ranks)`` matrix, and :func:`cross_node_bytes` sums the entries whose source and destination
 sit on different simulated nodes (ranks ``d`` are grouped as node ``d // devices_per_node``, as in
-:func:`refimpl.moe.parallel.expert_placement`).
+:func:`refimpl.moe.traffic.expert_placement`).
 
 Distributed code must never leave one rank raising while the others wait in a collective: that
 hangs. :meth:`Comm.agree` runs a local check on every rank and all-gathers the outcome, so a bad
@@ -23,6 +23,8 @@ import hashlib
 import json
 
 import numpy as np
+
+from .._validate import check_integer
 
 
 def _mpi():
@@ -67,8 +69,8 @@ class Comm:
         values = self.comm.allgather(devices_per_node)
         if any(v != values[0] for v in values):
             raise ValueError(f"devices_per_node: differs across ranks: {values}")
-        if not isinstance(devices_per_node, int | np.integer) or devices_per_node < 1 \
-                or self.size % devices_per_node:
+        devices_per_node = check_integer("devices_per_node", devices_per_node, low=1)
+        if self.size % devices_per_node:
             raise ValueError(f"devices_per_node: expected a positive divisor of the {self.size} ranks, "
                              f"got {devices_per_node!r}")
         self.devices_per_node = int(devices_per_node)

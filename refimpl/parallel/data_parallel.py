@@ -42,8 +42,8 @@ def allreduce_tree(comm, tree):
     if not leaves:
         return tree
     dtype = np.result_type(*leaves)
-    flat = np.concatenate([np.asarray(a, dtype=dtype).reshape(-1) for a in leaves])  # (P,)
-    total = comm.allreduce_sum(flat)                                      # (P,)
+    flat = np.concatenate([np.asarray(a, dtype=dtype).reshape(-1) for a in leaves])  # (size,)
+    total = comm.allreduce_sum(flat)                                      # (size,)
     out, at = [], 0
     for a in leaves:
         out.append(total[at:at + a.size].reshape(a.shape).astype(a.dtype, copy=False))

@@ -6,7 +6,7 @@ device keeps its own tokens (data-parallel attention), and every MoE layer moves
 devices that hold their experts and the results back. Here ``R`` MPI ranks play the devices:
 
 * rank ``r`` holds experts ``[r E/R, (r+1) E/R)`` (contiguous shards, as
-  :func:`refimpl.moe.parallel.expert_placement`), the whole router and the shared experts;
+  :func:`refimpl.moe.traffic.expert_placement`), the whole router and the shared experts;
 * routing is the single-process router (:func:`refimpl.moe.gating.gate_forward`), per token, so V2's
   device-limited and V3's node-limited top-k hold unchanged (with ``n_group`` = devices or nodes);
 * **dispatch**: each token is sent *once per destination rank* that holds at least one of its K
@@ -22,7 +22,7 @@ to each remote *node* that holds one of its experts **once** (to the rank with t
 that node, labels ``inter/...``), and that rank forwards it within the node to the ranks holding the
 experts (labels ``intra/...``); the combine returns along the same two hops, each rank summing the
 partial results it forwarded. Cross-node traffic then equals
-:func:`refimpl.moe.parallel.all_to_all_stats`' ``cross_node_tokens``, which node-limited routing
+:func:`refimpl.moe.traffic.all_to_all_stats`' ``cross_node_tokens``, which node-limited routing
 caps at M per token; the one-hop dispatch's equals its ``cross_node_tokens_per_device``.
 
 The backward mirrors the forward: the output gradient goes out like a dispatch (the combine's
@@ -37,11 +37,12 @@ Simplification: no token dropping (V3 drops none; V2's device capacity needs a g
 
 from __future__ import annotations
 
+import dataclasses
 from typing import NamedTuple
 
 import numpy as np
 
-from .._validate import check_float, check_shape
+from .._validate import check_float, check_integer, check_shape
 from ..backend import resolve_backend
 from ..core.activations import swiglu_mlp_backward, swiglu_mlp_forward
 from ..moe.balance import expert_load
@@ -54,11 +55,17 @@ from ..moe.dispatch import (
     experts_forward,
     make_plan,
 )
-from ..moe.gating import _check_gate_params, check_router_config, gate_backward, gate_forward
+from ..moe.gating import check_router_config, gate_backward, gate_forward
+from ..moe.layer import check_moe_params
+
+try:
+    from ..moe.gating import check_gate_params
+except ImportError:     # i14c/i14b bridge (issue 14): i14b makes it public in gating.py; delete this at merge
+    from ..moe.gating import _check_gate_params as check_gate_params
 
 
 class Hop(NamedTuple):
-    rows: np.ndarray        # (S,) int64 local row of each copy sent, sorted by destination rank
+    rows: np.ndarray        # (Ns,) int64 local row of each copy sent, sorted by destination rank
     sendcounts: np.ndarray  # (R,) int64 copies sent to each rank
     recvcounts: np.ndarray  # (R,) int64 copies received from each rank
 
@@ -71,7 +78,7 @@ class EPCache(NamedTuple):
     plan: object           # DispatchPlan of the received rows over the local experts
     experts: object        # ExpertsCache of the local experts
     ys: np.ndarray         # (A, D) local expert outputs, expert-sorted
-    wr: np.ndarray         # (Rn, K) received gate weights (0 for slots held by other ranks)
+    wr: np.ndarray         # (Nr, K) received gate weights (0 for slots held by other ranks)
     shared: object | None  # SwiGLUMLPCache or None
     shape: tuple           # shape of x
     comm: object           # refimpl.parallel.comm.Comm
@@ -83,9 +90,7 @@ def shard_experts(experts, rank, size):
     if not isinstance(experts, dict) or "gate_proj" not in experts:
         raise ValueError("experts: expected the dict of stacked expert arrays (gate_proj (E, I, D), ...)")
     e = np.shape(experts["gate_proj"])[0]
-    for name, v in (("size", size), ("rank", rank)):
-        if isinstance(v, bool) or not isinstance(v, int | np.integer):
-            raise TypeError(f"{name}: expected an integer, got {type(v).__name__}")
+    size, rank = check_integer("size", size), check_integer("rank", rank)
     if size < 1 or e % size:
         raise ValueError(f"size: expected a divisor of the {e} experts, got {size}")
     if not 0 <= rank < size:
@@ -102,7 +107,9 @@ def shard_params(params, rank, size):
 
 
 def _check_local(x, params, config, size):
-    """Local validation (run under Comm.agree so that every rank raises the same error)."""
+    """Local validation (run under Comm.agree so that every rank raises the same error): the router
+    config, ``x``, the router's parameters and this rank's ``E / size`` experts, checked by
+    :func:`refimpl.moe.layer.check_moe_params` as the experts of an ``E / size``-expert layer."""
     check_router_config(config)
     e = config.n_routed_experts
     if e % size:
@@ -111,29 +118,12 @@ def _check_local(x, params, config, size):
     check_float("x", x, min_ndim=1)
     if x.shape[-1] != config.hidden_size:
         raise ValueError(f"x: expected last axis hidden_size={config.hidden_size}, got shape {x.shape}")
-    if not isinstance(params, dict):
-        raise TypeError(f"params: expected a dict, got {type(params).__name__}")
-    for key in ("gate", "experts") + (("shared_experts",) if config.n_shared_experts else ()):
-        if key not in params:
-            raise ValueError(f"params: missing '{key}'")
-    _check_gate_params(x.reshape(-1, x.shape[-1]), params["gate"], config)
-    d, i, n = config.hidden_size, config.moe_intermediate_size, e // size
-    for name, shape in {"gate_proj": (n, i, d), "up_proj": (n, i, d), "down_proj": (n, d, i)}.items():
-        if name not in params["experts"]:
-            raise ValueError(f"params['experts']: missing '{name}'")
-        w = check_float(f"params['experts']['{name}']", params["experts"][name])
-        check_shape(f"params['experts']['{name}']", w, shape, f"this rank's {n} = E/ranks experts; see shard_params")
-        if w.dtype != x.dtype:
-            raise TypeError(f"params['experts']['{name}']: expected dtype {x.dtype} to match x, got {w.dtype}")
-    if config.n_shared_experts:
-        ns = config.n_shared_experts * i
-        for name, shape in {"gate_proj": (ns, d), "up_proj": (ns, d), "down_proj": (d, ns)}.items():
-            if name not in params["shared_experts"]:
-                raise ValueError(f"params['shared_experts']: missing '{name}'")
-            w = check_float(f"params['shared_experts']['{name}']", params["shared_experts"][name])
-            check_shape(f"params['shared_experts']['{name}']", w, shape, "(out, in), width Es*I")
-            if w.dtype != x.dtype:
-                raise TypeError(f"params['shared_experts']['{name}']: expected dtype {x.dtype}, got {w.dtype}")
+    local = dataclasses.replace(config, n_routed_experts=e // size)     # this rank's layer (not re-validated)
+    try:
+        check_moe_params(params, local, x.dtype)
+    except ValueError as err:
+        raise ValueError(f"{err} (this rank holds E/ranks = {e // size} experts; see shard_params)") from None
+    check_gate_params(x.reshape(-1, x.shape[-1]), params["gate"], config)
 
 
 def _scatter_add(out, rows, vals):
@@ -148,12 +138,12 @@ def _plan_hop(comm, dest, label):
     Exchanges the counts (``<label>/counts``) and returns the :class:`Hop` and ``mine`` (S, K), the
     slots of each copy that its destination is responsible for."""
     m, r = dest.shape[0], comm.size
-    sent = np.zeros((m, r + 1), dtype=bool)                               # (M, R + 1), column R: no slot
+    sent = np.zeros((m, r + 1), dtype=bool)                               # (Nm, R + 1), column R: no slot
     np.put_along_axis(sent, np.where(dest >= 0, dest, r), True, axis=1)
-    to, rows = np.nonzero(sent[:, :r].T)                                  # (S,), (S,) sorted by rank, then row
+    to, rows = np.nonzero(sent[:, :r].T)                                  # (Ns,), (Ns,) sorted by rank, then row
     sendcounts = np.bincount(to, minlength=r).astype(np.int64)            # (R,)
     recvcounts = comm.exchange_counts(sendcounts, f"{label}/counts")      # (R,)
-    return Hop(rows, sendcounts, recvcounts), dest[rows] == to[:, None]   # (S, K)
+    return Hop(rows, sendcounts, recvcounts), dest[rows] == to[:, None]   # (Ns, K)
 
 
 def _out(comm, hop, a, label):
@@ -163,7 +153,7 @@ def _out(comm, hop, a, label):
 
 def _back(comm, hop, a, n_rows, label):
     """Return rows along the hop (combine direction) and add them into their ``n_rows`` sources."""
-    got = comm.alltoallv(a, hop.recvcounts, hop.sendcounts, label)        # (S, ...)
+    got = comm.alltoallv(a, hop.recvcounts, hop.sendcounts, label)        # (Ns, ...)
     return _scatter_add(np.zeros((n_rows,) + a.shape[1:], dtype=a.dtype), hop.rows, got)
 
 
@@ -216,34 +206,34 @@ def ep_moe_forward(x, params, config, comm, *, two_hop=False, mask_value=-np.inf
     u = x.reshape(-1, x.shape[-1])                                        # (N, D)
     backend = resolve_backend(backend, work=max(u.size * k, 1))
     routing, gcache = gate_forward(u, params["gate"], config, mask_value=mask_value, backend=backend)
-    xm, em, wm = u, routing.idx, routing.weights                          # (M, D), (M, K), (M, K) rows to route
+    xm, em, wm = u, routing.idx, routing.weights                          # (Nm, D), (Nm, K), (Nm, K) rows to route
     inter, pre = None, ""
     if two_hop:
         # hop 1: once per target node, to the rank with this rank's index within that node
         node = routing.idx // (n_loc * dpn)                               # (N, K) node of each chosen expert
         inter, mine = _plan_hop(comm, node * dpn + comm.rank % dpn, "inter/dispatch")
-        xm = _out(comm, inter, u, "inter/dispatch/x")                     # (M, D)
+        xm = _out(comm, inter, u, "inter/dispatch/x")                     # (Nm, D)
         em = comm.alltoallv(np.where(mine, routing.idx[inter.rows], -1), inter.sendcounts, inter.recvcounts,
-                            "inter/dispatch/experts")                     # (M, K) global ids on this node, else -1
+                            "inter/dispatch/experts")                     # (Nm, K) global ids on this node, else -1
         wm = comm.alltoallv(np.where(mine, routing.weights[inter.rows], 0.0), inter.sendcounts, inter.recvcounts,
-                            "inter/dispatch/weights")                     # (M, K)
+                            "inter/dispatch/weights")                     # (Nm, K)
         pre = "intra/"
     # hop to the experts: once per rank holding at least one of the row's experts
-    owner = np.where(em >= 0, em // n_loc, -1)                            # (M, K) rank of each slot's expert
+    owner = np.where(em >= 0, em // n_loc, -1)                            # (Nm, K) rank of each slot's expert
     hop, mine = _plan_hop(comm, owner, pre + "dispatch")
-    xr = _out(comm, hop, xm, pre + "dispatch/x")                          # (Rn, D)
+    xr = _out(comm, hop, xm, pre + "dispatch/x")                          # (Nr, D)
     lid = comm.alltoallv(np.where(mine, em[hop.rows] - owner[hop.rows] * n_loc, -1), hop.sendcounts,
-                         hop.recvcounts, pre + "dispatch/slots")          # (Rn, K) local expert id or -1
+                         hop.recvcounts, pre + "dispatch/slots")          # (Nr, K) local expert id or -1
     wr = comm.alltoallv(np.where(mine, wm[hop.rows], 0.0).astype(u.dtype), hop.sendcounts, hop.recvcounts,
-                        pre + "dispatch/weights")                         # (Rn, K)
+                        pre + "dispatch/weights")                         # (Nr, K)
     # local experts on the received rows: the single-process machinery
-    keep = lid >= 0                                                       # (Rn, K)
+    keep = lid >= 0                                                       # (Nr, K)
     plan = make_plan(np.where(keep, lid, 0), n_loc, keep, backend=backend)
     xs = dispatch(xr, plan, backend=backend)                              # (A, D)
     ys, ecache = experts_forward(xs, params["experts"], plan.offsets)     # (A, D)
-    yr = combine(ys, wr, plan, backend=backend)                           # (Rn, D) partial sum per row
+    yr = combine(ys, wr, plan, backend=backend)                           # (Nr, D) partial sum per row
     # combine: the reverse all-to-alls, each sender adding up the partial sums of its rows
-    y = _back(comm, hop, yr, xm.shape[0], pre + "combine/y")              # (M, D)
+    y = _back(comm, hop, yr, xm.shape[0], pre + "combine/y")              # (Nm, D)
     if two_hop:
         y = _back(comm, inter, y, u.shape[0], "inter/combine/y")          # (N, D)
     scache = None
@@ -283,17 +273,17 @@ def ep_moe_backward(dy, cache, dscores=None):
         dx_shared, dparams["shared_experts"] = swiglu_mlp_backward(dyf, scache)  # (N, D)
         dx += dx_shared
     # forward: y[rows] += returned partial sums (combine)    so: send dy out along the same hops
-    dym = dyf if inter is None else _out(comm, inter, dyf, "inter/combine_bwd/dy")  # (M, D)
-    dyr = _out(comm, hop, dym, pre + "combine_bwd/dy")                    # (Rn, D)
+    dym = dyf if inter is None else _out(comm, inter, dyf, "inter/combine_bwd/dy")  # (Nm, D)
+    dyr = _out(comm, hop, dym, pre + "combine_bwd/dy")                    # (Nr, D)
     # forward: yr = combine(ys, wr)
-    dys, dwr = combine_backward(dyr, ys, wr, plan, backend=backend)       # (A, D), (Rn, K)
+    dys, dwr = combine_backward(dyr, ys, wr, plan, backend=backend)       # (A, D), (Nr, K)
     # forward: ys = experts(xs)
     dxs, dparams["experts"] = experts_backward(dys, ecache)               # (A, D)
     # forward: xs = dispatch(xr)
-    dxr = dispatch_backward(dxs, plan, backend=backend)                   # (Rn, D)
+    dxr = dispatch_backward(dxs, plan, backend=backend)                   # (Nr, D)
     # forward: xr, wr = rows and weights sent out (dispatch)    so: send the gradients home, adding copies
-    dxm = _back(comm, hop, dxr, n_mid, pre + "dispatch_bwd/dx")           # (M, D)
-    dwm = _back(comm, hop, dwr, n_mid, pre + "dispatch_bwd/weights")      # (M, K), 0 on other ranks' slots
+    dxm = _back(comm, hop, dxr, n_mid, pre + "dispatch_bwd/dx")           # (Nm, D)
+    dwm = _back(comm, hop, dwr, n_mid, pre + "dispatch_bwd/weights")      # (Nm, K), 0 on other ranks' slots
     if inter is not None:
         dxm = _back(comm, inter, dxm, dyf.shape[0], "inter/dispatch_bwd/dx")        # (N, D)
         dwm = _back(comm, inter, dwm, dyf.shape[0], "inter/dispatch_bwd/weights")   # (N, K)

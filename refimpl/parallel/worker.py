@@ -6,7 +6,7 @@ results to ``--out`` (``.npz``, no pickle). Tasks:
 
 * ``layer``: expert-parallel MoE forward + backward; saves outputs, gradients, routing and the
   all-to-all traffic matrices (bytes per label) for the comparison with the single-process layer
-  and with :func:`refimpl.moe.parallel.all_to_all_stats`.
+  and with :func:`refimpl.moe.traffic.all_to_all_stats`.
 * ``train``: data-parallel training of the tiny V3 for a few steps; saves the final parameters.
 * ``bad``: deliberately bad input (``--kind divisibility|config|shape|batch``); every rank prints
   ``ERROR <rank> <message>`` (also written to ``<out>.<rank>``) and exits with status 3.

@@ -135,30 +135,30 @@ def quantize_activation(x, block=128, fmt="e4m3", scale_fmt=None, backend=None, 
     (the default ``eps`` = 1e-4 floor is that of DeepSeek's ``act_quant`` inference kernel;
     ``scale_fmt="ue8m0"`` rounds scales up to powers of two as in DeepSeek-V3.1).
 
-    Shapes: x (..., K) with K divisible by ``block`` -> q (..., K) on the FP8 grid (float32),
-    s (..., K/block) float32.
+    Shapes: x (..., Din) with Din divisible by ``block`` -> q (..., Din) on the FP8 grid (float32),
+    s (..., Din/block) float32.
     """
     check_float("x", x, min_ndim=1)
     block = check_integer("block", block, low=1)
     k = x.shape[-1]
     if k % block:
         raise ValueError(f"x: last axis ({k}) must be divisible by block ({block})")
-    tiles = x.astype(np.float64).reshape(*x.shape[:-1], k // block, block)   # (..., K/b, b)
-    s = _scales(np.abs(tiles).max(axis=-1, initial=0.0), fmt, scale_fmt, eps, "x")  # (..., K/b)
-    q = round_to_fp8(tiles / s[..., None], fmt, backend=backend)             # (..., K/b, b)
+    tiles = x.astype(np.float64).reshape(*x.shape[:-1], k // block, block)   # (..., Din/block, block)
+    s = _scales(np.abs(tiles).max(axis=-1, initial=0.0), fmt, scale_fmt, eps, "x")  # (..., Din/block)
+    q = round_to_fp8(tiles / s[..., None], fmt, backend=backend)             # (..., Din/block, block)
     return q.reshape(x.shape).astype(np.float32), s.astype(np.float32)
 
 
 def dequantize_activation(q, s, block=128):
-    """Inverse of :func:`quantize_activation`: ``q * s`` per tile. Shapes: q (..., K), s (..., K/block)."""
+    """Inverse of :func:`quantize_activation`: ``q * s`` per tile. Shapes: q (..., Din), s (..., Din/block)."""
     check_float("q", q, min_ndim=1)
     check_float("s", s, min_ndim=1)
     block = check_integer("block", block, low=1)
     if q.shape[-1] != s.shape[-1] * block or q.shape[:-1] != s.shape[:-1]:
         raise ValueError(f"s: expected shape {q.shape[:-1] + (q.shape[-1] // block,)} for q {q.shape}, "
                          f"got {s.shape}")
-    tiles = q.reshape(*q.shape[:-1], s.shape[-1], block)                # (..., K/b, b)
-    return (tiles * s[..., None]).reshape(q.shape)                      # (..., K)
+    tiles = q.reshape(*q.shape[:-1], s.shape[-1], block)                # (..., Din/block, block)
+    return (tiles * s[..., None]).reshape(q.shape)                      # (..., Din)
 
 
 def quantize_weight(w, block=128, fmt="e4m3", scale_fmt=None, backend=None, *, eps=1e-4):
@@ -166,18 +166,18 @@ def quantize_weight(w, block=128, fmt="e4m3", scale_fmt=None, backend=None, *, e
     ``weight_scale_inv``). Edge blocks of shapes that ``block`` does not divide are partial, as in
     the released FP8 checkpoints.
 
-    Shapes: w (N, K) -> q (N, K) float32 on the FP8 grid, s (ceil(N/b), ceil(K/b)) float32.
+    Shapes: w (Dout, Din) -> q (Dout, Din) float32 on the FP8 grid, s (ceil(Dout/b), ceil(Din/b)) float32.
     """
     check_float("w", w, ndim=2)
     block = check_integer("block", block, low=1)
     n, k = w.shape
     block = min(block, max(n, k, 1))      # one block covers w: larger blocks give the same result
     nb, kb = -(-n // block), -(-k // block)
-    pad = np.zeros((nb * block, kb * block))                            # (Nb*b, Kb*b)
+    pad = np.zeros((nb * block, kb * block))                            # (Doutp, Dinp)
     pad[:n, :k] = w
-    blocks = pad.reshape(nb, block, kb, block)                          # (Nb, b, Kb, b)
-    s = _scales(np.abs(blocks).max(axis=(1, 3), initial=0.0), fmt, scale_fmt, eps, "w")  # (Nb, Kb)
-    q = round_to_fp8(blocks / s[:, None, :, None], fmt, backend=backend)  # (Nb, b, Kb, b)
+    blocks = pad.reshape(nb, block, kb, block)                          # (Doutp/block, block, Dinp/block, block)
+    s = _scales(np.abs(blocks).max(axis=(1, 3), initial=0.0), fmt, scale_fmt, eps, "w")  # (Doutp/block, Dinp/block)
+    q = round_to_fp8(blocks / s[:, None, :, None], fmt, backend=backend)  # (Doutp/block, block, Dinp/block, block)
     return q.reshape(nb * block, kb * block)[:n, :k].astype(np.float32), s.astype(np.float32)
 
 
@@ -186,12 +186,12 @@ def dequantize_weight(q, s, block=128):
     n, k = q.shape
     if s.shape != (-(-n // block), -(-k // block)):
         raise ValueError(f"s: expected shape {(-(-n // block), -(-k // block))} for q {q.shape}, got {s.shape}")
-    full = np.repeat(np.repeat(s, block, axis=0), block, axis=1)[:n, :k]  # (N, K)
+    full = np.repeat(np.repeat(s, block, axis=0), block, axis=1)[:n, :k]  # (Dout, Din)
     return q * full
 
 
 def fp8_gemm(xq, xs, wq, ws, block=128):
-    r"""``y = x @ w.T`` from block-quantised operands, promoting partial sums to FP32 per K-block.
+    r"""``y = x @ w.T`` from block-quantised operands, promoting partial sums to FP32 per Din-block.
 
     .. math:: y_{ij} = \sum_{b} s^x_{i,b}\, s^w_{\lceil j/128\rceil, b}
               \Bigl(\textstyle\sum_{k \in b} q^x_{ik}\, q^w_{jk}\Bigr)
@@ -201,21 +201,21 @@ def fp8_gemm(xq, xs, wq, ws, block=128):
     do. Simplification: the inner sum is an exact-product float32 sum, whereas the tensor core's
     limited (~14-bit) internal accumulation is not modelled.
 
-    Shapes: xq (M, K), xs (M, K/b), wq (N, K), ws (ceil(N/b), K/b) -> y (M, N) float32.
+    Shapes: xq (N, Din), xs (N, Din/b), wq (Dout, Din), ws (ceil(Dout/b), Din/b) -> y (N, Dout) float32.
     """
     m, k = xq.shape
     n = wq.shape[0]
     if wq.shape[1] != k or k % block:
-        raise ValueError(f"wq: expected shape (N, {k}) with K divisible by block ({block}), got {wq.shape}")
+        raise ValueError(f"wq: expected shape (Dout, {k}) with Din divisible by block ({block}), got {wq.shape}")
     if xs.shape != (m, k // block) or ws.shape != (-(-n // block), k // block):
         raise ValueError(f"xs/ws: expected shapes {(m, k // block)} and {(-(-n // block), k // block)}, "
                          f"got {xs.shape} and {ws.shape}")
-    ws_rows = np.repeat(ws, block, axis=0)[:n]                          # (N, K/b) scale of each output row
-    y = np.zeros((m, n), dtype=np.float32)                              # (M, N) FP32 accumulator
+    ws_rows = np.repeat(ws, block, axis=0)[:n]                          # (Dout, Din/block) scale of each output row
+    y = np.zeros((m, n), dtype=np.float32)                              # (N, Dout) FP32 accumulator
     for b in range(k // block):
         sl = slice(b * block, (b + 1) * block)
-        part = xq[:, sl].astype(np.float32) @ wq[:, sl].astype(np.float32).T   # (M, N) block partial sum
-        y += part * (xs[:, b, None] * ws_rows[None, :, b]).astype(np.float32)  # (M, N) promote + scale
+        part = xq[:, sl].astype(np.float32) @ wq[:, sl].astype(np.float32).T   # (N, Dout) block partial sum
+        y += part * (xs[:, b, None] * ws_rows[None, :, b]).astype(np.float32)  # (N, Dout) promote + scale
     return y
 
 
@@ -231,20 +231,20 @@ def fp8_linear_forward(x, w, *, block=128, fmt="e4m3", scale_fmt=None, quantize_
 
     Forward: :math:`y = \mathrm{fp8\_gemm}(Q_{1\times b}(x), Q_{b\times b}(W))`.
 
-    Shapes: x (..., K), w (N, K) -> y (..., N) in x's dtype.
+    Shapes: x (..., Din), w (Dout, Din) -> y (..., Dout) in x's dtype.
     """
     check_float("x", x, min_ndim=1)
     check_float("w", w, ndim=2)
     if w.shape[1] != x.shape[-1]:
-        raise ValueError(f"w: expected shape (N, {x.shape[-1]}) to match x's last axis, got {w.shape}")
-    x2 = x.reshape(-1, x.shape[-1])                                     # (M, K)
-    xq, xs = quantize_activation(x2, block, fmt, scale_fmt)             # (M, K), (M, K/b)
-    wq, ws = quantize_weight(w, block, fmt, scale_fmt)                  # (N, K), (Nb, K/b)
-    y = fp8_gemm(xq, xs, wq, ws, block)                                 # (M, N)
-    x_hat = dequantize_activation(xq, xs, block).astype(x.dtype)        # (M, K)
-    w_hat = dequantize_weight(wq, ws, block).astype(w.dtype)            # (N, K)
+        raise ValueError(f"w: expected shape (Dout, {x.shape[-1]}) to match x's last axis, got {w.shape}")
+    x2 = x.reshape(-1, x.shape[-1])                                     # (N, Din)
+    xq, xs = quantize_activation(x2, block, fmt, scale_fmt)             # (N, Din), (N, Din/block)
+    wq, ws = quantize_weight(w, block, fmt, scale_fmt)                  # (Dout, Din), (Doutp/block, Din/block)
+    y = fp8_gemm(xq, xs, wq, ws, block)                                 # (N, Dout)
+    x_hat = dequantize_activation(xq, xs, block).astype(x.dtype)        # (N, Din)
+    w_hat = dequantize_weight(wq, ws, block).astype(w.dtype)            # (Dout, Din)
     _, inner = linear_forward(x_hat, w_hat)
-    out = y.reshape(*x.shape[:-1], w.shape[0]).astype(x.dtype)          # (..., N)
+    out = y.reshape(*x.shape[:-1], w.shape[0]).astype(x.dtype)          # (..., Dout)
     return out, FP8LinearCache(inner, block, fmt, quantize_grad)
 
 
@@ -255,15 +255,15 @@ def fp8_linear_backward(dy, cache):
     those of the float linear at the dequantised operands :math:`\hat x, \hat W`:
     :math:`dx = dy\,\hat W`, :math:`dW = dy^\top \hat x`. With ``quantize_grad=True`` the output
     gradient is itself quantised in 1×b tiles first, emulating DeepSeek-V3's FP8 Dgrad/Wgrad GEMMs
-    (requires N divisible by b).
+    (requires Dout divisible by b).
 
-    Shapes: dy (..., N) -> dx (..., K), dw (N, K).
+    Shapes: dy (..., Dout) -> dx (..., Din), dw (Dout, Din).
     """
     inner, block, fmt, quantize_grad = cache
-    dy2 = dy.reshape(-1, dy.shape[-1])                                  # (M, N)
+    dy2 = dy.reshape(-1, dy.shape[-1])                                  # (N, Dout)
     if quantize_grad:
-        dq, ds = quantize_activation(dy2, block, fmt)                   # (M, N), (M, N/b)
-        dy2 = dequantize_activation(dq, ds, block).astype(dy.dtype)     # (M, N)
+        dq, ds = quantize_activation(dy2, block, fmt)                   # (N, Dout), (N, Dout/block)
+        dy2 = dequantize_activation(dq, ds, block).astype(dy.dtype)     # (N, Dout)
     # forward (surrogate): y = x_hat @ w_hat.T
-    dx, dw, _ = linear_backward(dy2, inner)                             # (M, K), (N, K)
+    dx, dw, _ = linear_backward(dy2, inner)                             # (N, Din), (Dout, Din)
     return dx.reshape(*dy.shape[:-1], dx.shape[-1]), dw

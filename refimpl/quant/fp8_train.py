@@ -46,6 +46,7 @@ from contextlib import contextmanager
 
 import numpy as np
 
+from .._validate import check_bool, check_integer
 from ..backend import resolve_backend
 from ..core.linear import GEMM_OVERRIDE
 from .fp8 import FP8_FORMATS, fp8_gemm, quantize_activation, quantize_weight
@@ -55,9 +56,7 @@ TRAIN_SCALE_FLOOR = 2.0**-100
 
 
 def _check_tile(tile):
-    if isinstance(tile, bool) or not isinstance(tile, int | np.integer) or tile < 1:
-        raise ValueError(f"tile: expected a positive integer (V3 uses 128), got {tile!r}")
-    return int(tile)
+    return check_integer("tile", tile, low=1)     # V3 uses 128
 
 
 def _check_2d(name, a, shape):
@@ -87,11 +86,11 @@ def quantize_rows(x, tile, fmt="e4m3", scale_fmt=None, backend=None):
 
     (DeepSeek-V3 §3.3.2, online max-abs scaling; no inference floor, see the module docstring).
 
-    Shapes: x (M, K) -> q (M, Kp) float32 on the FP8 grid, s (M, Kp/tile) float32, Kp = ceil(K/tile)*tile.
+    Shapes: x (N, Din) -> q (N, Dinp) float32 on the FP8 grid, s (N, Dinp/tile) float32, Dinp = ceil(Din/tile)*tile.
     """
     tile = _check_tile(tile)
-    _check_2d("x", x, "(M, K)")
-    ap = _pad_to(x, 1, tile)                                            # (M, Kp) (values checked below)
+    _check_2d("x", x, "(N, Din)")
+    ap = _pad_to(x, 1, tile)                                            # (N, Dinp) (values checked below)
     be = resolve_backend(backend, work=ap.size)
     return quantize_activation(ap, tile, fmt, scale_fmt, be, eps=TRAIN_SCALE_FLOOR)
 
@@ -99,11 +98,11 @@ def quantize_rows(x, tile, fmt="e4m3", scale_fmt=None, backend=None):
 def quantize_blocks(w, tile, fmt="e4m3", scale_fmt=None, backend=None):
     r"""FP8 ``tile``×``tile`` weight blocks, both axes zero-padded to multiples of ``tile`` (V3 §3.3.2).
 
-    Shapes: w (N, K) -> q (Np, Kp) float32 on the FP8 grid, s (Np/tile, Kp/tile) float32.
+    Shapes: w (Dout, Din) -> q (Doutp, Dinp) float32 on the FP8 grid, s (Doutp/tile, Dinp/tile) float32.
     """
     tile = _check_tile(tile)
-    _check_2d("w", w, "(N, K)")
-    wp = _pad_to(_pad_to(w, 0, tile), 1, tile)                          # (Np, Kp) (values checked below)
+    _check_2d("w", w, "(Dout, Din)")
+    wp = _pad_to(_pad_to(w, 0, tile), 1, tile)                          # (Doutp, Dinp) (values checked below)
     be = resolve_backend(backend, work=wp.size)
     return quantize_weight(wp, tile, fmt, scale_fmt, be, eps=TRAIN_SCALE_FLOOR)
 
@@ -117,28 +116,28 @@ def scaled_gemm(aq, sa, bq, sb, tile):
     promotion DeepSeek-V3 §3.3.2 describes. A weight's ``tile``×``tile`` block scales are the special
     case of the same scale on ``tile`` consecutive rows (:func:`~refimpl.quant.fp8.fp8_gemm`).
 
-    Shapes: aq (M, Kp), sa (M, Kp/tile), bq (N, Kp), sb (N, Kp/tile) -> y (M, N) float32.
+    Shapes: aq (N, Dinp), sa (N, Dinp/tile), bq (Dout, Dinp), sb (Dout, Dinp/tile) -> y (N, Dout) float32.
     """
     tile = _check_tile(tile)
     m, kp = aq.shape
     n = bq.shape[0]
     if bq.shape[1] != kp or kp % tile:
-        raise ValueError(f"bq: expected shape (N, {kp}) with a length divisible by tile ({tile}), got {bq.shape}")
+        raise ValueError(f"bq: expected shape (Dout, {kp}) with a length divisible by tile ({tile}), got {bq.shape}")
     if sa.shape != (m, kp // tile) or sb.shape != (n, kp // tile):
         raise ValueError(f"sa/sb: expected shapes {(m, kp // tile)} and {(n, kp // tile)}, got {sa.shape} and "
                          f"{sb.shape}")
-    y = np.zeros((m, n), dtype=np.float32)                              # (M, N) FP32 accumulator
+    y = np.zeros((m, n), dtype=np.float32)                              # (N, Dout) FP32 accumulator
     for b in range(kp // tile):
         sl = slice(b * tile, (b + 1) * tile)
-        part = aq[:, sl].astype(np.float32) @ bq[:, sl].astype(np.float32).T   # (M, N) one tile's sum
-        y += part * (sa[:, b, None] * sb[None, :, b]).astype(np.float32)       # (M, N) promote + scale
+        part = aq[:, sl].astype(np.float32) @ bq[:, sl].astype(np.float32).T   # (N, Dout) one tile's sum
+        y += part * (sa[:, b, None] * sb[None, :, b]).astype(np.float32)       # (N, Dout) promote + scale
     return y
 
 
 def _dequantize_rows(q, s, tile, k):
     """``q * s`` per tile in float64 (exact: 4 + 24 significant bits), cut back to length ``k``."""
-    full = np.repeat(s.astype(np.float64), tile, axis=-1)               # (M, Kp)
-    return (q.astype(np.float64) * full)[:, :k]                         # (M, K)
+    full = np.repeat(s.astype(np.float64), tile, axis=-1)               # (N, Dinp)
+    return (q.astype(np.float64) * full)[:, :k]                         # (N, Din)
 
 
 class GemmProvider:
@@ -181,8 +180,7 @@ class FP8Gemm(GemmProvider):
             raise ValueError(f"fmt: expected one of {sorted(FP8_FORMATS)}, got {fmt!r}")
         if scale_fmt not in (None, "ue8m0"):
             raise ValueError(f"scale_fmt: expected None or 'ue8m0', got {scale_fmt!r}")
-        if not isinstance(backward, bool):
-            raise TypeError(f"backward: expected a bool, got {type(backward).__name__}")
+        backward = check_bool("backward", backward)
         super().__init__(exclude=exclude, log=log)
         self.fmt, self.scale_fmt, self.backward, self.backend = fmt, scale_fmt, backward, backend
 
@@ -197,34 +195,35 @@ class FP8Gemm(GemmProvider):
         return quantize_blocks(w, self.tile, self.fmt, self.scale_fmt, self.backend)
 
     def fprop(self, x, w):
-        """Forward: FP8 ``1×tile`` tiles of x and ``tile×tile`` blocks of w. (M, K), (N, K) -> (M, N)."""
+        """Forward: FP8 ``1×tile`` tiles of x and ``tile×tile`` blocks of w. (N, Din), (Dout, Din) -> (N, Dout)."""
         n, t = w.shape[0], self.tile
         self._record("fprop", x.shape[0], n, x.shape[1])
-        xq, xs = self._rows(x)                                          # (M, Kp), (M, Kp/t)
-        wq, ws = self._blocks(w)                                        # (Np, Kp), (Np/t, Kp/t)
-        return fp8_gemm(xq, xs, wq[:n], ws, t)                          # (M, N)
+        xq, xs = self._rows(x)                                          # (N, Dinp), (N, Dinp/t)
+        wq, ws = self._blocks(w)                                        # (Doutp, Dinp), (Doutp/t, Dinp/t)
+        return fp8_gemm(xq, xs, wq[:n], ws, t)                          # (N, Dout)
 
     def dgrad(self, dy, w):
-        """Input gradient ``dy @ w``: dy in tiles along N, w's blocks transposed. (M, N), (N, K) -> (M, K)."""
+        """Input gradient ``dy @ w``: dy in tiles along Dout, w's blocks transposed.
+        (N, Dout), (Dout, Din) -> (N, Din)."""
         k, t = w.shape[1], self.tile
         self._record("dgrad", dy.shape[0], k, dy.shape[1])
-        wq, ws = self._blocks(w)                                        # (Np, Kp), (Np/t, Kp/t)
+        wq, ws = self._blocks(w)                                        # (Doutp, Dinp), (Doutp/t, Dinp/t)
         if not self.backward:
-            w_hat = _dequantize_rows(wq, np.repeat(ws, t, axis=0), t, k)[:w.shape[0]]  # (N, K)
-            return (dy.astype(np.float64) @ w_hat).astype(np.float32)   # (M, K) STE of the surrogate
-        dq, ds = self._rows(dy)                                         # (M, Np), (M, Np/t)
-        return fp8_gemm(dq, ds, wq.T[:k], ws.T, t)                      # (M, K) a block's scale serves w.T
+            w_hat = _dequantize_rows(wq, np.repeat(ws, t, axis=0), t, k)[:w.shape[0]]  # (Dout, Din)
+            return (dy.astype(np.float64) @ w_hat).astype(np.float32)   # (N, Din) STE of the surrogate
+        dq, ds = self._rows(dy)                                         # (N, Doutp), (N, Doutp/t)
+        return fp8_gemm(dq, ds, wq.T[:k], ws.T, t)                      # (N, Din) a block's scale serves w.T
 
     def wgrad(self, dy, x):
-        """Weight gradient ``dy.T @ x``, contracting over tokens: both in tiles along M. -> (N, K)."""
+        """Weight gradient ``dy.T @ x``, contracting over tokens: both in tiles along N. -> (Dout, Din)."""
         self._record("wgrad", dy.shape[1], x.shape[1], dy.shape[0])
         if not self.backward:
             xq, xs = self._rows(x)                                      # the forward's quantisation of x
-            x_hat = _dequantize_rows(xq, xs, self.tile, x.shape[1])     # (M, K)
-            return (dy.T.astype(np.float64) @ x_hat).astype(np.float32)  # (N, K) STE of the surrogate
-        gq, gs = self._rows(np.ascontiguousarray(dy.T))                 # (N, Mp), (N, Mp/t)
-        xq, xs = self._rows(np.ascontiguousarray(x.T))                  # (K, Mp), (K, Mp/t)
-        return scaled_gemm(gq, gs, xq, xs, self.tile)                   # (N, K)
+            x_hat = _dequantize_rows(xq, xs, self.tile, x.shape[1])     # (N, Din)
+            return (dy.T.astype(np.float64) @ x_hat).astype(np.float32)  # (Dout, Din) STE of the surrogate
+        gq, gs = self._rows(np.ascontiguousarray(dy.T))                 # (Dout, Np), (Dout, Np/t)
+        xq, xs = self._rows(np.ascontiguousarray(x.T))                  # (Din, Np), (Din, Np/t)
+        return scaled_gemm(gq, gs, xq, xs, self.tile)                   # (Dout, Din)
 
 
 @contextmanager
@@ -315,17 +314,17 @@ class BF16Gemm(GemmProvider):
     """
 
     def fprop(self, x, w):
-        """``bf16(x) @ bf16(w).T`` in float32. (M, K), (N, K) -> (M, N)."""
+        """``bf16(x) @ bf16(w).T`` in float32. (N, Din), (Dout, Din) -> (N, Dout)."""
         self._record("fprop", x.shape[0], w.shape[0], x.shape[1])
         return round_to_bf16(x) @ round_to_bf16(w).T
 
     def dgrad(self, dy, w):
-        """``bf16(dy) @ bf16(w)`` in float32. (M, N), (N, K) -> (M, K)."""
+        """``bf16(dy) @ bf16(w)`` in float32. (N, Dout), (Dout, Din) -> (N, Din)."""
         self._record("dgrad", dy.shape[0], w.shape[1], dy.shape[1])
         return round_to_bf16(dy) @ round_to_bf16(w)
 
     def wgrad(self, dy, x):
-        """``bf16(dy).T @ bf16(x)`` in float32. (M, N), (M, K) -> (N, K)."""
+        """``bf16(dy).T @ bf16(x)`` in float32. (N, Dout), (N, Din) -> (Dout, Din)."""
         self._record("wgrad", dy.shape[1], x.shape[1], dy.shape[0])
         return round_to_bf16(dy).T @ round_to_bf16(x)
 

@@ -81,8 +81,8 @@ def indexer_recall(params, config, ids, topk, n_query=8):
     cache = model_forward(ids, params, with_topk(config, t))[1]
     rec = []
     for bc in cache.blocks:
-        sel = select_topk(bc.attn.scores, topk)[:, t - n_query - 1:]    # (B, Q, T)
-        top = select_topk(attention_target(bc.attn), topk)[:, t - n_query - 1:]  # (B, Q, T)
+        sel = select_topk(bc.attn.scores, topk)[:, t - n_query - 1:]    # (B, n_query, T)
+        top = select_topk(attention_target(bc.attn), topk)[:, t - n_query - 1:]  # (B, n_query, T)
         rec.append((sel & top).sum(-1) / topk)
     return float(np.mean(rec))
 

@@ -50,10 +50,10 @@ def relative_loss_error(loss_fp8, loss_ref, window=1):
     if not (isinstance(window, int) and window >= 1):
         raise ValueError(f"window: expected a positive integer, got {window!r}")
     if window > 1:
-        c = np.arange(1, a.size + 1)                                        # (S,)
-        lo = np.maximum(c - window, 0)                                      # (S,)
+        c = np.arange(1, a.size + 1)                                        # (steps,)
+        lo = np.maximum(c - window, 0)                                      # (steps,)
         ca, cb = np.concatenate([[0.0], np.cumsum(a)]), np.concatenate([[0.0], np.cumsum(b)])
-        a, b = (ca[c] - ca[lo]) / (c - lo), (cb[c] - cb[lo]) / (c - lo)     # (S,) trailing means
+        a, b = (ca[c] - ca[lo]) / (c - lo), (cb[c] - cb[lo]) / (c - lo)     # (steps,) trailing means
     return np.abs(a - b) / b
 
 

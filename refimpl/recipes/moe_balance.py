@@ -46,8 +46,8 @@ def toy_config(n_experts=16, top_k=2, hidden=16, inter=16, scoring_func="sigmoid
 
 
 def _teacher(rng, hidden, n_clusters, offset):
-    centers = rng.standard_normal((n_clusters, hidden))                   # (C, D)
-    maps = rng.standard_normal((n_clusters, hidden, hidden)) / np.sqrt(hidden)  # (C, D, D)
+    centers = rng.standard_normal((n_clusters, hidden))                   # (n_clusters, D)
+    maps = rng.standard_normal((n_clusters, hidden, hidden)) / np.sqrt(hidden)  # (n_clusters, D, D)
     common = np.full(hidden, float(offset))                               # (D,) shared direction
     return centers, maps, common
 

@@ -32,7 +32,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from .._validate import check_float, check_real
+from .._validate import check_float, check_integer, check_real
 
 SCALE_REWARDS = ("group", "batch", "none")
 NAN_POLICIES = ("raise", "omit")
@@ -50,10 +50,7 @@ def _scale_mode(scale_rewards) -> str:
 
 
 def _check_groups(name: str, n: int, num_generations) -> int:
-    if isinstance(num_generations, bool) or not isinstance(num_generations, int | np.integer):
-        raise TypeError(f"num_generations: expected an int, got {type(num_generations).__name__}")
-    if num_generations < 1:
-        raise ValueError(f"num_generations: expected >= 1, got {num_generations}")
+    num_generations = check_integer("num_generations", num_generations, low=1)
     if n % num_generations:
         raise ValueError(f"{name}: expected a length divisible by num_generations={num_generations} "
                          f"(contiguous groups), got {n}")

@@ -29,7 +29,7 @@ from typing import NamedTuple
 
 import numpy as np
 
-from .._validate import check_float, check_int, check_integer, check_upstream
+from .._validate import check_float, check_int, check_integer, check_positive_real, check_upstream
 
 CHUNK_ROWS = 32  # rows per pass: (32, V) buffers stay in cache for V ~ 32k
 
@@ -45,11 +45,7 @@ class LogProbCache(NamedTuple):
 
 
 def _check_temperature(temperature) -> float:
-    if isinstance(temperature, bool) or not isinstance(temperature, int | float | np.floating | np.integer):
-        raise TypeError(f"temperature: expected a float, got {type(temperature).__name__}")
-    if not (np.isfinite(temperature) and temperature > 0):
-        raise ValueError(f"temperature: expected a finite value > 0, got {temperature}")
-    return float(temperature)
+    return check_positive_real("temperature", temperature)
 
 
 def logps_entropy_forward(logits, ids, *, temperature=1.0, chunk_rows=CHUNK_ROWS):

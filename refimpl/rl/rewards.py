@@ -23,6 +23,8 @@ from collections.abc import Callable, Sequence
 
 import numpy as np
 
+from .._validate import check_integer
+
 TAGS = ("<think>", "</think>", "<answer>", "</answer>")
 _BODY = r"(?:(?!</?(?:think|answer)>).)*"          # any text that contains no tag
 _FORMAT = re.compile(rf"<think>{_BODY}</think><answer>{_BODY}</answer>", re.DOTALL)
@@ -133,8 +135,7 @@ def overlong_penalty(lengths, *, max_completion_len, soft_punish_cache) -> np.nd
     if not np.issubdtype(lengths.dtype, np.integer) or lengths.ndim != 1:
         raise TypeError(f"lengths: expected a 1-D integer array, got dtype {lengths.dtype}, shape {lengths.shape}")
     for name, v in (("max_completion_len", max_completion_len), ("soft_punish_cache", soft_punish_cache)):
-        if isinstance(v, bool) or not isinstance(v, int | np.integer) or v < 0:
-            raise ValueError(f"{name}: expected an int >= 0, got {v!r}")
+        check_integer(name, v, low=0)
     if soft_punish_cache > max_completion_len:
         raise ValueError(f"soft_punish_cache: expected <= max_completion_len={max_completion_len}, "
                          f"got {soft_punish_cache}")

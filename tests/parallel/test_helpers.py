@@ -125,3 +125,18 @@ def test_shard_experts_rejects_bad_rank_and_size(args, exc, start):
         shard_experts(params["experts"], *args)
     with pytest.raises(ValueError, match="^experts: expected the dict"):
         shard_experts([params["experts"]["gate_proj"]], 0, 1)
+
+
+def test_local_check_reads_this_ranks_experts():
+    """mpi_moe's local check is moe.layer.check_moe_params on the E/size experts a rank holds."""
+    from refimpl.parallel.mpi_moe import _check_local
+    cfg, params, x, _ = make_layer_case("v3", tokens=(2, 2), experts=8, n_group=2, topk_group=1)
+    local = shard_params(params, 0, 2)
+    _check_local(x[:2], local, cfg, 2)                                   # 4 of 8 experts: fine
+    with pytest.raises(ValueError, match=r"^params\['experts'\]\['gate_proj'\]: .*E/ranks = 4 experts"):
+        _check_local(x[:2], params, cfg, 2)                              # all 8: not sharded
+    bad = {**local, "experts": {k: v for k, v in local["experts"].items() if k != "up_proj"}}
+    with pytest.raises(ValueError, match=r"missing 'up_proj'"):
+        _check_local(x[:2], bad, cfg, 2)
+    with pytest.raises(TypeError, match="^params: expected a dict"):
+        _check_local(x[:2], [], cfg, 2)

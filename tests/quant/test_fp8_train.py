@@ -333,9 +333,9 @@ def test_contexts_nest_and_restore_after_errors():
 @pytest.mark.parametrize("kwargs, exc, arg", [
     (dict(tile=0), ValueError, "tile"),
     (dict(tile=-32), ValueError, "tile"),
-    (dict(tile=2.5), ValueError, "tile"),
-    (dict(tile="32"), ValueError, "tile"),
-    (dict(tile=True), ValueError, "tile"),
+    (dict(tile=2.5), TypeError, "tile"),       # a wrong type is a TypeError (refimpl._validate's rule)
+    (dict(tile="32"), TypeError, "tile"),
+    (dict(tile=True), TypeError, "tile"),
     (dict(tile=32, fmt="e3m4"), ValueError, "fmt"),
     (dict(tile=32, scale_fmt="e8"), ValueError, "scale_fmt"),
     (dict(tile=32, exclude=[[1.0]]), TypeError, "exclude"),

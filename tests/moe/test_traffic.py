@@ -7,7 +7,7 @@ from hypothesis import strategies as st
 
 from refimpl.config import ModelConfig
 from refimpl.moe import all_to_all_stats, expert_placement
-from refimpl.moe.parallel import node_limited_comparison
+from refimpl.moe.traffic import node_limited_comparison
 from refimpl.testing import strategies as rst
 
 

@@ -1,4 +1,6 @@
-r"""Expert parallelism, simulated: where routed tokens travel for a placement of experts on devices.
+r"""Expert-parallel traffic, simulated: where routed tokens travel for a placement of experts on devices.
+
+Only counts, no MPI: :mod:`refimpl.parallel` runs expert parallelism for real over MPI ranks.
 
 With expert parallelism each device holds ``E / n_devices`` routed experts, and every token is sent
 (all-to-all *dispatch*) to the devices holding its K experts, then the outputs come back (*combine*).
