@@ -66,8 +66,8 @@ def cot_data(n_train, seed, train_max_digits, eval_digits, eval_n):
     return direct, think
 
 
-def cot_ablation_run(steps=1500, seed=0, progress=True, cache_dir=None, *, n_train=4000, train_max_digits=5,
-                     eval_digits=(2, 3, 4, 5, 6, 7), eval_n=64, batch_size=32, lr=3e-3):
+def cot_ablation_run(steps=1000, seed=0, progress=True, cache_dir=None, *, direct_steps=3000, n_train=20000,
+                     train_max_digits=4, eval_digits=(2, 3, 4, 5, 6), eval_n=64, batch_size=32, lr=3e-3):
     """Direct answer vs think first, with the same model, data and steps (see the module docstring).
 
     Both models start from ``init_params(config, default_rng(seed))`` and are trained by
@@ -80,15 +80,16 @@ def cot_ablation_run(steps=1500, seed=0, progress=True, cache_dir=None, *, n_tra
     ``per_length`` a list of ``dict(digits, with_cot, without_cot, beyond_training)``, ``history``
     the two training-loss curves, ``samples`` a few greedy completions of each model at each length.
     """
-    for name, v, low in (("steps", steps, 0), ("n_train", n_train, 1), ("eval_n", eval_n, 1),
-                         ("train_max_digits", train_max_digits, 1)):
+    for name, v, low in (("steps", steps, 0), ("direct_steps", direct_steps, 0), ("n_train", n_train, 1),
+                         ("eval_n", eval_n, 1), ("train_max_digits", train_max_digits, 1)):
         if isinstance(v, bool) or not isinstance(v, int) or v < low:
             raise ValueError(f"{name}: expected an int >= {low}, got {v!r}")
     eval_digits = tuple(int(d) for d in eval_digits)
     if not eval_digits or not all(1 <= d <= 7 for d in eval_digits):
         raise ValueError(f"eval_digits: expected lengths in 1..7 (128 positions), got {eval_digits!r}")
     config = cot_model_config()
-    args = dict(steps=steps, seed=seed, n_train=n_train, train_max_digits=train_max_digits, eval_digits=eval_digits,
+    args = dict(steps=steps, direct_steps=direct_steps, seed=seed, n_train=n_train, train_max_digits=train_max_digits,
+                eval_digits=eval_digits,
                 eval_n=eval_n, batch_size=batch_size, lr=lr)
     key = _cache.cache_key("cot_ablation", args, COT_SOURCES)
     if cache_dir is not None and (hit := _cache.load(cache_dir, key, config, ["direct", "think"])) is not None:
@@ -98,8 +99,9 @@ def cot_ablation_run(steps=1500, seed=0, progress=True, cache_dir=None, *, n_tra
     init = init_params(config, np.random.default_rng(seed), np.float32)
     trained, history = {}, {}
     for style, pairs in data.items():
-        out = sft_train(init, config, pairs, steps=steps, batch_size=batch_size, lr=lr,
-                        warmup_steps=min(50, steps), seed=seed, progress=progress)
+        n = direct_steps if style == "direct" else steps
+        out = sft_train(init, config, pairs, steps=n, batch_size=batch_size, lr=lr,
+                        warmup_steps=min(50, n), seed=seed, progress=progress)
         trained[style], history[style] = out["params"], [float(x) for x in out["history"]["lm_loss"]]
     rows, samples = [], {}
     for d in eval_digits:
@@ -113,7 +115,8 @@ def cot_ablation_run(steps=1500, seed=0, progress=True, cache_dir=None, *, n_tra
     with_cot = float(np.mean([r["with_cot"] for r in rows]))
     without = float(np.mean([r["without_cot"] for r in rows]))
     meta = _cache.plain({"accuracy_with_cot": with_cot, "accuracy_without_cot": without, "gap": with_cot - without,
-                         "per_length": rows, "train_max_digits": train_max_digits, "history": history,
+                         "steps": {"think": steps, "direct": direct_steps}, "per_length": rows,
+                         "train_max_digits": train_max_digits, "history": history,
                          "samples": samples, "seconds": time.perf_counter() - t0})
     if cache_dir is not None:
         _cache.save(cache_dir, key, trained, meta)
