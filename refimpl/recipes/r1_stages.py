@@ -91,11 +91,15 @@ def readability(texts) -> dict:
 
 
 def measure(params, config, n, L):
-    """Greedy held-out accuracy, format rate, mean length and :func:`readability`, and 4 transcripts."""
+    """Greedy held-out accuracy (also apart on additions and on products), format rate, mean length,
+    :func:`readability`, and 4 transcripts."""
     ev = evaluate(params, config, TASK, n=n, max_new_tokens=L)
     texts = [s["completion"] for s in ev["samples"]]
+    by_op = {op: [s["correct"] for s in ev["samples"] if op in s["prompt"]] for op in "+*"}
     return {"accuracy": ev["accuracy"], "format": ev["format"], "mean_length": ev["mean_length"],
-            **readability(texts), "examples": [(s["prompt"], s["completion"], s["correct"]) for s in ev["samples"][:4]]}
+            "accuracy_add": float(np.mean(by_op["+"])) if by_op["+"] else 0.0,
+            "accuracy_mul": float(np.mean(by_op["*"])) if by_op["*"] else 0.0, **readability(texts),
+            "examples": [(s["prompt"], s["completion"], s["correct"]) for s in ev["samples"][:4]]}
 
 
 def stages_base(base_steps=2000, n_corpus=4000, corpus_options=None, progress=True, cache_dir=None, *, seed=0):
@@ -177,11 +181,12 @@ def r1_stages_run(steps=30, seeds=2, progress=True, cache_dir=None, *, steps_rl1
 
     ``kwargs`` go to :func:`r1_stages_seed` (stage budgets, ``corpus_options``, GRPOConfig fields).
     Returns a dict with, for each checkpoint ``c`` of :data:`CHECKPOINTS` and measure ``m`` in
-    (accuracy, format, readability), the scalars ``m_c`` (mean over seeds) and ``m_c_se``; the stage
-    effects ``gain_<stage>`` / ``gain_<stage>_se`` (paired per-seed accuracy differences: cold start
-    − base, rl1 − cold start, rejection_sft − rl1, rl2 − rejection_sft) and ``r1_minus_zero`` /
-    ``r1_minus_zero_se`` (rl2 − zero); ``per_seed`` (the records of :func:`r1_stages_seed`);
-    ``seconds`` (total compute of the runs, cached or not); ``cached`` (all seeds loaded).
+    (accuracy, accuracy_add, accuracy_mul, format, readability), the scalars ``m_c`` (mean over
+    seeds) and ``m_c_se``; the stage effects ``gain_<stage>`` / ``gain_<stage>_se`` (paired
+    per-seed accuracy differences: cold start − base, rl1 − cold start, rejection_sft − rl1,
+    rl2 − rejection_sft) and ``r1_minus_zero`` / ``r1_minus_zero_se`` (rl2 − zero); ``per_seed``
+    (the records of :func:`r1_stages_seed`); ``seconds`` (compute of the base and the runs, cached
+    or not); ``cached`` (all seeds loaded).
     """
     if isinstance(seeds, bool) or not isinstance(seeds, int) or seeds < 1:
         raise ValueError(f"seeds: expected an int >= 1, got {seeds!r}")
@@ -191,7 +196,7 @@ def r1_stages_run(steps=30, seeds=2, progress=True, cache_dir=None, *, steps_rl1
                                eval_n=eval_n, **kwargs) for s in range(seeds)]
     out = {}
     for c in CHECKPOINTS:
-        for m in ("accuracy", "format", "readability"):
+        for m in ("accuracy", "accuracy_add", "accuracy_mul", "format", "readability"):
             out[f"{m}_{c}"], out[f"{m}_{c}_se"] = mean_se([r["measures"][c][m] for r in per_seed])
     pairs = {"cold_start": ("base", "cold_start"), "rl1": ("cold_start", "rl1"),
              "rejection_sft": ("rl1", "rejection_sft"), "rl2": ("rejection_sft", "rl2")}
@@ -201,6 +206,7 @@ def r1_stages_run(steps=30, seeds=2, progress=True, cache_dir=None, *, steps_rl1
     out["r1_minus_zero"], out["r1_minus_zero_se"] = mean_se(
         [r["measures"]["rl2"]["accuracy"] - r["measures"]["zero"]["accuracy"] for r in per_seed])
     out.update(seeds=seeds, steps=steps, steps_rl1=steps_rl1, eval_n=eval_n, per_seed=per_seed,
-               seconds=float(sum(sum(r["seconds"].values()) for r in per_seed)),
+               seconds=float(per_seed[0]["seconds"]["base"] + sum(sum(v for k, v in r["seconds"].items() if k != "base")
+                                                                  for r in per_seed)),
                cached=all(r["cached"] for r in per_seed))
     return out
