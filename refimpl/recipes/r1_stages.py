@@ -32,6 +32,16 @@ for the budget) → ``steps - steps_rl1`` more GRPO steps. Both runs use ``steps
 *readability*, the share of completions that are well formatted and whose ``<think>`` is entirely
 in the digit script. Means over ``seeds`` seeds with standard errors (sample std / √n), and the
 per-seed paired differences of each stage with theirs.
+
+**Measured** (defaults: base 2500 steps; 40 RL steps, 20 + 20 for R1; 128 held-out problems;
+seed 0; a busy 2-core machine took ~16 minutes of wall time for one seed, an idle one ~3):
+base 24.2% (readability 95%), R1-Zero 48.4% (readability 84%: RL alone lets the letters back
+in); R1 cold start 53.1%, reasoning RL 57.0%, rejection sampling + SFT 57.8% (166 of 175 right
+samples kept as readable), second RL 56.2% (readability 100% throughout): R1 − R1-Zero = +7.8
+points. The cold start pays by far the most; the later stages move the accuracy by a few points,
+about the size of the noise of 128 problems (see the chapter "The R1 recipe" for two seeds).
+Without the rare multiplication carries (``p_carry_mul`` 0.15) R1-Zero learned products too and
+matched R1 (67% both, base 3000 steps), so the stages could not be told apart.
 """
 
 from __future__ import annotations
@@ -57,7 +67,7 @@ STAGES_SOURCES = SOURCES + ("recipes/aha.py", "recipes/language.py", "recipes/r1
 CHECKPOINTS = ("base", "zero", "cold_start", "rl1", "rejection_sft", "rl2")
 
 
-def stage_completion(example, rng, *, p_carry_add=0.35, p_carry_mul=0.15, p_switch=0.2, p_broken_format=0.3) -> str:
+def stage_completion(example, rng, *, p_carry_add=0.35, p_carry_mul=0.05, p_switch=0.2, p_broken_format=0.3) -> str:
     """One completion of the base corpus: a careless column trace (carries kept with probability
     ``p_carry_add`` / ``p_carry_mul``), switching to letters after a column with probability
     ``p_switch`` at each boundary, in the R1 format or (``p_broken_format``) one of four broken layouts."""
@@ -102,7 +112,7 @@ def measure(params, config, n, L):
             "examples": [(s["prompt"], s["completion"], s["correct"]) for s in ev["samples"][:4]]}
 
 
-def stages_base(base_steps=2000, n_corpus=4000, corpus_options=None, progress=True, cache_dir=None, *, seed=0):
+def stages_base(base_steps=2500, n_corpus=4000, corpus_options=None, progress=True, cache_dir=None, *, seed=0):
     """The pretrained base (:func:`refimpl.recipes.aha.pretrain_on` on :func:`stages_corpus`), shared by
     every seed of :func:`r1_stages_run` as R1 and R1-Zero share DeepSeek-V3-Base. Cached on its own.
     Returns ``dict(params, corpus_examples, seconds, cached)``."""
@@ -120,7 +130,7 @@ def stages_base(base_steps=2000, n_corpus=4000, corpus_options=None, progress=Tr
     return {"params": params, **meta, "cached": False}
 
 
-def r1_stages_seed(seed=0, progress=True, cache_dir=None, *, steps=30, steps_rl1=15, base_steps=2000,
+def r1_stages_seed(seed=0, progress=True, cache_dir=None, *, steps=40, steps_rl1=20, base_steps=2500,
                    n_corpus=4000, corpus_options=None, cold_start_examples=300, cold_start_steps=30,
                    cold_start_lr=1e-3, rs_prompts=256, rs_generations=4, rs_sft_steps=60, rs_sft_lr=3e-4,
                    language_weight=0.5, eval_n=128, max_completion_length=56, **overrides):
@@ -175,7 +185,7 @@ def r1_stages_seed(seed=0, progress=True, cache_dir=None, *, steps=30, steps_rl1
     return {**meta, "cached": False}
 
 
-def r1_stages_run(steps=30, seeds=2, progress=True, cache_dir=None, *, steps_rl1=15, base_steps=2000,
+def r1_stages_run(steps=40, seeds=3, progress=True, cache_dir=None, *, steps_rl1=20, base_steps=2500,
                   eval_n=128, **kwargs):
     """R1-Zero and R1's four stages (see the module docstring) for seeds ``0..seeds-1``.
 
