@@ -345,7 +345,7 @@ plt.show()
 # %% [markdown]
 # On two-digit sums the direct model, with five times the steps, is almost as good as the model
 # that thinks first; one digit more and it falls to well under half, while the model writing
-# column sums barely moves: the gap grows with the length, as the argument predicts. The direct
+# column sums loses only a few points: the gap grows with the length, as the argument predicts. The direct
 # model has to produce the leading digit first, although it depends on every carry below it, in
 # one forward pass per token; the model thinking first only ever adds two digits and a carry.
 # The caveat is the grey band: beyond the training lengths both fail completely. The tiny model

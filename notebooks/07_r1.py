@@ -370,15 +370,18 @@ print(f"accuracy cost of the language reward (greedy, paired over {lang['seeds']
 assert lang["consistency_before"] < 0.5 and lang["consistency_lc"] >= 0.95
 assert lang["sampled_consistency_lc"] > lang["sampled_consistency_zero"] + 0.3
 assert lang["sampled_consistency_zero"] <= lang["sampled_consistency_before"] + 0.1   # mixing stays
-LANG_ASSERTS
+assert all(r["accuracy_cost"] > 0 for r in lang["per_seed"]) and lang["accuracy_cost"] <= 0.1   # small, not zero
 
 # %% [markdown]
 # Without the language reward, RL has no reason to prefer one script: both compute the same sums,
-# so the mixing the base learned survives the accuracy reward, while the accuracy rises as in
-# {doc}`06_grpo`. With it, the traces become consistent, greedy and (mostly) sampled. The
-# accuracy cost printed above is the miniature's counterpart of R1's "slight degradation"; it is
-# small here because the letters are an equally good way to compute, so forcing one script costs
-# little, while in R1 the languages differ in how well the model reasons in them.
+# so the mixing the base learned survives the accuracy reward (sampled traces even drift further
+# from the digits), while the accuracy rises as in {doc}`06_grpo`. With it, the traces become
+# consistent, greedy and (mostly) sampled, in every seed. The accuracy cost, measured as the
+# paired per-seed difference between the two runs from the same base, is the miniature's
+# counterpart of R1's "slight degradation": it is positive in both seeds, a few points, and of
+# the order of its own standard error, so two seeds show that it is small but cannot pin it down.
+# It is small because the letters are an equally good way to compute, so forcing one script
+# costs little, while in R1 the languages differ in how well the model reasons in them.
 
 # %% [markdown]
 # ## 6. Four stages on a task where they matter
@@ -412,7 +415,7 @@ LANG_ASSERTS
 from refimpl.recipes.r1_stages import CHECKPOINTS, r1_stages_run  # noqa: E402
 
 t0 = time.perf_counter()
-stages = r1_stages_run(cache_dir="_cache", progress=False, **STAGES_BUDGET)
+stages = r1_stages_run(cache_dir="_cache", progress=False, seeds=2)   # the CLI runs 3 seeds
 print(f"{'loaded from the cache' if stages['cached'] else 'trained'} in {time.perf_counter() - t0:.0f} s "
       f"({stages['seconds']:.0f} s of compute when computed)")
 labels = {"base": "pretrained base", "zero": f"R1-Zero ({stages['steps']} RL steps)",
@@ -478,6 +481,13 @@ summary = [
     f"end R1 stood at {r1['eval_after']['accuracy']:.1%} and R1-Zero at {zero['eval_after']['accuracy']:.1%}.",
     f"* Rejection sampling accepted {per_sample:.1%} of the RL model's samples; {per_problem:.1%} of problems had "
     "at least one accepted answer in 4 samples.",
+    f"* With the language-consistency reward, {lang['consistency_lc']:.1%} of greedy traces were in one script "
+    f"(R1-Zero: {lang['consistency_zero']:.1%}), at an accuracy cost of {lang['accuracy_cost']:+.1%} ± "
+    f"{lang['accuracy_cost_se']:.1%} over {lang['seeds']} seeds.",
+    f"* On the mixed task, R1 after its four stages reached {stages['accuracy_rl2']:.1%} ± "
+    f"{stages['accuracy_rl2_se']:.1%} against R1-Zero's {stages['accuracy_zero']:.1%} ± "
+    f"{stages['accuracy_zero_se']:.1%} with the same {stages['steps']} RL steps; the cold start alone added "
+    f"{stages['gain_cold_start']:+.1%} ± {stages['gain_cold_start_se']:.1%} to the base.",
 ]
 display(Markdown("\n".join(summary)))
 assert st["cold_start"]["eval"]["accuracy"] > r1["eval_before"]["accuracy"] and per_problem >= per_sample
