@@ -295,58 +295,65 @@ print(m, logits.dtype, logits.shape)
 # before the answer gets more answers right than one that answers at once. The recipe
 # `refimpl.recipes.cot` measures it with everything else held fixed. Two copies of one
 # initialisation of the policy of {doc}`07_r1` (this chapter's model without its MTP module)
-# are fine-tuned on the same training problems, in the same order, for the same steps, and differ
-# only in the target: `<answer>132</answer>` (**direct**) or
-# `<think>7+5=12,4+8+1=13</think><answer>132</answer>` (**think first**). Both are evaluated
-# greedily on held-out problems whose two operands both have $d$ digits; the training problems
-# have at most five digits, so six and seven digits lie beyond anything either model saw. The
-# chapter runs the command line's defaults (`python -m refimpl cot-ablation`, 1500 steps per
-# model, a few minutes of CPU), cached in `notebooks/_cache`.
+# are fine-tuned on the same training problems, drawn in the same order, and differ in the target:
+# `<answer>132</answer>` (**direct**) or `<think>7+5=12,4+8+1=13</think><answer>132</answer>`
+# (**think first**). An answer of a few tokens carries little signal per example, and with equal
+# steps the direct model learned nothing at any length; so it gets five times the steps of the
+# model that thinks first, enough to learn two-digit sums, and the question becomes how accuracy
+# falls with length. Both are evaluated greedily on held-out problems whose two operands both
+# have $d$ digits; the training operands have at most three digits, so four and five digits lie
+# beyond anything either model saw. The chapter runs the command line's defaults
+# (`python -m refimpl cot-ablation`: 1000 steps for think first, 5000 for direct, a few minutes
+# of CPU), cached in `notebooks/_cache`.
 
 # %%
 from refimpl.recipes.cot import cot_ablation_run  # noqa: E402
 
 t0 = time.perf_counter()
-cot = cot_ablation_run(cache_dir="_cache", progress=False)   # the CLI's defaults: 1500 steps per model
+cot = cot_ablation_run(cache_dir="_cache", progress=False)   # the CLI's defaults
 print(f"{'loaded from the cache' if cot['cached'] else 'trained'} in {time.perf_counter() - t0:.0f} s "
-      f"({cot['seconds']:.0f} s when computed)")
+      f"({cot['seconds']:.0f} s when computed); steps: {cot['steps']}")
 rows = cot["per_length"]
 for r in rows:
     print(f"{r['digits']} digits{' (beyond training)' if r['beyond_training'] else '':20s} "
-          f"think first {r['with_cot']:6.1%}   direct {r['without_cot']:6.1%}")
-print(f"overall: think first {cot['accuracy_with_cot']:.1%}, direct {cot['accuracy_without_cot']:.1%}")
+          f"think first {r['with_cot']:6.1%}   direct {r['without_cot']:6.1%}   "
+          f"gap {100 * (r['with_cot'] - r['without_cot']):+4.0f} points")
+print(f"trained lengths: think first {cot['accuracy_with_cot_seen']:.1%}, direct "
+      f"{cot['accuracy_without_cot_seen']:.1%}; all lengths: {cot['accuracy_with_cot']:.1%} against "
+      f"{cot['accuracy_without_cot']:.1%}")
 for style in ("direct", "think"):
     print(f"{style}, 3 digits:", *(f"{p}{c} {'✓' if ok else '✗'}" for p, c, ok in cot["samples"][f"{style}/3"][:2]))
-assert cot["accuracy_with_cot"] >= cot["accuracy_without_cot"] + 0.2
 seen = [r for r in rows if not r["beyond_training"]]
-assert all(r["with_cot"] > r["without_cot"] + 0.3 for r in seen)
-assert min(r["with_cot"] for r in seen if r["digits"] <= 4) >= 0.8 and max(r["without_cot"] for r in rows) <= 0.1
-assert all(r["with_cot"] <= 0.1 for r in rows if r["beyond_training"])
+gaps = [r["with_cot"] - r["without_cot"] for r in seen]
+assert len(seen) >= 2 and all(b > a + 0.2 for a, b in zip(gaps, gaps[1:], strict=False))   # the gap grows
+assert seen[0]["without_cot"] >= 0.8                       # the direct model has learned the short sums
+assert cot["accuracy_with_cot_seen"] >= cot["accuracy_without_cot_seen"] + 0.2
+assert cot["accuracy_with_cot"] >= cot["accuracy_without_cot"] + 0.1
+assert all(r["with_cot"] <= 0.05 and r["without_cot"] <= 0.05 for r in rows if r["beyond_training"])
 
 # %% tags=["hide-input"]
 d = np.array([r["digits"] for r in rows])
 fig, ax = plt.subplots(figsize=(6.5, 3.4))
 ax.plot(d, [r["with_cot"] for r in rows], marker="o", label="think first (<think> column sums)")
-ax.plot(d, [r["without_cot"] for r in rows], marker="s", label="direct answer")
+ax.plot(d, [r["without_cot"] for r in rows], marker="s", label="direct answer (5× the steps)")
 ax.axvspan(cot["train_max_digits"] + 0.5, d.max() + 0.5, color="0.9", label="longer than any training problem")
-ax.set_xlim(d.min() - 0.5, d.max() + 0.5), ax.set_ylim(0, 1.02)
+ax.set_xlim(d.min() - 0.5, d.max() + 0.5), ax.set_ylim(0, 1.02), ax.set_xticks(d)
 ax.set_xlabel("digits per operand"), ax.set_ylabel("held-out accuracy (greedy)"), ax.legend(fontsize=8)
 plt.tight_layout()
 plt.show()
 
 # %% [markdown]
-# With the same data and steps, the model that thinks first adds two- to four-digit numbers almost
-# always; the direct model gets almost nothing right at any length. The direct model has to
-# produce the leading digit first, although it depends on every carry below it, in one forward
-# pass per token; the model thinking first only ever adds two digits and a carry. Two honest
-# caveats. The gap here is largest on the *short* problems and shrinks with length, because the
-# direct model has not even learned two-digit sums in this budget while the thinking model slowly
-# loses accuracy on longer ones; a larger budget would be needed to see the direct model succeed
-# on short sums and fail on long ones. And beyond the training lengths both fail: the tiny model
-# has not learned to find the $k$-th digit of a longer number than it has seen, so the chain of
-# thought helps with the work per step, not with length generalisation. The chapters on
-# reinforcement learning start from here: they take for granted that the trace pays, and ask how
-# a model can learn to write it without being shown.
+# On two-digit sums the direct model, with five times the steps, is almost as good as the model
+# that thinks first; one digit more and it falls to well under half, while the model writing
+# column sums loses only a few points: the gap grows with the length, as the argument predicts. The direct
+# model has to produce the leading digit first, although it depends on every carry below it, in
+# one forward pass per token; the model thinking first only ever adds two digits and a carry.
+# The caveat is the grey band: beyond the training lengths both fail completely. The tiny model
+# has not learned to find the $k$-th digit of a longer number than it has seen, so here the chain
+# of thought helps with the work per step, not with length generalisation, and averaged over all
+# four lengths, the zeros included, the advantage of thinking first shrinks to the number
+# printed above. The chapters on reinforcement learning start from here: they take for granted
+# that the trace pays, and ask how a model can learn to write it without being shown.
 
 # %% [markdown]
 # The same model, scaled up to V3's configuration, is what the later chapters train with

@@ -311,15 +311,17 @@ assert 0 < rs["n_examples"] < 1.5 * rs["n_sampled"] / 4
 #
 # **Does not carry over.** The miniature's "reasoning" is a fixed algorithm that the base model
 # already knows and applies carelessly; RL here *selects* a behaviour present in the pretraining
-# data. R1-Zero's most striking results, chains of thought that grow to thousands of tokens and
-# reflection that arises without ever being shown (the "aha moment", R1 §2.2.4), need a far more
-# capable base model and long training. The miniature of {doc}`06_grpo` §8 shows the part a tiny
-# model can: checking that the base does rarely becomes the rule under RL. Readability and
-# language mixing are simulated by a corrupted corpus rather than
-# arising from RL. Stage 4 (RL for all scenarios, with preference reward models for helpfulness
-# and harmlessness) and the ~200k non-reasoning SFT samples have no counterpart here, and the
-# sizes differ by many orders of magnitude: thousands of cold-start examples and ~800k SFT
-# samples in R1, against 300 and a few hundred here.
+# data. The same holds for its "aha moment": {doc}`06_grpo` §8 shows a tiny model whose base
+# checks its answer in a few percent of its documents learn, under accuracy and format rewards
+# alone, to check almost always and to fix wrong first answers. What a tiny model cannot show is
+# the rest of R1-Zero's story: reflection that was (as far as one can tell) never written that
+# way in the pretraining data, new strategies, and chains of thought that grow to thousands of
+# tokens over thousands of RL steps (R1 §2.2.4). Readability and language mixing are simulated
+# by a corrupted corpus rather than arising from RL. Stage 4 of §6 below keeps only the
+# rule-based reasoning rewards: R1's preference reward models for helpfulness and harmlessness,
+# and its ~200k non-reasoning SFT samples, have no counterpart here, and the sizes differ by many
+# orders of magnitude: thousands of cold-start examples and ~800k SFT samples in R1, against
+# 300 and a few hundred here.
 
 # %% [markdown]
 # ## 5. Language consistency in training
@@ -336,33 +338,161 @@ assert 0 < rs["n_examples"] < 1.5 * rs["n_sampled"] / 4
 # A completion counts as consistent when its whole trace is in digits.
 
 # %%
-from refimpl.recipes.language import language_run  # noqa: E402
+from refimpl.recipes.language import language_seeds_run  # noqa: E402
 
 t0 = time.perf_counter()
-lang = language_run(cache_dir="_cache", progress=False)
+lang = language_seeds_run(cache_dir="_cache", progress=False)     # 2 RL seeds from one pretrained base
 print(f"{'loaded from the cache' if lang['cached'] else 'trained'} in {time.perf_counter() - t0:.0f} s "
       f"({lang['seconds']:.0f} s when computed)")
-print("corpus:", *lang["corpus_examples"][:4], sep="\n    ")
-runs = {"base": "pretrained base", "zero": "R1-Zero (accuracy + format)", "lc": "+ language consistency"}
-table(["model", "consistent (greedy)", "consistent (sampled)", "accuracy (greedy)", "accuracy (sampled)"],
-      [(label, *(f"{lang[k][m][q]:.1%}" for q, m in (("consistent", "greedy"), ("consistent", "sampled"),
-                                                    ("accuracy", "greedy"), ("accuracy", "sampled"))))
+lang0 = lang["per_seed"][0]
+print("corpus:", *lang0["corpus_examples"][:4], sep="\n    ")
+runs = {"before": "pretrained base", "zero": "R1-Zero (accuracy + format)", "lc": "+ language consistency"}
+
+
+def mse(key):
+    return f"{lang[key]:.1%} ± {lang[key + '_se']:.1%}"
+
+
+table(["model", "consistent (greedy)", "consistent (sampled)", "accuracy (greedy)"],
+      [(label, mse(f"consistency_{k}"), mse(f"sampled_consistency_{k}"), mse(f"accuracy_{k}"))
        for k, label in runs.items()])
 for k in ("zero", "lc"):
-    print(f"{runs[k]}:", *(f"{p}{c}" for p, c, _ in lang[k]["sampled_samples"][:2]))
-print(f"accuracy cost of the language reward (greedy): {lang['accuracy_cost']:+.1%}")
+    print(f"{runs[k]}:", *(f"{p}{c}" for p, c, _ in lang0[k]["sampled_samples"][:2]))
+print(f"accuracy cost of the language reward (greedy, paired over {lang['seeds']} seeds): "
+      f"{lang['accuracy_cost']:+.1%} ± {lang['accuracy_cost_se']:.1%}")
 assert lang["consistency_before"] < 0.5 and lang["consistency_lc"] >= 0.95
-assert lang["lc"]["sampled"]["consistent"] > lang["zero"]["sampled"]["consistent"] + 0.3
-assert lang["zero"]["sampled"]["consistent"] <= lang["base"]["sampled"]["consistent"] + 0.1  # mixing stays
+assert lang["sampled_consistency_lc"] > lang["sampled_consistency_zero"] + 0.3
+assert lang["sampled_consistency_zero"] <= lang["sampled_consistency_before"] + 0.1   # mixing stays
+assert all(r["accuracy_cost"] > 0 for r in lang["per_seed"]) and lang["accuracy_cost"] <= 0.1   # small, not zero
 
 # %% [markdown]
 # Without the language reward, RL has no reason to prefer one script: both compute the same sums,
-# so the mixing the base learned survives the accuracy reward, while the accuracy rises as in
-# {doc}`06_grpo`. With it, the traces become consistent, greedy and (mostly) sampled. The
-# accuracy cost printed above is the miniature's counterpart of R1's "slight degradation"; it is
-# small here because the letters are an equally good way to compute, so forcing one script costs
-# little, while in R1 the languages differ in how well the model reasons in them.
+# so the mixing the base learned survives the accuracy reward (sampled traces even drift further
+# from the digits), while the accuracy rises as in {doc}`06_grpo`. With it, the traces become
+# consistent, greedy and (mostly) sampled, in every seed. The accuracy cost, measured as the
+# paired per-seed difference between the two runs from the same base, is the miniature's
+# counterpart of R1's "slight degradation": it is positive in both seeds, a few points, and of
+# the order of its own standard error, so two seeds show that it is small but cannot pin it down.
+# It is small because the letters are an equally good way to compute, so forcing one script
+# costs little, while in R1 the languages differ in how well the model reasons in them.
 
+# %% [markdown]
+# ## 6. Four stages on a task where they matter
+#
+# On the addition task of §3, R1-Zero and R1 end at the same accuracy: once the carry is
+# written, there is nothing left to learn, and the later stages cannot be told apart. The recipe
+# `refimpl.recipes.r1_stages` (`python -m refimpl r1-stages`) repeats the comparison on a harder
+# task, `MixedArithmeticTask`: additions of two to four digits and, half the time, a two- or
+# three-digit number times one digit, both as column traces with the carries written
+# (`347*6=<think>7*6=42,4*6+4=28,3*6+2=20</think><answer>2082</answer>`); in a product the carry
+# can be anything from 0 to 8. The base is pretrained on careless, sometimes badly formatted
+# traces that switch to the letter script mid-trace (as in §5, with probability 0.2 per column
+# boundary); its writer keeps a carry in an addition a third of the time, as before, but in a
+# product only one time in twenty, so that sampling the base almost never shows a product done
+# right. From that one base, with the same GRPO settings and the same total number of RL steps,
+# the recipe runs
+#
+# * **R1-Zero**: GRPO with accuracy and format rewards;
+# * **R1**: (1) cold start, SFT on 300 reference traces; (2) GRPO with the language-consistency
+#   reward added (weight 0.5; digits, `+`, `*`, `=`, `,` are the target script) for the first half
+#   of the RL steps; (3) rejection sampling, 4 samples of 256 fresh problems, kept when right, well
+#   formatted and entirely in digits, and a short SFT on them; (4) GRPO again for the second half.
+#
+# Every checkpoint is measured greedily on the same 128 held-out problems: accuracy, format rate,
+# and *readability*, the share of completions well formatted with a chain of thought entirely in
+# digits. Seeds change everything after the base (cold-start data, sampling, batches); the error
+# bars are standard errors over seeds, and each stage's effect is the mean of its per-seed paired
+# difference.
+
+# %%
+from refimpl.recipes.r1_stages import CHECKPOINTS, r1_stages_run  # noqa: E402
+
+t0 = time.perf_counter()
+stages = r1_stages_run(cache_dir="_cache", progress=False, seeds=2)   # the CLI runs 3 seeds
+print(f"{'loaded from the cache' if stages['cached'] else 'trained'} in {time.perf_counter() - t0:.0f} s "
+      f"({stages['seconds']:.0f} s of compute when computed)")
+labels = {"base": "pretrained base", "zero": f"R1-Zero ({stages['steps']} RL steps)",
+          "cold_start": "R1 1. cold start", "rl1": f"R1 2. reasoning RL ({stages['steps_rl1']} steps)",
+          "rejection_sft": "R1 3. rejection sampling + SFT",
+          "rl2": f"R1 4. second RL ({stages['steps'] - stages['steps_rl1']} steps)"}
+
+
+def pm(key):
+    return f"{stages[key]:.1%} ± {stages[key + '_se']:.1%}"
+
+
+table(["checkpoint", "accuracy", "additions", "products", "format", "readability"],
+      [(labels[c], *(pm(f"{m}_{c}") for m in ("accuracy", "accuracy_add", "accuracy_mul", "format", "readability")))
+       for c in CHECKPOINTS])
+gains = {"cold_start": "cold start − base", "rl1": "reasoning RL − cold start",
+         "rejection_sft": "rejection SFT − reasoning RL", "rl2": "second RL − rejection SFT"}
+table(["stage effect on accuracy (paired, per seed)", "mean ± SE", "per seed"],
+      [(label, f"{stages['gain_' + g]:+.1%} ± {stages['gain_' + g + '_se']:.1%}",
+        ", ".join(f"{r['measures'][g]['accuracy'] - r['measures'][prev]['accuracy']:+.1%}"
+                  for r in stages["per_seed"]))
+       for (g, label), prev in zip(gains.items(), ("base", "cold_start", "rl1", "rejection_sft"), strict=True)]
+      + [("R1 (after stage 4) − R1-Zero", f"{stages['r1_minus_zero']:+.1%} ± {stages['r1_minus_zero_se']:.1%}",
+          ", ".join(f"{r['measures']['rl2']['accuracy'] - r['measures']['zero']['accuracy']:+.1%}"
+                    for r in stages["per_seed"]))])
+for c in ("base", "zero", "rl2"):
+    print(f"{labels[c]}:", *(f"{p}{t} {'✓' if ok else '✗'}" for p, t, ok in stages["per_seed"][0]["measures"][c]
+                             ["examples"][:3]), sep="\n    ")
+print(f"rejection sampling kept {stages['per_seed'][0]['n_rejection_kept']} of "
+      f"{stages['per_seed'][0]['n_rejection_sampled']} right, well-formatted samples (seed 0)")
+assert stages["accuracy_base"] < 0.3 and stages["gain_cold_start"] - stages["gain_cold_start_se"] > 0.15
+assert stages["accuracy_cold_start"] > stages["accuracy_zero"]          # 300 traces beat all of R1-Zero's RL
+assert stages["gain_rl1"] > max(stages["gain_rl1_se"], 0.01)           # beyond its error bar
+for g in ("rejection_sft", "rl2"):                                      # no effect beyond the noise
+    assert abs(stages[f"gain_{g}"]) <= max(2 * stages[f"gain_{g}_se"], 0.03), g
+assert stages["r1_minus_zero"] >= 0.05 and stages["r1_minus_zero"] > 2 * stages["r1_minus_zero_se"]
+assert stages["accuracy_add_rl2"] >= stages["accuracy_add_zero"] + 0.05     # the gain is in the additions
+assert stages["accuracy_mul_rl2"] <= stages["accuracy_mul_zero"] + 0.1 and stages["accuracy_mul_rl2"] < 0.4
+assert stages["readability_zero"] <= stages["readability_rl2"] - 0.05
+assert all(stages[f"readability_{c}"] >= 0.95 and stages[f"format_{c}"] >= 0.95 for c in CHECKPOINTS[2:])
+product = {c: next(t for p, t, _ in stages["per_seed"][0]["measures"][c]["examples"] if "*" in p)
+           for c in ("zero", "rl2")}
+print("a product, R1-Zero:", product["zero"], "  R1:", product["rl2"])
+assert "+" not in product["zero"].split("</think>")[0] and "+" in product["rl2"].split("</think>")[0]
+
+# %% tags=["hide-input"]
+fig, ax = plt.subplots(1, 2, figsize=(12, 3.6))
+x = np.arange(len(CHECKPOINTS))
+for a, (m, title) in zip(ax, (("accuracy", "held-out accuracy (greedy)"),
+                              ("readability", "readable: formatted, CoT all in digits")), strict=True):
+    means = [stages[f"{m}_{c}"] for c in CHECKPOINTS]
+    ses = [stages[f"{m}_{c}_se"] for c in CHECKPOINTS]
+    a.bar(x, means, yerr=ses, capsize=4, color=["0.6", "tab:orange"] + ["tab:blue"] * 4)
+    for r in stages["per_seed"]:
+        a.plot(x, [r["measures"][c][m] for c in CHECKPOINTS], "k.", ms=4)
+    a.set_xticks(x, ["base", "R1-Zero", "1. cold\nstart", "2. RL", "3. RS +\nSFT", "4. RL"])
+    a.set_ylim(0, 1.02), a.set_title(title)
+ax[0].set_ylabel("fraction of 128 problems (mean ± SE, dots: seeds)")
+plt.tight_layout()
+plt.show()
+
+# %% [markdown]
+# **What paid, and what did not.** The cold start pays most: 300 readable traces take the base
+# from about a quarter of the problems to about half, more than R1-Zero reaches with all its RL
+# steps, and they make every trace readable, which RL alone does not: R1-Zero's traces keep
+# drifting into letters, since nothing in its rewards prefers digits (the miniature of R1-Zero's
+# language mixing). The first RL stage adds a few points beyond its error bar. Rejection sampling
+# with SFT, and the second RL stage, do not pay here: their effects are within their error bars.
+#
+# The split by operation says why. Every model stays at about a quarter of the products. The
+# cold start teaches the *habit* of writing a product's carry (the transcripts above: R1 writes
+# `4*5+1=…`, R1-Zero writes no carry), but not the arithmetic the habit needs, a product plus a
+# carry, which the base's corpus almost never contained; the new trace is then computed wrongly.
+# RL only re-weights what the policy already samples, so 40 steps cannot create that skill, and
+# rejection sampling feeds the policy its own successes, which its greedy decoding already
+# produces. R1's gain over R1-Zero at the same number of RL steps, printed above and beyond its
+# error bar, comes from the additions, where the cold start's clean traces (and one script) leave
+# fewer slips. In R1 the later stages bring in what this miniature lacks: rejection sampling
+# builds ~800k samples across many domains, non-reasoning ones included, and trains them into
+# the base model afresh, and the second RL stage adds new objectives (helpfulness and
+# harmlessness). A single-task miniature that continues from its own checkpoint has neither, so
+# its stages 3 and 4 have nothing new to teach.
+
+# %% [markdown]
 # ## Summary
 #
 # What this chapter measured (the numbers are computed by the cells above when the page is built):
@@ -376,6 +506,13 @@ summary = [
     f"end R1 stood at {r1['eval_after']['accuracy']:.1%} and R1-Zero at {zero['eval_after']['accuracy']:.1%}.",
     f"* Rejection sampling accepted {per_sample:.1%} of the RL model's samples; {per_problem:.1%} of problems had "
     "at least one accepted answer in 4 samples.",
+    f"* With the language-consistency reward, {lang['consistency_lc']:.1%} of greedy traces were in one script "
+    f"(R1-Zero: {lang['consistency_zero']:.1%}), at an accuracy cost of {lang['accuracy_cost']:+.1%} ± "
+    f"{lang['accuracy_cost_se']:.1%} over {lang['seeds']} seeds.",
+    f"* On the mixed task, R1 after its four stages reached {stages['accuracy_rl2']:.1%} ± "
+    f"{stages['accuracy_rl2_se']:.1%} against R1-Zero's {stages['accuracy_zero']:.1%} ± "
+    f"{stages['accuracy_zero_se']:.1%} with the same {stages['steps']} RL steps; the cold start alone added "
+    f"{stages['gain_cold_start']:+.1%} ± {stages['gain_cold_start_se']:.1%} to the base.",
 ]
 display(Markdown("\n".join(summary)))
 assert st["cold_start"]["eval"]["accuracy"] > r1["eval_before"]["accuracy"] and per_problem >= per_sample

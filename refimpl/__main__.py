@@ -28,6 +28,8 @@ RECIPES = {
     "moe-rl-stability": ("refimpl.recipes.moe_rl_stability", "moe_rl_stability_run"),
     "cot-ablation": ("refimpl.recipes.cot", "cot_ablation_run"),
     "aha": ("refimpl.recipes.aha", "aha_run"),
+    "r1-stages": ("refimpl.recipes.r1_stages", "r1_stages_run"),
+    "language": ("refimpl.recipes.language", "language_seeds_run"),
 }
 
 

@@ -68,3 +68,9 @@ def load(cache_dir, key, config, names):
 def plain(obj):
     """JSON round trip: the result has the same structure whether computed or loaded from the cache."""
     return json.loads(json.dumps(obj))
+
+
+def mean_se(values) -> tuple[float, float]:
+    """Mean and standard error (sample standard deviation / √n; 0 for a single value) of ``values``."""
+    v = np.asarray(values, dtype=np.float64)                                 # (n,)
+    return float(v.mean()), (float(v.std(ddof=1) / np.sqrt(len(v))) if len(v) > 1 else 0.0)

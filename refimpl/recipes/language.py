@@ -36,6 +36,7 @@ from ..rl.rollout import evaluate
 from ..rl.trainer import grpo_train
 from ..tasks import format_completion, make_dataset
 from . import _cache
+from ._cache import mean_se
 from .aha import pretrain_on
 from .r1 import SOURCES, TASK, careless_thought, r1_model_config, r1_zero_grpo_config
 
@@ -86,27 +87,47 @@ def _measure(params, config, n, L, seed):
     return out
 
 
-def language_run(steps=30, seed=0, progress=True, cache_dir=None, *, base_steps=2000, n_corpus=4000, p_switch=0.6,
-                 p_carry=0.35, language_weight=1.0, eval_n=128, **overrides):
+def language_base(base_steps=2000, seed=0, progress=True, cache_dir=None, *, n_corpus=4000, p_switch=0.6,
+                  p_carry=0.35):
+    """The mixed-script base (:func:`refimpl.recipes.aha.pretrain_on` on :func:`language_corpus`), cached on
+    its own so that several RL seeds share it. Returns ``dict(params, corpus_examples, seconds, cached)``."""
+    config = r1_model_config()
+    args = dict(base_steps=base_steps, seed=seed, n_corpus=n_corpus, p_switch=p_switch, p_carry=p_carry)
+    key = _cache.cache_key("language_base", args, LANGUAGE_SOURCES)
+    if cache_dir is not None and (hit := _cache.load(cache_dir, key, config, ["params"])) is not None:
+        return {"params": hit[0]["params"], **hit[1], "cached": True}
+    t0 = time.perf_counter()
+    corpus = language_corpus(n_corpus, seed, p_switch=p_switch, p_carry=p_carry)
+    params = pretrain_on(corpus, config, base_steps, seed, progress)["params"]
+    meta = _cache.plain({"corpus_examples": corpus[:12], "seconds": time.perf_counter() - t0})
+    if cache_dir is not None:
+        _cache.save(cache_dir, key, {"params": params}, meta)
+    return {"params": params, **meta, "cached": False}
+
+
+def language_run(steps=30, seed=0, progress=True, cache_dir=None, *, base_steps=2000, base_seed=None, n_corpus=4000,
+                 p_switch=0.6, p_carry=0.35, language_weight=1.0, eval_n=128, **overrides):
     """Pretrain the mixed-script base, then R1-Zero GRPO with and without R1's language-consistency reward.
 
-    Returns ``dict(consistency_before, consistency_zero, consistency_lc, accuracy_before, accuracy_zero,
-    accuracy_lc, accuracy_cost, base, zero, lc, corpus_examples, seconds, cached)``: the scalars are
-    greedy, held-out (``consistency_*`` = fraction of completions entirely in digits); ``base``,
-    ``zero`` and ``lc`` hold the full greedy and sampled measures (:func:`consistency`, accuracy,
-    format, length) and a few transcripts, ``zero``/``lc`` also the GRPO ``evals``.
+    The base is pretrained with ``base_seed`` (None: ``seed``; :func:`language_base`), the RL runs
+    with ``seed``. Returns ``dict(consistency_before, consistency_zero, consistency_lc, accuracy_before,
+    accuracy_zero, accuracy_lc, accuracy_cost, base, zero, lc, corpus_examples, seconds, cached)``: the
+    scalars are greedy, held-out (``consistency_*`` = fraction of completions entirely in digits);
+    ``base``, ``zero`` and ``lc`` hold the full greedy and sampled measures (:func:`consistency`,
+    accuracy, format, length) and a few transcripts, ``zero``/``lc`` also the GRPO ``evals``.
     """
     gc = r1_zero_grpo_config(steps, seed, **{"eval_n": eval_n, **overrides})
     config = r1_model_config()
-    args = dict(base_steps=base_steps, n_corpus=n_corpus, p_switch=p_switch, p_carry=p_carry,
+    base_seed = seed if base_seed is None else base_seed
+    args = dict(base_steps=base_steps, base_seed=base_seed, n_corpus=n_corpus, p_switch=p_switch, p_carry=p_carry,
                 language_weight=language_weight, gc=dataclasses.asdict(gc))
     key = _cache.cache_key("language", args, LANGUAGE_SOURCES)
     names = ["base", "zero", "lc"]
     if cache_dir is not None and (hit := _cache.load(cache_dir, key, config, names)) is not None:
         return {**hit[1], "cached": True}
     t0 = time.perf_counter()
-    corpus = language_corpus(n_corpus, seed, p_switch=p_switch, p_carry=p_carry)
-    base = pretrain_on(corpus, config, base_steps, seed, progress)
+    base = language_base(base_steps, base_seed, progress, cache_dir, n_corpus=n_corpus, p_switch=p_switch,
+                         p_carry=p_carry)
     L = gc.max_completion_length
     trees, meta = {"base": base["params"]}, {"base": _measure(base["params"], config, eval_n, L, seed)}
     for name, g in (("zero", gc), ("lc", gc.replace(language_weight=language_weight))):
@@ -116,9 +137,33 @@ def language_run(steps=30, seed=0, progress=True, cache_dir=None, *, base_steps=
     for short, name in (("before", "base"), ("zero", "zero"), ("lc", "lc")):
         meta[f"consistency_{short}"] = meta[name]["greedy"]["consistent"]
         meta[f"accuracy_{short}"] = meta[name]["greedy"]["accuracy"]
-    meta.update(accuracy_cost=meta["accuracy_zero"] - meta["accuracy_lc"], corpus_examples=corpus[:12],
-                seconds=time.perf_counter() - t0)
+    meta.update(accuracy_cost=meta["accuracy_zero"] - meta["accuracy_lc"], corpus_examples=base["corpus_examples"],
+                seconds=time.perf_counter() - t0 + (0.0 if base["cached"] else 0.0))
     meta = _cache.plain(meta)
     if cache_dir is not None:
         _cache.save(cache_dir, key, trees, meta)
     return {**meta, "cached": False}
+
+
+def language_seeds_run(steps=30, seeds=2, progress=True, cache_dir=None, *, base_steps=2000, **kwargs):
+    """:func:`language_run` for RL seeds ``0..seeds-1`` from one base (pretrained with seed 0).
+
+    Returns the means over seeds of the scalars of :func:`language_run` (``consistency_*``,
+    ``accuracy_*``, ``accuracy_cost``, and ``sampled_consistency_*`` at temperature 1), each with its
+    standard error ``<name>_se`` (sample std / √seeds; the cost's from the paired per-seed
+    differences); ``per_seed`` (the :func:`language_run` records); ``seconds``; ``cached``.
+    """
+    if isinstance(seeds, bool) or not isinstance(seeds, int) or seeds < 1:
+        raise ValueError(f"seeds: expected an int >= 1, got {seeds!r}")
+    runs = [language_run(steps, s, progress, cache_dir, base_steps=base_steps, base_seed=0, **kwargs)
+            for s in range(seeds)]
+    out = {}
+    for short, name in (("before", "base"), ("zero", "zero"), ("lc", "lc")):
+        for m in ("consistency", "accuracy"):
+            out[f"{m}_{short}"], out[f"{m}_{short}_se"] = mean_se([r[f"{m}_{short}"] for r in runs])
+        out[f"sampled_consistency_{short}"], out[f"sampled_consistency_{short}_se"] = mean_se(
+            [r[name]["sampled"]["consistent"] for r in runs])
+    out["accuracy_cost"], out["accuracy_cost_se"] = mean_se([r["accuracy_cost"] for r in runs])
+    out.update(seeds=seeds, per_seed=runs, seconds=float(sum(r["seconds"] for r in runs)),
+               cached=all(r["cached"] for r in runs))
+    return out

@@ -22,10 +22,11 @@ from .base import (
     make_dataset,
     reference_completion,
 )
+from .mixed import MixedArithmeticTask
 from .sorting import SortingTask
 from .tokenizer import TOKENIZER, CharTokenizer, pad_sequences
 
-TASKS = {"addition": AdditionTask(), "sorting": SortingTask()}
+TASKS = {"addition": AdditionTask(), "sorting": SortingTask(), "mixed-arithmetic": MixedArithmeticTask()}
 
 
 def get_task(name: str):
@@ -36,7 +37,7 @@ def get_task(name: str):
 
 
 __all__ = [
-    "AdditionTask", "SortingTask", "Example", "Task", "TASKS", "get_task", "eval_set", "eval_seed",
-    "make_dataset", "format_completion", "reference_completion", "EVAL_SEED", "EVAL_SIZE", "CharTokenizer",
+    "AdditionTask", "SortingTask", "MixedArithmeticTask", "Example", "Task", "TASKS", "get_task", "eval_set",
+    "eval_seed", "make_dataset", "format_completion", "reference_completion", "EVAL_SEED", "EVAL_SIZE", "CharTokenizer",
     "TOKENIZER", "pad_sequences",
 ]

@@ -86,10 +86,11 @@ def test_cot_data_share_prompts_and_leave_out_held_out_sets():
 
 
 def test_cot_ablation_tiny_run_keys_determinism_and_cache(tmp_path):
-    kw = dict(steps=3, n_train=40, eval_digits=(2, 6), eval_n=2, batch_size=4, progress=False)
+    kw = dict(steps=3, direct_steps=2, n_train=40, eval_digits=(2, 6), eval_n=2, batch_size=4, progress=False)
     a = cot.cot_ablation_run(**kw)
     for key in ("accuracy_with_cot", "accuracy_without_cot", "gap", "per_length", "history", "samples"):
         assert key in a
+    assert len(a["history"]["think"]) == 3 and len(a["history"]["direct"]) == 2   # each model its own budget
     assert [r["digits"] for r in a["per_length"]] == [2, 6] and [r["beyond_training"] for r in a["per_length"]] \
         == [False, True]
     b = cot.cot_ablation_run(**kw)
@@ -101,6 +102,8 @@ def test_cot_ablation_tiny_run_keys_determinism_and_cache(tmp_path):
         cot.cot_ablation_run(eval_digits=(8,), steps=0)
     with pytest.raises(ValueError, match="steps"):
         cot.cot_ablation_run(steps=-1)
+    with pytest.raises(ValueError, match="direct_steps"):
+        cot.cot_ablation_run(direct_steps=1.5)
 
 
 def test_aha_tiny_run_keys_and_determinism(tmp_path):
