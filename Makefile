@@ -57,9 +57,11 @@ test: $(VENV)/.test-installed $(ORACLE_DEP) $(MPI_DEP)
 	$(BIN)/python -m pytest -q
 
 lint: $(VENV)/.test-installed
-	$(BIN)/ruff check refimpl tests benchmarks notebooks book/_ext
+	$(BIN)/ruff check refimpl tests benchmarks notebooks book/_ext book/warm_cache.py
 
+# The long recipe runs go first, in parallel worker processes, into the cache the chapters read.
 book: $(VENV)/.book-installed
+	$(BIN)/python book/warm_cache.py
 	$(BIN)/jupyter-book build --warningiserror --nitpick --keep-going book/
 
 # Needs Debian's chromium (/usr/bin/chromium; .ci/run installs it with apt-get). Builds the book first
