@@ -47,7 +47,8 @@ from ..optim import adamw_init, adamw_update, clip_grad_norm, default_decay_mask
 from ..tasks import EVAL_SIZE, TOKENIZER, eval_set
 from ..tree import tree_map
 from .advantages import SCALE_REWARDS, group_advantages
-from .grpo import IS_LEVELS, KL_ESTIMATORS, LOSS_TYPES, grpo_loss_from_logits
+from .grpo import IS_LEVELS, KL_ESTIMATORS, grpo_loss_from_logits
+from .loss_types import loss_options
 from .rewards import accuracy_reward, combine_rewards, format_reward, language_consistency_reward, overlong_penalty
 from .rollout import (  # noqa: F401 - evaluate, rejection_sample, RolloutBatch, completion_logps: part of this API
     RolloutBatch,
@@ -136,6 +137,7 @@ class GRPOConfig:
     keep_sampling_mask: bool = False
     language_weight: float = 0.0
     language_alphabet: str = "0123456789+=,"
+    loss_options: dict | None = None   # the loss_type's own options (refimpl.rl.loss_types), e.g. SAPO's
 
     def __post_init__(self):
         check_integer("num_generations", self.num_generations)
@@ -157,7 +159,7 @@ class GRPOConfig:
             check_real("delta", self.delta, low=0.0, low_open=True)
         check_bool("dynamic_sampling", self.dynamic_sampling)
         check_bool("mask_truncated_completions", self.mask_truncated_completions)
-        check_choice("loss_type", self.loss_type, LOSS_TYPES)
+        loss_options(self.loss_type, self.loss_options)   # loss_type in the table, options declared by it
         check_choice("importance_sampling_level", self.importance_sampling_level, IS_LEVELS)
         check_choice("kl_estimator", self.kl_estimator, KL_ESTIMATORS)
         check_choice("scale_rewards", self.scale_rewards, SCALE_REWARDS + (True, False))
@@ -264,7 +266,8 @@ def grpo_objective(params, config, batch, advantages, old_logps, ref_logps, gc, 
     logits, cache, minfo = model_forward(batch.ids, params, config, backend=gc.backend, routes=routes)  # (B, T, V)
     kw = dict(temperature=gc.temperature, entropy_coef=gc.entropy_coef, loss_type=gc.loss_type, epsilon=gc.epsilon,
               epsilon_high=gc.epsilon_high, delta=gc.delta, beta=gc.beta, kl_estimator=gc.kl_estimator,
-              importance_sampling_level=gc.importance_sampling_level, max_completion_length=gc.max_completion_length)
+              importance_sampling_level=gc.importance_sampling_level, max_completion_length=gc.max_completion_length,
+              **(gc.loss_options or {}))
     args = (batch.gather(logits), batch.comp, old_logps, ref_logps, advantages.astype(logits.dtype), batch.mask)
     if record is None:
         loss, dlc, info = grpo_loss_from_logits(*args, **kw)
