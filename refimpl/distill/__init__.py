@@ -12,14 +12,17 @@ TRL's ``GKDTrainer.generalized_jsd_loss`` (see :mod:`refimpl.distill._common`).
 """
 
 from ._common import IGNORE_INDEX, REDUCTIONS
+from .divergences import DIVERGENCES, Divergence, get_divergence, register_divergence
 from .fused import (
     fused_linear_cross_entropy,
+    fused_linear_divergence,
     fused_linear_grpo_loss,
     fused_linear_jsd,
     fused_linear_logprob_loss,
     fused_linear_token_logps,
 )
 from .losses import (
+    divergence_loss,
     forward_kl_loss,
     generalized_jsd_loss,
     hinton_kd_loss,
@@ -36,5 +39,6 @@ __all__ = [
     "forward_kl_loss", "reverse_kl_loss", "generalized_jsd_loss", "skew_kl_loss", "skew_reverse_kl_loss",
     "total_variation_loss", "hinton_kd_loss", "sequence_kd_loss", "teacher_topk", "topk_kl_loss",
     "fused_linear_jsd", "fused_linear_cross_entropy", "fused_linear_token_logps", "fused_linear_logprob_loss",
-    "fused_linear_grpo_loss",
+    "fused_linear_grpo_loss", "DIVERGENCES", "Divergence", "get_divergence", "register_divergence",
+    "divergence_loss", "fused_linear_divergence",
 ]
