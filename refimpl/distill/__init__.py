@@ -11,7 +11,7 @@ Option names follow TRL's ``GKDConfig`` (``beta``, ``temperature``); reductions 
 TRL's ``GKDTrainer.generalized_jsd_loss`` (see :mod:`refimpl.distill._common`).
 """
 
-from ._common import IGNORE_INDEX, REDUCTIONS
+from ._common import REDUCTIONS
 from .divergences import DIVERGENCES, Divergence, get_divergence, register_divergence
 from .fused import (
     fused_linear_cross_entropy,
@@ -35,7 +35,7 @@ from .losses import (
 from .topk import teacher_topk, topk_kl_loss
 
 __all__ = [
-    "IGNORE_INDEX", "REDUCTIONS",
+    "REDUCTIONS",
     "forward_kl_loss", "reverse_kl_loss", "generalized_jsd_loss", "skew_kl_loss", "skew_reverse_kl_loss",
     "total_variation_loss", "hinton_kd_loss", "sequence_kd_loss", "teacher_topk", "topk_kl_loss",
     "fused_linear_jsd", "fused_linear_cross_entropy", "fused_linear_token_logps", "fused_linear_logprob_loss",

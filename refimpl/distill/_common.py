@@ -37,9 +37,9 @@ import numbers
 import numpy as np
 
 from .._validate import check_float, check_int, check_same_dtype
+from ..core.cross_entropy import IGNORE_INDEX
 
 REDUCTIONS = ("batchmean", "sum", "mean", "none")
-IGNORE_INDEX = -100
 
 
 def check_temperature(temperature) -> float:

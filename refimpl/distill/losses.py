@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from ..core.cross_entropy import cross_entropy
 from ._common import (
     check_reduction,
     check_temperature,
@@ -245,15 +246,20 @@ def hinton_kd_loss(student_logits, teacher_logits, labels=None, *, alpha=0.5, te
     return loss, ds.reshape(student_logits.shape)                       # (..., V)
 
 
-def sequence_kd_loss(student_logits, labels, *, temperature=1.0, reduction="batchmean", dloss=1.0):
+def sequence_kd_loss(student_logits, labels, *, temperature=1.0, reduction="batchmean", dloss=1.0, backend=None):
     r"""Sequence-level KD (Kim & Rush 2016, §3): cross-entropy on tokens the teacher generated.
 
     .. math:: D_n = -\log q_{n, y_n}, \qquad \frac{\partial D_n}{\partial s_n} = \frac{q_n - e_{y_n}}{\tau}
 
     ``labels`` hold the teacher's sampled (or beam) tokens, -100 where masked; this is the SFT
-    objective DeepSeek-R1's distilled students were trained with (R1 §2.4). With the default
-    ``"batchmean"`` and labels it equals ``F.cross_entropy(..., reduction="mean")``. Element-wise
-    (``"none"``) the loss sits at the label's column (sum the last axis for per-token NLL).
+    objective DeepSeek-R1's distilled students were trained with (R1 §2.4). It is
+    :func:`refimpl.core.cross_entropy` on ``student_logits / temperature``, with the reductions
+    named as for the other distillation losses (:mod:`refimpl.distill._common`): the default
+    ``"batchmean"`` divides by the valid positions, which is ``core.cross_entropy``'s (and
+    ``F.cross_entropy``'s) ``"mean"``; ``"sum"`` is the same in both; ``"mean"`` here is the mean
+    over the elements of the (valid positions x V) element-wise loss, as for every divergence.
+    Element-wise (``"none"``) the loss sits at the label's column (sum the last axis for per-token
+    NLL), and ``dloss`` is then a scalar or shaped like that (..., V) loss.
 
     Shapes: student_logits (..., V), labels (...) -> loss () or (..., V), dstudent_logits (..., V).
     """
@@ -261,9 +267,31 @@ def sequence_kd_loss(student_logits, labels, *, temperature=1.0, reduction="batc
     inv_t = 1.0 / check_temperature(temperature)
     check_reduction(reduction)
     flat, valid = label_rows(labels, lead, vocab=z.shape[-1], required=True)  # (N,)
-    lq, q = log_softmax_rows(z, inv_t)                                  # (N, V) each
-    rows = np.nonzero(valid)[0]                                         # (n_valid,)
-    U = np.zeros_like(q)                                                # (N, V) -onehot
-    U[rows, flat[rows]] = -1.0
-    E = U * lq                                                          # (N, V)
-    return _finish(E, U, q, inv_t, valid, lead, labels, reduction, dloss, student_logits.shape)
+    v, n_valid = z.shape[-1], int(valid.sum())
+    dloss = 1.0 if dloss is None else dloss                             # None: 1, as the other losses
+    zt = z if inv_t == 1.0 else z * z.dtype.type(inv_t)                 # (N, V) logits / tau
+    if reduction == "none":
+        g = np.broadcast_to(np.asarray(dloss, dtype=np.float64), z.shape) if np.ndim(dloss) == 0 else (
+            np.asarray(dloss, dtype=np.float64))
+        if g.shape != z.shape and g.shape != student_logits.shape:
+            raise ValueError(f"dloss: expected shape {student_logits.shape} (the 'none' loss), got {g.shape}")
+        g = g.reshape(z.shape)                                          # (N, V)
+        # only the label's column of the element-wise loss depends on s: its upstream gradient
+        row_g = np.where(valid, g[np.arange(len(flat)), np.where(valid, flat, 0)], 0.0)  # (N,)
+        per_row, dz = cross_entropy(zt, flat, row_g, reduction="none", backend=backend)  # (N,), (N, V)
+        loss = np.zeros_like(z)                                         # (N, V)
+        rows = np.nonzero(valid)[0]                                     # (n_valid,)
+        loss[rows, flat[rows]] = per_row[rows]
+        loss = loss.reshape(student_logits.shape)                       # (..., V)
+    else:
+        # "batchmean" = core's "mean"; "sum" = core's "sum"; "mean" = sum / (n_valid V)
+        per_elem = {"batchmean": 1.0, "sum": 1.0, "mean": 1.0 / (n_valid * v) if n_valid else 0.0}[reduction]
+        if np.ndim(dloss) != 0:
+            raise ValueError(f"dloss: expected a scalar for reduction {reduction!r}, got shape {np.shape(dloss)}")
+        core_red = "mean" if reduction == "batchmean" else "sum"
+        loss, dz = cross_entropy(zt, flat, float(dloss) * per_elem, reduction=core_red, backend=backend)  # (), (N, V)
+        if reduction == "mean":
+            loss = np.asarray(loss * per_elem).astype(z.dtype)
+    if inv_t != 1.0:
+        dz = dz * dz.dtype.type(inv_t)                                  # (N, V) d(z / tau)/dz = 1 / tau
+    return loss, dz.reshape(student_logits.shape)                       # (..., V)

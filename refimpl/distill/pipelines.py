@@ -33,8 +33,9 @@ from dataclasses import dataclass
 import numpy as np
 
 from .._validate import BACKENDS, check_betas, check_bool, check_choice, check_integer, check_real
+from ..core.cross_entropy import IGNORE_INDEX
 from ..model.generate import generate
-from ..model.transformer import IGNORE_INDEX, model_backward, model_forward, shift_labels
+from ..model.transformer import model_backward, model_forward, shift_labels
 from ..optim import adamw_init, adamw_update, clip_grad_norm, warmup_cosine_lr
 from ..rl.trainer import sft_train
 from ..tasks import TOKENIZER, make_dataset, pad_sequences, reference_completion

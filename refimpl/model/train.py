@@ -115,7 +115,7 @@ def train_step(state, config, batch, tc):
     ids, labels = batch
     loss, cache, info = loss_forward(ids, state.params, config, labels, balance=tc.balance, mtp_lambda=tc.mtp_lambda,
                                      backend=tc.backend)
-    grads = loss_backward(cache, state.params)
+    grads = loss_backward(1.0, cache, state.params)
     losses = (loss, info["lm_loss"], info["balance_loss"], info["mtp_loss"])
     return apply_gradients(state, config, grads, info, losses, tc)
 

@@ -54,7 +54,7 @@ from ..moe.dispatch import (
     experts_forward,
     make_plan,
 )
-from ..moe.gating import _check_gate_params, check_router_config, gate_backward, gate_forward
+from ..moe.gating import check_gate_params, check_router_config, gate_backward, gate_forward
 
 
 class Hop(NamedTuple):
@@ -116,7 +116,7 @@ def _check_local(x, params, config, size):
     for key in ("gate", "experts") + (("shared_experts",) if config.n_shared_experts else ()):
         if key not in params:
             raise ValueError(f"params: missing '{key}'")
-    _check_gate_params(x.reshape(-1, x.shape[-1]), params["gate"], config)
+    check_gate_params(x.reshape(-1, x.shape[-1]), params["gate"], config)
     d, i, n = config.hidden_size, config.moe_intermediate_size, e // size
     for name, shape in {"gate_proj": (n, i, d), "up_proj": (n, i, d), "down_proj": (n, d, i)}.items():
         if name not in params["experts"]:

@@ -41,6 +41,7 @@ from dataclasses import dataclass, fields
 import numpy as np
 
 from .._validate import BACKENDS, check_betas, check_bool, check_choice, check_integer, check_real
+from ..core import IGNORE_INDEX
 from ..model.train import TrainConfig, init_state, train
 from ..model.transformer import model_backward, model_forward
 from ..optim import adamw_init, adamw_update, clip_grad_norm, default_decay_mask
@@ -446,10 +447,10 @@ def sft_train(params, config, data, *, steps=100, batch_size=32, lr=1e-3, min_lr
                          f"{config.max_position_embeddings}")
     lens = np.array([len(r) for r in rows])                            # (N,)
     ids = np.zeros((len(rows), longest), dtype=np.int64)                # (N, L) right-padded
-    labels = np.full((len(rows), longest), -100, dtype=np.int64)        # (N, L) -100 = no loss
+    labels = np.full((len(rows), longest), IGNORE_INDEX, dtype=np.int64)  # (N, L) no loss
     for i, (r, t) in enumerate(zip(rows, targets, strict=True)):
         ids[i, :len(r)] = r
-        labels[i, :len(r)] = np.where(t, r, -100)
+        labels[i, :len(r)] = np.where(t, r, IGNORE_INDEX)
 
     tokens = [0]
 

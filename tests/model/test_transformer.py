@@ -15,7 +15,7 @@ from .conftest import tiny_config
 def _loss_fn(ids, cfg, labels=None, **kw):
     def f(p):
         loss, cache, _ = loss_forward(ids, p, cfg, labels, backend="numpy", **kw)
-        return loss, lambda d: (loss_backward(cache, p, float(d)),)
+        return loss, lambda d: (loss_backward(float(d), cache, p),)
     return f
 
 
@@ -39,7 +39,7 @@ def test_gradient_tree_matches_params(tiny):
     cfg, params = tiny
     ids = np.random.default_rng(0).integers(0, cfg.vocab_size, (2, 5))
     loss, cache, info = loss_forward(ids, params, cfg, backend="numpy")
-    grads = loss_backward(cache, params)
+    grads = loss_backward(1.0, cache, params)
     assert tree_paths(grads) == tree_paths(params)
     for g, p in zip(tree_flatten(grads)[0], tree_flatten(params)[0], strict=True):
         assert g.shape == p.shape and g.dtype == p.dtype
@@ -47,7 +47,7 @@ def test_gradient_tree_matches_params(tiny):
     assert float(loss) == pytest.approx(info["lm_loss"] + info["balance_loss"] + info["mtp_loss"])
     # without MTP the modules get zero gradients, and the loss is the LM + balance loss only
     loss0, cache0, info0 = loss_forward(ids, params, cfg, mtp_lambda=0.0, backend="numpy")
-    assert all(not g.any() for g in tree_flatten(loss_backward(cache0, params)["mtp"])[0])
+    assert all(not g.any() for g in tree_flatten(loss_backward(1.0, cache0, params)["mtp"])[0])
     assert float(loss0) == pytest.approx(info0["lm_loss"] + info0["balance_loss"])
 
 
@@ -60,7 +60,7 @@ def test_float32_runs_and_returns_float32(tiny):
     np.testing.assert_allclose(logits, model_forward(ids, params, cfg, backend="numpy")[0], rtol=1e-4, atol=1e-5)
     loss, cache, _ = loss_forward(ids, p32, cfg, backend="numpy")
     assert loss.dtype == np.float32
-    assert all(g.dtype == np.float32 for g in tree_flatten(loss_backward(cache, p32))[0])
+    assert all(g.dtype == np.float32 for g in tree_flatten(loss_backward(1.0, cache, p32))[0])
 
 
 def test_bad_input_names_the_argument(tiny):
