@@ -79,3 +79,20 @@ def test_bad_input_names_the_argument(tiny):
                                                            "kv_b_proj": np.zeros((3, 3))}},
             params["model"]["layers"][1]]}}
         model_forward(np.zeros((1, 3), dtype=np.int64), bad, cfg)
+
+
+def test_evaluation_skips_the_gradient_and_backward_takes_dloss_first(tiny):
+    """loss_forward(grad=False) gives the same loss without the (B, T, V) gradient, and then loss_backward
+    refuses; loss_backward(dloss, cache) scales every gradient by dloss and names a cache passed first."""
+    cfg, params = tiny
+    ids = np.random.default_rng(0).integers(0, cfg.vocab_size, (2, 5))
+    loss, cache, _ = loss_forward(ids, params, cfg, backend="numpy")
+    loss_e, cache_e, _ = loss_forward(ids, params, cfg, backend="numpy", grad=False)
+    assert loss_e == loss and cache_e.ce.dlogits is None and cache.ce.dlogits.shape == (2, 5, cfg.vocab_size)
+    with pytest.raises(ValueError, match="grad=False"):
+        loss_backward(1.0, cache_e, params)
+    with pytest.raises(TypeError, match="cache"):
+        loss_backward(cache, params)
+    g1, g3 = loss_backward(1.0, cache, params), loss_backward(3.0, cache, params)
+    for a, b in zip(tree_flatten(g1)[0], tree_flatten(g3)[0], strict=True):
+        np.testing.assert_allclose(b, 3.0 * a, rtol=1e-12, atol=1e-300)

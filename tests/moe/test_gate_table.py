@@ -149,3 +149,12 @@ def test_a_registered_gate_is_picked_up_everywhere(dummy_gate):
     _, cache, _ = loss_forward(ids, params, cfg, backend="numpy")
     grads = loss_backward(1.0, cache, params)
     assert np.abs(grads["model"]["layers"][1]["mlp"]["gate"]["expert_scale"]).max() > 0
+
+
+def test_gate_configs_are_validated():
+    """gate_type must name a table entry, and the entry refuses settings it cannot honour."""
+    with pytest.raises(ValueError, match="gate_type"):
+        ModelConfig.preset("tiny").replace(gate_type="switch")
+    with pytest.raises(ValueError, match="topk_method"):
+        ModelConfig.preset("tiny").replace(gate_type="mixtral")       # tiny routes with noaux_tc
+    assert ModelConfig.preset("tiny").gate_type == "deepseek"
