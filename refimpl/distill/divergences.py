@@ -24,6 +24,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from .._tables import entry_options, register_entry, table_entry
 from ..backend import kernel
 from ._common import check_unit, logaddexp
 
@@ -115,27 +116,15 @@ DIVERGENCES: dict[str, Divergence] = {
 
 def register_divergence(entry: Divergence) -> Divergence:
     """Add (or replace) a divergence; the losses, the fused head and GKD then accept its name."""
-    if not isinstance(entry, Divergence):
-        raise TypeError(f"entry: expected a Divergence, got {type(entry).__name__}")
-    DIVERGENCES[entry.name] = entry
-    return entry
+    return register_entry(DIVERGENCES, entry, Divergence)
 
 
 def get_divergence(name) -> Divergence:
     """The table entry of divergence ``name`` (ValueError naming ``divergence`` otherwise)."""
-    if not isinstance(name, str) or name not in DIVERGENCES:
-        raise ValueError(f"divergence: expected one of {tuple(DIVERGENCES)}, got {name!r}")
-    return DIVERGENCES[name]
+    return table_entry(DIVERGENCES, name, "divergence")
 
 
 def divergence_options(name, options=None) -> dict:
     """The entry's options with ``options`` applied; unknown names raise, every value must lie in [0, 1]."""
-    entry = get_divergence(name)
-    options = {} if options is None else options
-    if not isinstance(options, Mapping):
-        raise TypeError(f"divergence_options: expected a dict, got {type(options).__name__}")
-    unknown = sorted(set(options) - set(entry.options))
-    if unknown:
-        raise ValueError(f"divergence_options: {unknown} are not options of divergence={name!r} "
-                         f"(it takes {sorted(entry.options)})")
-    return {k: check_unit(k, v) for k, v in {**entry.options, **options}.items()}
+    out = entry_options(get_divergence(name).options, options, "divergence_options", f"divergence={name!r}")
+    return {k: check_unit(k, v) for k, v in out.items()}

@@ -26,6 +26,7 @@ from typing import NamedTuple
 
 import numpy as np
 
+from .._tables import register_entry, table_entry
 from .._validate import check_float, check_same_dtype, check_shape
 from ..core.softmax import SoftmaxCache, softmax_backward, softmax_forward
 from .gating import (
@@ -155,14 +156,9 @@ GATES: dict[str, Gate] = {
 
 def register_gate(entry: Gate) -> Gate:
     """Add (or replace) a router; ``config.gate_type`` then accepts its name."""
-    if not isinstance(entry, Gate):
-        raise TypeError(f"entry: expected a Gate, got {type(entry).__name__}")
-    GATES[entry.name] = entry
-    return entry
+    return register_entry(GATES, entry, Gate)
 
 
 def get_gate(name) -> Gate:
     """The table entry of ``gate_type`` ``name`` (ValueError naming ``gate_type`` otherwise)."""
-    if not isinstance(name, str) or name not in GATES:
-        raise ValueError(f"gate_type: expected one of {tuple(GATES)}, got {name!r}")
-    return GATES[name]
+    return table_entry(GATES, name, "gate_type")

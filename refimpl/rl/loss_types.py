@@ -26,6 +26,8 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from .._tables import entry_options, register_entry, table_entry
+
 
 @dataclass(frozen=True)
 class LossType:
@@ -150,30 +152,17 @@ LOSS_TABLE: dict[str, LossType] = {
 
 def register_loss_type(entry: LossType) -> LossType:
     """Add (or replace) a ``loss_type``; :func:`~refimpl.rl.grpo_loss` and the trainer then accept it."""
-    if not isinstance(entry, LossType):
-        raise TypeError(f"entry: expected a LossType, got {type(entry).__name__}")
-    LOSS_TABLE[entry.name] = entry
-    return entry
+    return register_entry(LOSS_TABLE, entry, LossType)
 
 
 def get_loss_type(name) -> LossType:
     """The table entry of ``loss_type`` ``name`` (ValueError naming ``loss_type`` otherwise)."""
-    if not isinstance(name, str) or name not in LOSS_TABLE:
-        raise ValueError(f"loss_type: expected one of {tuple(LOSS_TABLE)}, got {name!r}")
-    return LOSS_TABLE[name]
+    return table_entry(LOSS_TABLE, name, "loss_type")
 
 
 def loss_options(name, options=None) -> dict:
     """The entry's options with ``options`` applied: unknown names raise, values must be finite > 0."""
-    entry = get_loss_type(name)
-    options = {} if options is None else options
-    if not isinstance(options, Mapping):
-        raise TypeError(f"loss_options: expected a dict, got {type(options).__name__}")
-    unknown = sorted(set(options) - set(entry.options))
-    if unknown:
-        raise ValueError(f"loss_options: {unknown} are not options of loss_type={name!r} "
-                         f"(it takes {sorted(entry.options)})")
-    out = {**entry.options, **options}
+    out = entry_options(get_loss_type(name).options, options, "loss_options", f"loss_type={name!r}")
     for key, x in out.items():
         if isinstance(x, bool) or not isinstance(x, int | float | np.integer | np.floating):
             raise TypeError(f"{key}: expected a float, got {type(x).__name__}")
