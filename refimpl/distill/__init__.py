@@ -7,8 +7,10 @@ the field uses (forward / reverse KL, Hinton KD, GKD's generalized JSD, DistiLLM
 variation, top-k), each returning the loss and its hand-derived gradient with respect to the
 student logits, plus chunked fused LM-head versions that never hold the (tokens x vocab) logits.
 
-Option names follow TRL's ``GKDConfig`` (``beta``, ``temperature``); reductions and masking follow
-TRL's ``GKDTrainer.generalized_jsd_loss`` (see :mod:`refimpl.distill._common`).
+The divergences are entries of one table (:mod:`refimpl.distill.divergences`): the unfused loss
+(:func:`divergence_loss`), the fused LM head (:func:`fused_linear_divergence`) and GKD take any
+entry by name. Option names follow TRL's ``GKDConfig`` (``beta``, ``temperature``); reductions and
+masking follow TRL's ``GKDTrainer.generalized_jsd_loss`` (see :mod:`refimpl.distill._common`).
 """
 
 from ._common import REDUCTIONS

@@ -16,7 +16,8 @@ compute them:
   to one and multiplied by ``routed_scaling_factor``.
 
 For comparison, :func:`mixtral_gate_forward` is the Mixtral / GShard-style router: top-K on the
-logits, then a softmax over the kept logits.
+logits, then a softmax over the kept logits. Both are entries of the router table
+:data:`refimpl.moe.gates.GATES`, which the MoE layer reads (``ModelConfig.gate_type``).
 
 Semantics choices where public implementations disagree (reference notes §4): normalisation is
 keyed on ``norm_topk_prob`` and the scaling is always applied (as HF ``DeepseekV3TopkRouter`` and

@@ -9,8 +9,10 @@ policy added to the loss. Per completion token (:math:`\ell = \log\pi_\theta(o_{
           \qquad \rho_{i,t} = e^{\ell_{i,t} - \ell^{old}_{i,t}}
 
 and the loss is a weighted sum :math:`J = \sum_{i,t} W_{i,t} L_{i,t}` whose weights :math:`W` are
-what the ``loss_type`` variants disagree about. All option names and semantics are TRL's
-``GRPOTrainer`` / ``GRPOConfig`` (one process, no gradient accumulation):
+what the ``loss_type`` variants disagree about. Each variant is one entry of the table
+:data:`refimpl.rl.loss_types.LOSS_TABLE` (its surrogate, weights, diagnostics and options). All
+option names and semantics are TRL's ``GRPOTrainer`` / ``GRPOConfig`` (one process, no gradient
+accumulation):
 
 * ``grpo``, ``sapo``: :math:`W_{i,t} = m_{i,t} / (B\,\max(n_i,1))`, with ``m`` the mask and
   :math:`n_i` its row sum (DeepSeekMath eq. 3: :math:`1/G`, then :math:`1/\lvert o_i\rvert`);
