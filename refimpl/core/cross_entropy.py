@@ -117,7 +117,7 @@ def _reduce(per_row, reduction, n_valid, lead, dtype):
 
 
 def _row_scale(dloss, valid, reduction, n_valid):
-    """c_t of :func:`cross_entropy_backward` (N,) float64: the upstream gradient each row's loss gets."""
+    """c_t of :func:`cross_entropy`'s gradient (N,) float64: the upstream gradient each row's loss gets."""
     dloss = np.asarray(dloss, dtype=np.float64)
     if reduction == "none":
         return dloss.reshape(-1) * valid                                # (N,)

@@ -247,7 +247,7 @@ def fused_linear_cross_entropy(hidden, weight, labels, *, temperature=1.0, reduc
 
     ``reduction``: ``"mean"`` over non-ignored positions (0.0 when all are ignored, where torch
     gives NaN) or ``"sum"``; ``labels`` use -100 for ignored positions. Matches
-    :func:`refimpl.core.cross_entropy_forward` on the full logits for any ``chunk_size``. This is
+    :func:`refimpl.core.cross_entropy` on the full logits for any ``chunk_size``. This is
     also sequence-level KD (:func:`~refimpl.distill.sequence_kd_loss`) when ``labels`` are teacher
     samples.
 
