@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from refimpl.core.cross_entropy import cross_entropy_forward, cross_entropy_forward_backward
+from refimpl.core import cross_entropy
 
 from .harness import (
     NUMBA,
@@ -57,10 +57,10 @@ def _case(quick: bool, backward: bool) -> Case:
     def refimpl(backend):
         if backward:
             def fn():                                       # numpy: forward then backward; numba: one sweep
-                return cross_entropy_forward_backward(logits, targets, one, backend=backend)
+                return cross_entropy(logits, targets, one, backend=backend)
         else:
             def fn():
-                return (cross_entropy_forward(logits, targets, backend=backend)[0],)
+                return (cross_entropy(logits, targets, backend=backend, grad=False)[0],)
         return fn
 
     case.add(NUMPY, refimpl("numpy"))

@@ -76,7 +76,7 @@ def train_step(quick: bool) -> Case:
 
     def refimpl_step():
         loss, cache, _ = loss_forward(ids, params, cfg, balance="none", backend="numpy")
-        grads = loss_backward(cache, params)
+        grads = loss_backward(1.0, cache, params)
         adamw_update(params, grads, opt, lr=1e-3)
         return np.asarray(loss)
     case.add(NUMPY, refimpl_step)

@@ -60,8 +60,7 @@ import numpy as np
 
 from refimpl import ModelConfig
 from refimpl.core import (
-    cross_entropy_backward,
-    cross_entropy_forward,
+    cross_entropy,
     embedding_backward,
     embedding_forward,
     linear_backward,
@@ -487,10 +486,11 @@ assert err > 1e-2
 # where $\mathcal T$ is the set of positions whose label is not `-100` (ignored positions get a
 # zero gradient). Fusing the loss and its gradient this way never forms the $N \times V$ matrix of
 # log-probabilities, and every gradient entry is bounded by $\bar L / |\mathcal T|$ in size, however
-# large the logits. The forward pass keeps only the per-row log-sum-exp in its cache.
+# large the logits. Like every loss in refimpl it is one call that returns the loss and its gradient
+# (scaled by an upstream `dloss`, 1 by default); `grad=False` skips the gradient.
 
 # %%
-show_source(cross_entropy_forward, cross_entropy_backward, checks=False)
+show_source(cross_entropy, checks=False)
 
 # %%
 logits = 2 * rng.standard_normal((2, 5, 11))                  # (B, T, V)
@@ -498,18 +498,19 @@ targets = rng.integers(0, 11, size=(2, 5))                    # (B, T) int64
 targets[0, :2] = -100                                         # e.g. prompt tokens: no loss
 
 
-def cross_entropy(logits, targets, reduction="mean"):
-    loss, cache = cross_entropy_forward(logits, targets, reduction=reduction, backend="numpy")
-    return loss, lambda dloss: (cross_entropy_backward(dloss, cache), None)
+def ce_vjp(logits, targets, reduction="mean"):
+    """check_grad's (value, vjp) form of a loss: the vjp calls the loss again with dloss."""
+    loss, _ = cross_entropy(logits, targets, reduction=reduction, backend="numpy", grad=False)
+    return loss, lambda dloss: (cross_entropy(logits, targets, dloss, reduction=reduction, backend="numpy")[1],
+                                None)
 
 
-record("cross_entropy (mean, ignore_index)", check_grad(cross_entropy, [logits, targets]))
+record("cross_entropy (mean, ignore_index)", check_grad(ce_vjp, [logits, targets]))
 record("cross_entropy (none)",
-       check_grad(lambda z, t: cross_entropy(z, t, reduction="none"), [logits, targets]))
+       check_grad(lambda z, t: ce_vjp(z, t, reduction="none"), [logits, targets]))
 
 # ignored rows get exactly zero gradient; every other row sums to zero
-loss, cache = cross_entropy_forward(logits, targets, backend="numpy")
-dlogits = cross_entropy_backward(1.0, cache)                  # (B, T, V)
+loss, dlogits = cross_entropy(logits, targets, backend="numpy")  # (), (B, T, V)
 assert np.all(dlogits[0, :2] == 0) and np.abs(dlogits.sum(-1)).max() < 1e-15
 
 # %% [markdown]
@@ -526,9 +527,8 @@ assert np.all(dlogits[0, :2] == 0) and np.abs(dlogits.sum(-1)).max() < 1e-15
 def ce_both(logits, targets, reduction):
     out = {}
     for backend in ("numpy", "numba"):
-        loss, cache = cross_entropy_forward(logits, targets, reduction=reduction, backend=backend)
-        dloss = np.ones_like(loss) if reduction == "none" else 1.0
-        out[backend] = (loss, cross_entropy_backward(dloss, cache))
+        dloss = np.ones(targets.shape, logits.dtype) if reduction == "none" else 1.0
+        out[backend] = cross_entropy(logits, targets, dloss, reduction=reduction, backend=backend)
     return out
 
 
@@ -560,16 +560,15 @@ t = np.array([0, 1, 2])
 for dtype in (np.float32, np.float64):
     for backend in ("numpy", "numba"):
         with np.errstate(over="raise", invalid="raise"):
-            per_row, cache = cross_entropy_forward(z.astype(dtype), t, reduction="none", backend=backend)
-            dz = cross_entropy_backward(np.ones(3, dtype), cache)
+            per_row, dz = cross_entropy(z.astype(dtype), t, np.ones(3, dtype), reduction="none", backend=backend)
         assert np.all(np.isfinite(per_row)) and np.all(np.isfinite(dz))
         np.testing.assert_allclose(per_row, [0.0, 2e4, np.log(4)], rtol=1e-6)
         np.testing.assert_allclose(dz[0], [0, 0, 0, 0], atol=1e-6)
         np.testing.assert_allclose(dz[1], [1, -1, 0, 0], atol=1e-6)
         print(f"{np.dtype(dtype).name:8s} {backend:6s} losses {per_row}")
 
-all_ignored, cache = cross_entropy_forward(z, np.full(3, -100), backend="numpy")
-assert all_ignored == 0.0 and np.all(cross_entropy_backward(1.0, cache) == 0)
+all_ignored, dz = cross_entropy(z, np.full(3, -100), backend="numpy")
+assert all_ignored == 0.0 and np.all(dz == 0)
 
 # %% [markdown]
 # ## Rotary position embedding
@@ -878,8 +877,7 @@ n, v = 12, 50
 z = 1e4 * rng.standard_normal((n, v))
 labels = rng.integers(0, v, n)
 labels[::3] = -100
-_, ce_cache = cross_entropy_forward(z, labels)
-dz = cross_entropy_backward(1.0, ce_cache)
+_, dz = cross_entropy(z, labels)
 n_valid = int((labels != -100).sum())
 assert np.all(np.isfinite(dz)) and np.abs(dz).max() <= 1 / n_valid + 1e-15
 assert np.abs(dz.sum(axis=-1)).max() < 1e-15

@@ -156,7 +156,7 @@ ids = np.random.default_rng(2).integers(0, small.vocab_size, (2, 6))
 
 def loss_and_vjp(p):
     loss, cache, _ = loss_forward(ids, p, small, backend="numpy")
-    return loss, lambda d: (loss_backward(cache, p, float(d)),)
+    return loss, lambda d: (loss_backward(float(d), cache, p),)
 
 
 err = check_grad(loss_and_vjp, [small_params], max_entries=2)

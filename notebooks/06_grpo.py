@@ -72,13 +72,13 @@ from refimpl.rl import (  # noqa: E402
     grpo_loss,
     grpo_objective,
     language_consistency_reward,
+    loss_types,  # noqa: E402
     overlong_penalty,
     per_token_kl,
     selective_log_softmax_backward,
     selective_log_softmax_forward,
     tag_count_reward,
 )
-from refimpl.rl import grpo as grpo_module  # noqa: E402
 from refimpl.tasks import TOKENIZER, AdditionTask, Example, reference_completion  # noqa: E402
 
 t_start = time.perf_counter()
@@ -272,7 +272,8 @@ assert np.allclose(mass["group"], 2 * np.sqrt(G * (G - 1) * (ks / G) * (1 - ks /
 # Here is the part of `grpo_loss` that builds them, and the clipped surrogate with its derivative:
 
 # %%
-show_source(grpo_module._weights, grpo_module._min_clip)
+show_source(loss_types.sequence_mean_weights, loss_types.token_mean_weights, loss_types.constant_weights,
+            loss_types.items_weights, loss_types.min_clip)
 
 # %% [markdown]
 # **Length bias.** On policy, $\rho \equiv 1$ and the gradient of each token's log-probability is

@@ -79,8 +79,8 @@ from refimpl.distill import (  # noqa: E402
     topk_kl_loss,
     total_variation_loss,
 )
-from refimpl.distill.fused import _drive, _gjsd_rows  # noqa: E402
-from refimpl.distill.losses import gjsd_terms  # noqa: E402
+from refimpl.distill.divergences import gjsd_terms  # noqa: E402
+from refimpl.distill.fused import divergence_rows, drive_chunks  # noqa: E402
 
 t_start = time.perf_counter()
 LN2 = np.log(2.0)
@@ -456,11 +456,12 @@ assert n_tok * v_qwen * 4 > 50 * n_tok * h_qwen * 2
 # student (and teacher) logits, compute the per-row loss and $dZ_c$ with normalisers taken from the
 # *whole* batch, accumulate $dH_c = dZ_c W$ and $dW \mathrel{+}= dZ_c^\top H_c$, and drop the chunk.
 # Peak memory becomes $O(CV + VD)$ instead of $O(NV)$, at the price of no extra FLOPs here (GRPO's
-# version recomputes the logits once). The driver loop of `fused_linear_jsd`, and the per-chunk
-# pass it calls for the generalized JSD:
+# version recomputes the logits once). The driver loop of `fused_linear_divergence` (which
+# `fused_linear_jsd` calls with the generalized JSD), and the per-chunk pass it runs for any
+# divergence of the table `refimpl.distill.DIVERGENCES`:
 
 # %%
-show_source(_drive, _gjsd_rows)
+show_source(drive_chunks, divergence_rows)
 
 # %% [markdown]
 # Measured, with the peak of NumPy's allocations traced by `tracemalloc`: a student and a teacher

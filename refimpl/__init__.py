@@ -25,6 +25,24 @@ Notation (shared by the code's shape comments and the book)::
     F   reward functions           W   width of an element-wise distillation loss (V or top-k)
     (book/notation.md has the table; a lowercase name in a shape comment is a local variable)
 
+Two conventions for gradients (one rule for the whole package):
+
+* A **loss** -- a function of logits or log-probs to a scalar: :func:`refimpl.core.cross_entropy`,
+  every distillation divergence (:func:`refimpl.distill.divergence_loss`), sequence KD, the GRPO,
+  GSPO, CISPO and SAPO losses, the fused LM heads -- is ONE call that returns ``(loss, grad)``, or
+  ``(loss, grad, info)`` where it has diagnostics: ``grad`` is the gradient with respect to its first
+  array argument (the fused heads also give the head weight's), scaled by the optional upstream
+  ``dloss=1.0``. This is what TRL and Liger users expect, and the gradient of a loss is cheapest
+  computed with the loss.
+* **Layers, blocks and the model** are ``*_forward`` / ``*_backward`` pairs: the forward returns
+  its output and a NamedTuple cache, and every backward takes the upstream gradient first,
+  ``*_backward(d..., cache, ...)`` (so :func:`refimpl.model.loss_backward` is
+  ``loss_backward(dloss, cache, params=None)``).
+
+Variants are table entries: a GRPO ``loss_type`` (:data:`refimpl.rl.LOSS_TABLE`), an MoE router
+(:data:`refimpl.moe.GATES`, chosen by ``ModelConfig.gate_type``) and a distillation divergence
+(:data:`refimpl.distill.DIVERGENCES`) are each one entry plus its function(s).
+
 Importing refimpl is cheap: it loads NumPy and the pure-Python modules only; numba is imported and
 kernels compiled on first use.
 """
@@ -78,11 +96,11 @@ __all__ = ["core", "ModelConfig", "PRESETS", "load_pretrained", "load_tokenizer"
 #: its input and never hangs. A public function of a subpackage's ``__all__`` must be here or in
 #: FUZZ_PENDING (a test enforces it), so a new one cannot skip the question.
 FUZZED = (
-    'core.cross_entropy_forward_backward', 'rl.unbiased_kl', 'rl.off_policy_sequence_mask',
-    'attention.select_topk',
+    'core.cross_entropy', 'distill.divergence_loss', 'distill.fused_linear_divergence', 'rl.unbiased_kl',
+    'rl.off_policy_sequence_mask', 'attention.select_topk',
     'attention.causal_mask', 'attention.init_latent_cache', 'attention.kv_cache_bytes', 'attention.mha_forward',
-    'attention.mla_backward', 'attention.mla_forward', 'attention.sdpa_forward', 'core.cross_entropy_backward',
-    'core.cross_entropy_forward', 'core.embedding_backward', 'core.embedding_forward', 'core.linear_backward',
+    'attention.mla_backward', 'attention.mla_forward', 'attention.sdpa_forward',
+    'core.embedding_backward', 'core.embedding_forward', 'core.linear_backward',
     'core.linear_forward', 'core.log_softmax_backward', 'core.log_softmax_forward', 'core.logsumexp_backward',
     'core.logsumexp_forward', 'core.rmsnorm_backward', 'core.rmsnorm_forward', 'core.rope_backward',
     'core.rope_forward', 'core.rope_inv_freq', 'core.sigmoid', 'core.silu_backward', 'core.silu_forward',
@@ -109,7 +127,8 @@ FUZZ_PENDING = (
     'attention.dsa_backward', 'attention.dsa_forward', 'attention.dsa_indexer_loss', 'attention.dsa_infer',
     'attention.index_dims', 'attention.indexer_param_shapes', 'attention.init_dsa_cache',
     'attention.init_dsa_params', 'attention.uses_dsa', 'rl.sampling_record', 'rl.v32_grpo_loss',
-    'rl.v32_grpo_loss_from_logits',
+    'rl.v32_grpo_loss_from_logits', 'rl.get_loss_type', 'rl.register_loss_type', 'distill.get_divergence',
+    'distill.register_divergence', 'moe.get_gate', 'moe.register_gate', 'moe.check_gate_params',
     'attention.absorbed_weights', 'attention.default_head_dim', 'attention.default_scheme',
     'attention.init_kv_cache', 'attention.init_mha_params', 'attention.init_mla_params',
     'attention.kv_cache_elements_per_token', 'attention.mha_backward', 'attention.mha_infer',

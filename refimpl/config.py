@@ -83,6 +83,7 @@ class ModelConfig:
     tie_word_embeddings: bool = False
     num_nextn_predict_layers: int = 0
     initializer_range: float = 0.006
+    gate_type: str = "deepseek"   # refimpl's: the MoE router, an entry of refimpl.moe.gates.GATES
     extra: dict = field(default_factory=dict, repr=False)
 
     @property
@@ -127,6 +128,11 @@ class ModelConfig:
             if self.topk_method == "noaux_tc" and per_group < 2 and self.n_group > 1:
                 raise ValueError("n_group: noaux_tc scores a group by its top-2 experts, so groups need >= 2 "
                                  f"experts; got {per_group}")
+        if self.n_routed_experts:
+            from .moe.gates import get_gate  # the router table (refimpl.moe.gates), checked lazily
+            gate = get_gate(self.gate_type)
+            if gate.check_config is not None:
+                gate.check_config(self)
         if self.rope_scaling is not None:
             from .core.rope import check_rope_scaling
             check_rope_scaling(self.rope_scaling)

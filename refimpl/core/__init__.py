@@ -1,4 +1,5 @@
-"""Primitives, each a forward/backward pair with a named cache (see DESIGN: API conventions)."""
+"""Primitives, each a forward/backward pair with a named cache (see DESIGN: API conventions), and the
+cross-entropy loss, one call returning ``(loss, dlogits)`` like every loss (see :mod:`refimpl`)."""
 
 from .activations import (
     sigmoid,
@@ -9,7 +10,7 @@ from .activations import (
     swiglu_mlp_backward,
     swiglu_mlp_forward,
 )
-from .cross_entropy import cross_entropy_backward, cross_entropy_forward, cross_entropy_forward_backward
+from .cross_entropy import IGNORE_INDEX, cross_entropy
 from .linear import embedding_backward, embedding_forward, linear_backward, linear_forward
 from .rmsnorm import rmsnorm_backward, rmsnorm_forward
 from .rope import (
@@ -34,8 +35,7 @@ from .softmax import (
 
 __all__ = [
     "sigmoid", "silu_forward", "silu_backward", "swiglu_forward", "swiglu_backward",
-    "swiglu_mlp_forward", "swiglu_mlp_backward", "cross_entropy_forward", "cross_entropy_backward",
-    "cross_entropy_forward_backward",
+    "swiglu_mlp_forward", "swiglu_mlp_backward", "cross_entropy", "IGNORE_INDEX",
     "linear_forward", "linear_backward", "embedding_forward", "embedding_backward",
     "rmsnorm_forward", "rmsnorm_backward", "rope_inv_freq", "rope_forward", "rope_backward",
     "rope_cos_sin", "rope_attention_factor", "softmax_scale", "deinterleave_perm",

@@ -7,19 +7,24 @@ the field uses (forward / reverse KL, Hinton KD, GKD's generalized JSD, DistiLLM
 variation, top-k), each returning the loss and its hand-derived gradient with respect to the
 student logits, plus chunked fused LM-head versions that never hold the (tokens x vocab) logits.
 
-Option names follow TRL's ``GKDConfig`` (``beta``, ``temperature``); reductions and masking follow
-TRL's ``GKDTrainer.generalized_jsd_loss`` (see :mod:`refimpl.distill._common`).
+The divergences are entries of one table (:mod:`refimpl.distill.divergences`): the unfused loss
+(:func:`divergence_loss`), the fused LM head (:func:`fused_linear_divergence`) and GKD take any
+entry by name. Option names follow TRL's ``GKDConfig`` (``beta``, ``temperature``); reductions and
+masking follow TRL's ``GKDTrainer.generalized_jsd_loss`` (see :mod:`refimpl.distill._common`).
 """
 
-from ._common import IGNORE_INDEX, REDUCTIONS
+from ._common import REDUCTIONS
+from .divergences import DIVERGENCES, Divergence, get_divergence, register_divergence
 from .fused import (
     fused_linear_cross_entropy,
+    fused_linear_divergence,
     fused_linear_grpo_loss,
     fused_linear_jsd,
     fused_linear_logprob_loss,
     fused_linear_token_logps,
 )
 from .losses import (
+    divergence_loss,
     forward_kl_loss,
     generalized_jsd_loss,
     hinton_kd_loss,
@@ -32,9 +37,10 @@ from .losses import (
 from .topk import teacher_topk, topk_kl_loss
 
 __all__ = [
-    "IGNORE_INDEX", "REDUCTIONS",
+    "REDUCTIONS",
     "forward_kl_loss", "reverse_kl_loss", "generalized_jsd_loss", "skew_kl_loss", "skew_reverse_kl_loss",
     "total_variation_loss", "hinton_kd_loss", "sequence_kd_loss", "teacher_topk", "topk_kl_loss",
     "fused_linear_jsd", "fused_linear_cross_entropy", "fused_linear_token_logps", "fused_linear_logprob_loss",
-    "fused_linear_grpo_loss",
+    "fused_linear_grpo_loss", "DIVERGENCES", "Divergence", "get_divergence", "register_divergence",
+    "divergence_loss", "fused_linear_divergence",
 ]

@@ -37,9 +37,9 @@ import numbers
 import numpy as np
 
 from .._validate import check_float, check_int, check_same_dtype
+from ..core.cross_entropy import IGNORE_INDEX
 
 REDUCTIONS = ("batchmean", "sum", "mean", "none")
-IGNORE_INDEX = -100
 
 
 def check_temperature(temperature) -> float:
@@ -159,7 +159,8 @@ def reduce(E: np.ndarray, valid: np.ndarray, lead: tuple, has_labels: bool, redu
     """Reduce the element-wise loss ``E`` (N, W); return (loss, g) with g the upstream weight of each
     element, shape (N, 1) for scalar reductions or (N, W) for ``"none"``.
 
-    ``dloss`` is the upstream gradient of the returned loss (None: 1, or ones for ``"none"``).
+    ``dloss`` is the upstream gradient of the returned loss (None means 1; a scalar broadcasts over
+    the ``"none"`` loss).
     Masked rows of ``E`` are zeroed here, and get ``g = 0``. ``num_items_in_batch`` (TRL PR #6006,
     for gradient accumulation) makes the loss ``sum / num_items_in_batch`` whatever ``reduction``.
     """
@@ -170,8 +171,8 @@ def reduce(E: np.ndarray, valid: np.ndarray, lead: tuple, has_labels: bool, redu
         reduction = "sum"
     if reduction == "none":
         loss = E.reshape(*lead, w)                                      # (..., W)
-        if dloss is None:
-            g = np.ones((n, w), dtype=E.dtype)                          # (N, W)
+        if dloss is None or np.ndim(dloss) == 0:                        # a scalar upstream gradient: broadcast
+            g = np.full((n, w), 1.0 if dloss is None else float(dloss), dtype=E.dtype)  # (N, W)
         else:
             dloss = np.asarray(dloss)
             if dloss.shape != loss.shape:

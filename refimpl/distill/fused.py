@@ -28,25 +28,25 @@ import numpy as np
 
 from .._validate import check_float, check_int, check_same_dtype
 from ..backend import kernel, resolve_backend
+from ..rl.grpo import grpo_loss
 from ._common import (
     IGNORE_INDEX,
     check_num_items,
     check_reduction,
     check_temperature,
-    check_unit,
     label_rows,
     log_softmax_rows,
     logsoftmax_vjp,
 )
-from .losses import gjsd_terms
+from .divergences import divergence_options, get_divergence
 
 # ------------------------------------------------------------------ per-chunk passes (NumPy reference)
 
-def _gjsd_rows(zs, zt, valid, row_scale, beta, inv_t):
-    """Generalized JSD rows: (loss (C,) float64, d(sum_i row_scale_i loss_i)/dzs (C, V))."""
+def divergence_rows(zs, zt, valid, row_scale, terms, opts, inv_t):
+    """Divergence rows: (loss (C,) float64, d(sum_i row_scale_i loss_i)/dzs (C, V)), ``terms`` of the table."""
     lq, q = log_softmax_rows(zs, inv_t)                                 # (C, V) each
     lp, p = log_softmax_rows(zt, inv_t)                                 # (C, V) each
-    E, U = gjsd_terms(lq, q, lp, p, beta)                               # (C, V) each
+    E, U = terms(lq, q, lp, p, **opts)                                  # (C, V) each
     loss = np.where(valid, E.sum(axis=-1, dtype=np.float64), 0.0)       # (C,)
     # forward: L = sum_i w_i sum_j E_ij(log q_i)   so: dz_i = (G_i - q_i sum_j G_ij) / tau, G = w U
     dz = logsoftmax_vjp(row_scale[:, None] * U, q, inv_t)               # (C, V)
@@ -113,7 +113,7 @@ def _check_dloss(dloss) -> float:
     return float(dloss)
 
 
-def _drive(h, weight, chunk_size, row_pass):
+def drive_chunks(h, weight, chunk_size, row_pass):
     """Loop over row chunks: Z = h_c W^T, (loss_c, dZ) = row_pass(Z, s, e), dh_c = dZ W, dW += dZ^T h_c."""
     n = h.shape[0]
     dh = np.empty_like(h)                                               # (N, D)
@@ -173,25 +173,28 @@ def _teacher_source(lead, n, v, dtype, teacher_logits, teacher_hidden, teacher_w
 
 # ------------------------------------------------------------------ public API
 
-def fused_linear_jsd(hidden, weight, labels=None, *, teacher_logits=None, teacher_hidden=None,
-                     teacher_weight=None, beta=0.5, temperature=1.0, reduction="batchmean", num_items_in_batch=None,
-                     chunk_size=1024, dloss=1.0, backend=None):
-    r"""Generalized JSD of the student head's logits against a teacher, chunk by chunk (GKD eq. 1).
+def fused_linear_divergence(hidden, weight, labels=None, *, divergence="generalized_jsd", teacher_logits=None,
+                            teacher_hidden=None, teacher_weight=None, temperature=1.0, reduction="batchmean",
+                            num_items_in_batch=None, chunk_size=1024, dloss=1.0, backend=None, **options):
+    r"""A divergence of the student head's logits from a teacher's, chunk by chunk (any table entry).
 
-    Computes :func:`~refimpl.distill.generalized_jsd_loss` of :math:`s = H W^\top` against the
-    teacher's logits (given, or :math:`H_T W_T^\top` from the teacher's hidden states and head,
-    also chunked) and its gradients with respect to ``hidden`` and ``weight``, never holding more
-    than ``chunk_size`` rows of logits. Same ``beta``, ``temperature``, ``labels``, scalar
-    reductions (``"batchmean"``, ``"sum"``, ``"mean"``) and ``num_items_in_batch`` as the unchunked
-    loss, whose value and gradients it reproduces for any ``chunk_size``; ``"none"`` would need the
-    (N, V) tensor and is refused. The normalisers come from the whole batch, never from a chunk.
+    Computes :func:`~refimpl.distill.divergence_loss` (``divergence`` names an entry of
+    :data:`~refimpl.distill.divergences.DIVERGENCES`, ``options`` are its options, e.g. ``beta``) of
+    :math:`s = H W^\top` against the teacher's logits (given, or :math:`H_T W_T^\top` from the
+    teacher's hidden states and head, also chunked) and its gradients with respect to ``hidden`` and
+    ``weight``, never holding more than ``chunk_size`` rows of logits. Same ``temperature``,
+    ``labels``, scalar reductions (``"batchmean"``, ``"sum"``, ``"mean"``) and ``num_items_in_batch``
+    as the unchunked loss, whose value and gradients it reproduces for any ``chunk_size``; ``"none"``
+    would need the (N, V) tensor and is refused. The normalisers come from the whole batch, never
+    from a chunk. ``backend="numba"`` uses the entry's ``kernel_rows`` where it has one.
 
     Shapes: hidden (..., D), weight (V, D), labels (...), teacher_logits (..., V) or
     teacher_hidden (..., Dt) with teacher_weight (V, Dt) -> loss (), dhidden (..., D), dweight (V, D).
     """
     h, lead = _check_head(hidden, weight)                               # (N, D)
     n, v = h.shape[0], weight.shape[0]
-    beta = check_unit("beta", beta)
+    entry = get_divergence(divergence)
+    opts = divergence_options(divergence, options)
     inv_t = 1.0 / check_temperature(temperature)
     check_reduction(reduction, ("batchmean", "sum", "mean"))
     chunk_size, dloss = _check_chunk(chunk_size), _check_dloss(dloss)
@@ -209,13 +212,30 @@ def fused_linear_jsd(hidden, weight, labels=None, *, teacher_logits=None, teache
 
     def row_pass(z, s, e):
         zt = teacher(s, e)                                              # (C, V)
-        if backend == "numba":
-            return kernel("distill_nb").gjsd_rows(z, np.ascontiguousarray(zt), valid[s:e], row_scale[s:e],
-                                                  beta, inv_t)
-        return _gjsd_rows(z, zt, valid[s:e], row_scale[s:e], beta, inv_t)
+        if backend == "numba" and entry.kernel_rows is not None:
+            return entry.kernel_rows(z, zt, valid[s:e], row_scale[s:e], inv_t, **opts)
+        return divergence_rows(z, zt, valid[s:e], row_scale[s:e], entry.terms, opts, inv_t)
 
-    total, dh, dw = _drive(h, weight, chunk_size, row_pass)
+    total, dh, dw = drive_chunks(h, weight, chunk_size, row_pass)
     return np.asarray(total * scale).astype(h.dtype), dh.reshape(hidden.shape), dw
+
+
+def fused_linear_jsd(hidden, weight, labels=None, *, teacher_logits=None, teacher_hidden=None,
+                     teacher_weight=None, beta=0.5, temperature=1.0, reduction="batchmean", num_items_in_batch=None,
+                     chunk_size=1024, dloss=1.0, backend=None):
+    r"""Generalized JSD of the student head's logits against a teacher, chunk by chunk (GKD eq. 1).
+
+    :func:`fused_linear_divergence` with ``divergence="generalized_jsd"``: the chunked twin of
+    :func:`~refimpl.distill.generalized_jsd_loss` (same ``beta``, TRL's convention).
+
+    Shapes: hidden (..., D), weight (V, D), labels (...), teacher_logits (..., V) or
+    teacher_hidden (..., Dt) with teacher_weight (V, Dt) -> loss (), dhidden (..., D), dweight (V, D).
+    """
+    return fused_linear_divergence(hidden, weight, labels, divergence="generalized_jsd", teacher_logits=teacher_logits,
+                                   teacher_hidden=teacher_hidden, teacher_weight=teacher_weight, beta=beta,
+                                   temperature=temperature, reduction=reduction,
+                                   num_items_in_batch=num_items_in_batch, chunk_size=chunk_size, dloss=dloss,
+                                   backend=backend)
 
 
 def fused_linear_cross_entropy(hidden, weight, labels, *, temperature=1.0, reduction="mean", chunk_size=1024,
@@ -227,7 +247,7 @@ def fused_linear_cross_entropy(hidden, weight, labels, *, temperature=1.0, reduc
 
     ``reduction``: ``"mean"`` over non-ignored positions (0.0 when all are ignored, where torch
     gives NaN) or ``"sum"``; ``labels`` use -100 for ignored positions. Matches
-    :func:`refimpl.core.cross_entropy_forward` on the full logits for any ``chunk_size``. This is
+    :func:`refimpl.core.cross_entropy` on the full logits for any ``chunk_size``. This is
     also sequence-level KD (:func:`~refimpl.distill.sequence_kd_loss`) when ``labels`` are teacher
     samples.
 
@@ -249,7 +269,7 @@ def fused_linear_cross_entropy(hidden, weight, labels, *, temperature=1.0, reduc
             return kernel("distill_nb").ce_rows(z, flat[s:e], row_scale[s:e], inv_t, IGNORE_INDEX)
         return _ce_rows(z, flat[s:e], row_scale[s:e], inv_t, IGNORE_INDEX)
 
-    total, dh, dw = _drive(h, weight, chunk_size, row_pass)
+    total, dh, dw = drive_chunks(h, weight, chunk_size, row_pass)
     return np.asarray(total * scale).astype(h.dtype), dh.reshape(hidden.shape), dw
 
 
@@ -321,7 +341,7 @@ def fused_linear_logprob_loss(hidden, weight, tokens, loss_fn, *, temperature=1.
     def row_pass(z, s, e):
         return 0.0, rows(z, tok[s:e], rowmax[s:e], logsum[s:e], g[s:e], inv_t, IGNORE_INDEX)
 
-    _, dh, dw = _drive(h, weight, chunk_size, row_pass)
+    _, dh, dw = drive_chunks(h, weight, chunk_size, row_pass)
     return np.asarray(loss).astype(h.dtype), dh.reshape(hidden.shape), dw, info
 
 
@@ -337,12 +357,6 @@ def fused_linear_grpo_loss(hidden, weight, completion_ids, old_logps, ref_logps,
     Shapes: hidden (B, T, D), weight (V, D), completion_ids (B, T) -> loss (), dhidden (B, T, D),
     dweight (V, D), info.
     """
-    try:
-        from ..rl.grpo import grpo_loss
-    except ImportError as e:  # the GRPO module is written separately
-        raise ImportError("fused_linear_grpo_loss: needs refimpl.rl.grpo.grpo_loss, which is not available; "
-                          "use fused_linear_logprob_loss with your own loss_fn") from e
-
     def loss_fn(logps):
         return grpo_loss(logps, old_logps, ref_logps, advantages, mask, **grpo_kwargs)
 

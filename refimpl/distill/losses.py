@@ -12,10 +12,11 @@ cross-entropy on teacher-generated tokens, is what DeepSeek-R1's distilled stude
 with (R1 §2.4).
 
 Every function has the signature ``loss_fn(student_logits, teacher_logits, labels=None, *, ...,
-temperature=1.0, reduction="batchmean", dloss=None) -> (loss, dstudent_logits)``: the gradient
+temperature=1.0, reduction="batchmean", dloss=1.0) -> (loss, dstudent_logits)``: the gradient
 with respect to the student logits is returned with the loss (the teacher gets none), multiplied
-by the upstream gradient ``dloss`` (default 1; for ``reduction="none"`` an array shaped like the
-loss, default ones). Option names follow TRL's ``GKDConfig`` (``beta``, ``temperature``).
+by the upstream gradient ``dloss`` (a scalar; for ``reduction="none"`` also an array shaped like
+the loss). The divergences of :data:`~refimpl.distill.divergences.DIVERGENCES` all go through
+:func:`divergence_loss`. Option names follow TRL's ``GKDConfig`` (``beta``, ``temperature``).
 Masking, reductions and the shared gradient formula are described in
 :mod:`refimpl.distill._common`.
 """
@@ -24,18 +25,19 @@ from __future__ import annotations
 
 import numpy as np
 
+from ..core.cross_entropy import cross_entropy
 from ._common import (
     check_reduction,
     check_temperature,
     check_unit,
     label_rows,
     log_softmax_rows,
-    logaddexp,
     logsoftmax_vjp,
     reduce,
     student_rows,
     teacher_rows,
 )
+from .divergences import divergence_options, forward_kl_terms, get_divergence
 
 
 def _pair(student_logits, teacher_logits, labels, temperature, reduction):
@@ -57,41 +59,29 @@ def _finish(E, U, q, inv_t, valid, lead, labels, reduction, dloss, shape, num_it
     return loss, ds.reshape(shape)                                      # (..., V)
 
 
-def forward_kl_terms(lq, q, lp, p):
-    """Element-wise forward KL :math:`p_j(\\log p_j - \\log q_j)` and its d/dlog q_j, :math:`-p_j`."""
-    return p * (lp - lq), -p                                            # (N, V) each
+def divergence_loss(student_logits, teacher_logits, labels=None, *, divergence="generalized_jsd", temperature=1.0,
+                    reduction="batchmean", num_items_in_batch=None, dloss=1.0, **options):
+    r"""Any divergence of the table :data:`~refimpl.distill.divergences.DIVERGENCES`, by name, and its gradient.
 
+    :math:`D_n = \sum_j E_{n,j}` with ``E, U = terms(log q, q, log p, p, **options)`` of the entry,
+    reduced as described in :mod:`refimpl.distill._common`, and
+    :math:`\partial L/\partial s = \mathrm{VJP}_{\log\mathrm{softmax}(s/\tau)}(g\,U)`. ``options`` are
+    the entry's (``beta`` for ``generalized_jsd``, ``alpha`` for the skew KLs); the named losses
+    below are this function with their entry.
 
-def reverse_kl_terms(lq, q, lp, p):
-    """Element-wise reverse KL :math:`q_j(\\log q_j - \\log p_j)` and its d/dlog q_j,
-    :math:`q_j(\\log q_j - \\log p_j + 1)`."""
-    d = lq - lp                                                         # (N, V)
-    return q * d, q * (d + 1.0)                                         # (N, V) each
-
-
-def gjsd_terms(lq, q, lp, p, beta):
-    """Element-wise generalized JSD and its derivative with respect to :math:`\\log q_j`.
-
-    With :math:`\\log M = \\mathrm{logaddexp}(\\log q + \\log(1-\\beta), \\log p + \\log\\beta)`,
-    :math:`E_j = \\beta p_j(\\log p_j - \\log M_j) + (1-\\beta) q_j(\\log q_j - \\log M_j)` and, since the
-    terms from :math:`\\partial \\log M_j` cancel, :math:`U_j = (1-\\beta) q_j (\\log q_j - \\log M_j)`.
-    ``beta`` 0 and 1 are TRL's special cases, forward and reverse KL.
+    Shapes: student_logits, teacher_logits (..., V), labels (...) -> loss () or (..., V) for
+    ``"none"``, dstudent_logits (..., V).
     """
-    if beta == 0.0:
-        return forward_kl_terms(lq, q, lp, p)
-    if beta == 1.0:
-        return reverse_kl_terms(lq, q, lp, p)
-    lm = logaddexp(lq + float(np.log1p(-beta)), lp + float(np.log(beta)))  # (N, V) log M
-    U = q * (lq - lm)                                                   # (N, V)
-    U *= 1.0 - beta                                                     # (1 - beta) q log(q / M)
-    E = p * (lp - lm)                                                   # (N, V)
-    E *= beta
-    E += U                                                              # beta p log(p/M) + U
-    return E, U
+    entry = get_divergence(divergence)
+    opts = divergence_options(divergence, options)
+    lq, q, lp, p, valid, lead, inv_t = _pair(student_logits, teacher_logits, labels, temperature, reduction)
+    E, U = entry.terms(lq, q, lp, p, **opts)                            # (N, V) each
+    return _finish(E, U, q, inv_t, valid, lead, labels, reduction, dloss, student_logits.shape,
+                   num_items_in_batch)
 
 
 def forward_kl_loss(student_logits, teacher_logits, labels=None, *, temperature=1.0, reduction="batchmean",
-                    dloss=None):
+                    dloss=1.0):
     r"""Forward KL, teacher to student (mode covering; Hinton et al. 2015 §2; GKD §2).
 
     .. math:: D_n = \mathrm{KL}(p_n \,\|\, q_n) = \sum_j p_{n,j}(\log p_{n,j} - \log q_{n,j}),
@@ -103,13 +93,12 @@ def forward_kl_loss(student_logits, teacher_logits, labels=None, *, temperature=
     Shapes: student_logits, teacher_logits (..., V), labels (...) -> loss () or (..., V) for
     ``"none"``, dstudent_logits (..., V).
     """
-    lq, q, lp, p, valid, lead, inv_t = _pair(student_logits, teacher_logits, labels, temperature, reduction)
-    E, U = forward_kl_terms(lq, q, lp, p)                               # (N, V) each
-    return _finish(E, U, q, inv_t, valid, lead, labels, reduction, dloss, student_logits.shape)
+    return divergence_loss(student_logits, teacher_logits, labels, divergence="forward_kl", temperature=temperature,
+                           reduction=reduction, dloss=dloss)
 
 
 def reverse_kl_loss(student_logits, teacher_logits, labels=None, *, temperature=1.0, reduction="batchmean",
-                    dloss=None):
+                    dloss=1.0):
     r"""Reverse KL, student to teacher (mode seeking; GKD §2, MiniLLM §2).
 
     .. math:: D_n = \mathrm{KL}(q_n \,\|\, p_n), \qquad
@@ -119,13 +108,12 @@ def reverse_kl_loss(student_logits, teacher_logits, labels=None, *, temperature=
 
     Shapes: as :func:`forward_kl_loss`.
     """
-    lq, q, lp, p, valid, lead, inv_t = _pair(student_logits, teacher_logits, labels, temperature, reduction)
-    E, U = reverse_kl_terms(lq, q, lp, p)                               # (N, V) each
-    return _finish(E, U, q, inv_t, valid, lead, labels, reduction, dloss, student_logits.shape)
+    return divergence_loss(student_logits, teacher_logits, labels, divergence="reverse_kl", temperature=temperature,
+                           reduction=reduction, dloss=dloss)
 
 
 def generalized_jsd_loss(student_logits, teacher_logits, labels=None, *, beta=0.5, temperature=1.0,
-                         reduction="batchmean", num_items_in_batch=None, dloss=None):
+                         reduction="batchmean", num_items_in_batch=None, dloss=1.0):
     r"""Generalized Jensen-Shannon divergence of GKD (Agarwal et al. 2024, eq. 1), TRL's convention.
 
     With the mixture :math:`M = \beta p + (1-\beta) q` (``beta`` weights the **teacher**),
@@ -162,15 +150,13 @@ def generalized_jsd_loss(student_logits, teacher_logits, labels=None, *, beta=0.
     loss : ndarray, () or (..., V) for ``"none"``
     dstudent_logits : ndarray (..., V)
     """
-    beta = check_unit("beta", beta)
-    lq, q, lp, p, valid, lead, inv_t = _pair(student_logits, teacher_logits, labels, temperature, reduction)
-    E, U = gjsd_terms(lq, q, lp, p, beta)                               # (N, V) each
-    return _finish(E, U, q, inv_t, valid, lead, labels, reduction, dloss, student_logits.shape,
-                   num_items_in_batch)
+    return divergence_loss(student_logits, teacher_logits, labels, divergence="generalized_jsd", beta=beta,
+                           temperature=temperature, reduction=reduction, num_items_in_batch=num_items_in_batch,
+                           dloss=dloss)
 
 
 def skew_kl_loss(student_logits, teacher_logits, labels=None, *, alpha=0.1, temperature=1.0,
-                 reduction="batchmean", dloss=None):
+                 reduction="batchmean", dloss=1.0):
     r"""Skew forward KL of DistiLLM (Ko et al. 2024, §3.1), skew coefficient ``alpha``.
 
     .. math:: D_n = \mathrm{KL}\big(p_n \,\|\, \alpha p_n + (1-\alpha) q_n\big), \qquad
@@ -184,18 +170,12 @@ def skew_kl_loss(student_logits, teacher_logits, labels=None, *, alpha=0.1, temp
 
     Shapes: as :func:`forward_kl_loss`.
     """
-    alpha = check_unit("alpha", alpha)
-    lq, q, lp, p, valid, lead, inv_t = _pair(student_logits, teacher_logits, labels, temperature, reduction)
-    with np.errstate(divide="ignore"):
-        la, l1a = float(np.log(alpha)), float(np.log1p(-alpha))         # -inf at the ends
-    lm = logaddexp(lp + la, lq + l1a)                                   # (N, V) log M
-    E = p * (lp - lm)                                                   # (N, V)
-    U = -(1.0 - alpha) * np.exp(lp + lq - lm)                           # (N, V) finite: p q / M <= min(p/(1-a), q/a)
-    return _finish(E, U, q, inv_t, valid, lead, labels, reduction, dloss, student_logits.shape)
+    return divergence_loss(student_logits, teacher_logits, labels, divergence="skew_kl", alpha=alpha,
+                           temperature=temperature, reduction=reduction, dloss=dloss)
 
 
 def skew_reverse_kl_loss(student_logits, teacher_logits, labels=None, *, alpha=0.1, temperature=1.0,
-                         reduction="batchmean", dloss=None):
+                         reduction="batchmean", dloss=1.0):
     r"""Skew reverse KL of DistiLLM (Ko et al. 2024, §3.1).
 
     .. math:: D_n = \mathrm{KL}\big(q_n \,\|\, (1-\alpha) p_n + \alpha q_n\big), \qquad
@@ -207,19 +187,12 @@ def skew_reverse_kl_loss(student_logits, teacher_logits, labels=None, *, alpha=0
 
     Shapes: as :func:`forward_kl_loss`.
     """
-    alpha = check_unit("alpha", alpha)
-    lq, q, lp, p, valid, lead, inv_t = _pair(student_logits, teacher_logits, labels, temperature, reduction)
-    with np.errstate(divide="ignore"):
-        la, l1a = float(np.log(alpha)), float(np.log1p(-alpha))
-    lm = logaddexp(lp + l1a, lq + la)                                   # (N, V) log M
-    d = lq - lm                                                         # (N, V)
-    E = q * d                                                           # (N, V)
-    U = q * (d + 1.0 - np.exp(la + d))                                  # (N, V) alpha q / M <= 1
-    return _finish(E, U, q, inv_t, valid, lead, labels, reduction, dloss, student_logits.shape)
+    return divergence_loss(student_logits, teacher_logits, labels, divergence="skew_reverse_kl", alpha=alpha,
+                           temperature=temperature, reduction=reduction, dloss=dloss)
 
 
 def total_variation_loss(student_logits, teacher_logits, labels=None, *, temperature=1.0, reduction="batchmean",
-                         dloss=None):
+                         dloss=1.0):
     r"""Total variation distance (used for KD by Wen et al. 2023, f-DISTILL, arXiv 2307.15190).
 
     .. math:: D_n = \tfrac12 \sum_j |p_{n,j} - q_{n,j}| \in [0, 1], \qquad
@@ -232,15 +205,12 @@ def total_variation_loss(student_logits, teacher_logits, labels=None, *, tempera
 
     Shapes: as :func:`forward_kl_loss`.
     """
-    lq, q, lp, p, valid, lead, inv_t = _pair(student_logits, teacher_logits, labels, temperature, reduction)
-    diff = q - p                                                        # (N, V)
-    E = 0.5 * np.abs(diff)                                              # (N, V)
-    U = 0.5 * np.sign(diff) * q                                         # (N, V)
-    return _finish(E, U, q, inv_t, valid, lead, labels, reduction, dloss, student_logits.shape)
+    return divergence_loss(student_logits, teacher_logits, labels, divergence="total_variation",
+                           temperature=temperature, reduction=reduction, dloss=dloss)
 
 
 def hinton_kd_loss(student_logits, teacher_logits, labels=None, *, alpha=0.5, temperature=1.0,
-                   scale_by_t2=True, reduction="batchmean", dloss=None):
+                   scale_by_t2=True, reduction="batchmean", dloss=1.0):
     r"""Hinton knowledge distillation: hard-label cross-entropy plus soft-target KL (Hinton et al. 2015, §2).
 
     .. math:: D_n = (1-\alpha)\,[-\log \mathrm{softmax}(s_n)_{y_n}]
@@ -276,15 +246,20 @@ def hinton_kd_loss(student_logits, teacher_logits, labels=None, *, alpha=0.5, te
     return loss, ds.reshape(student_logits.shape)                       # (..., V)
 
 
-def sequence_kd_loss(student_logits, labels, *, temperature=1.0, reduction="batchmean", dloss=None):
+def sequence_kd_loss(student_logits, labels, *, temperature=1.0, reduction="batchmean", dloss=1.0, backend=None):
     r"""Sequence-level KD (Kim & Rush 2016, §3): cross-entropy on tokens the teacher generated.
 
     .. math:: D_n = -\log q_{n, y_n}, \qquad \frac{\partial D_n}{\partial s_n} = \frac{q_n - e_{y_n}}{\tau}
 
     ``labels`` hold the teacher's sampled (or beam) tokens, -100 where masked; this is the SFT
-    objective DeepSeek-R1's distilled students were trained with (R1 §2.4). With the default
-    ``"batchmean"`` and labels it equals ``F.cross_entropy(..., reduction="mean")``. Element-wise
-    (``"none"``) the loss sits at the label's column (sum the last axis for per-token NLL).
+    objective DeepSeek-R1's distilled students were trained with (R1 §2.4). It is
+    :func:`refimpl.core.cross_entropy` on ``student_logits / temperature``, with the reductions
+    named as for the other distillation losses (:mod:`refimpl.distill._common`): the default
+    ``"batchmean"`` divides by the valid positions, which is ``core.cross_entropy``'s (and
+    ``F.cross_entropy``'s) ``"mean"``; ``"sum"`` is the same in both; ``"mean"`` here is the mean
+    over the elements of the (valid positions x V) element-wise loss, as for every divergence.
+    Element-wise (``"none"``) the loss sits at the label's column (sum the last axis for per-token
+    NLL), and ``dloss`` is then a scalar or shaped like that (..., V) loss.
 
     Shapes: student_logits (..., V), labels (...) -> loss () or (..., V), dstudent_logits (..., V).
     """
@@ -292,9 +267,31 @@ def sequence_kd_loss(student_logits, labels, *, temperature=1.0, reduction="batc
     inv_t = 1.0 / check_temperature(temperature)
     check_reduction(reduction)
     flat, valid = label_rows(labels, lead, vocab=z.shape[-1], required=True)  # (N,)
-    lq, q = log_softmax_rows(z, inv_t)                                  # (N, V) each
-    rows = np.nonzero(valid)[0]                                         # (n_valid,)
-    U = np.zeros_like(q)                                                # (N, V) -onehot
-    U[rows, flat[rows]] = -1.0
-    E = U * lq                                                          # (N, V)
-    return _finish(E, U, q, inv_t, valid, lead, labels, reduction, dloss, student_logits.shape)
+    v, n_valid = z.shape[-1], int(valid.sum())
+    dloss = 1.0 if dloss is None else dloss                             # None: 1, as the other losses
+    zt = z if inv_t == 1.0 else z * z.dtype.type(inv_t)                 # (N, V) logits / tau
+    if reduction == "none":
+        g = np.broadcast_to(np.asarray(dloss, dtype=np.float64), z.shape) if np.ndim(dloss) == 0 else (
+            np.asarray(dloss, dtype=np.float64))
+        if g.shape != z.shape and g.shape != student_logits.shape:
+            raise ValueError(f"dloss: expected shape {student_logits.shape} (the 'none' loss), got {g.shape}")
+        g = g.reshape(z.shape)                                          # (N, V)
+        # only the label's column of the element-wise loss depends on s: its upstream gradient
+        row_g = np.where(valid, g[np.arange(len(flat)), np.where(valid, flat, 0)], 0.0)  # (N,)
+        per_row, dz = cross_entropy(zt, flat, row_g, reduction="none", backend=backend)  # (N,), (N, V)
+        loss = np.zeros_like(z)                                         # (N, V)
+        rows = np.nonzero(valid)[0]                                     # (n_valid,)
+        loss[rows, flat[rows]] = per_row[rows]
+        loss = loss.reshape(student_logits.shape)                       # (..., V)
+    else:
+        # "batchmean" = core's "mean"; "sum" = core's "sum"; "mean" = sum / (n_valid V)
+        per_elem = {"batchmean": 1.0, "sum": 1.0, "mean": 1.0 / (n_valid * v) if n_valid else 0.0}[reduction]
+        if np.ndim(dloss) != 0:
+            raise ValueError(f"dloss: expected a scalar for reduction {reduction!r}, got shape {np.shape(dloss)}")
+        core_red = "mean" if reduction == "batchmean" else "sum"
+        loss, dz = cross_entropy(zt, flat, float(dloss) * per_elem, reduction=core_red, backend=backend)  # (), (N, V)
+        if reduction == "mean":
+            loss = np.asarray(loss * per_elem).astype(z.dtype)
+    if inv_t != 1.0:
+        dz = dz * dz.dtype.type(inv_t)                                  # (N, V) d(z / tau)/dz = 1 / tau
+    return loss, dz.reshape(student_logits.shape)                       # (..., V)

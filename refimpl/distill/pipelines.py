@@ -35,14 +35,17 @@ from dataclasses import dataclass
 import numpy as np
 
 from .._validate import BACKENDS, check_betas, check_bool, check_choice, check_integer, check_real
+from ..core.cross_entropy import IGNORE_INDEX
 from ..model.generate import generate
 from ..model.sft import sft_train
-from ..model.transformer import IGNORE_INDEX, model_backward, model_forward, shift_labels
+from ..model.transformer import model_backward, model_forward, shift_labels
 from ..optim import adamw_update, clip_grad_norm, warmup_cosine_lr
 from ..tasks import TOKENIZER, make_dataset, pad_sequences, reference_completion
 from ..train import append_row, check_loop_options, init_state, resume_state, run_loop
 from ..tree import tree_map
-from .losses import generalized_jsd_loss
+from .divergences import divergence_options as check_divergence_options
+from .divergences import get_divergence
+from .losses import divergence_loss
 
 SOURCES = ("dataset", "teacher", "student")
 
@@ -72,6 +75,8 @@ class GKDConfig:
     max_grad_norm: float = 1.0
     seed: int = 0
     backend: str | None = None
+    divergence: str = "generalized_jsd"      # an entry of refimpl.distill.divergences.DIVERGENCES
+    divergence_options: dict | None = None   # its options (beta comes from the beta field)
 
     def __post_init__(self):
         for name in ("lmbda", "beta"):
@@ -91,6 +96,7 @@ class GKDConfig:
         check_betas("betas", self.betas)
         check_bool("seq_kd", self.seq_kd)
         check_choice("backend", self.backend, BACKENDS)
+        check_divergence_options(self.divergence, self.divergence_options)
 
 
 def _check_pair(student_config, teacher_config):
@@ -129,7 +135,7 @@ def _pack(rows, targets):
 
 
 def gkd_loss(student_params, student_config, teacher_params, teacher_config, input_ids, labels, *, beta=0.5,
-             temperature=1.0, backend="numpy"):
+             temperature=1.0, backend="numpy", divergence="generalized_jsd", divergence_options=None):
     r"""GKD's objective on given sequences and its gradient for every student parameter.
 
     .. math:: \mathcal{L} = \frac{1}{N_v}\sum_{n:\,y_{n+1}\neq -100}
@@ -137,6 +143,10 @@ def gkd_loss(student_params, student_config, teacher_params, teacher_config, inp
 
     (Agarwal et al. 2024, eq. 1 and §3; TRL's ``batchmean`` over the completion tokens.) Position
     ``n`` is scored where ``labels[n + 1]`` is not -100 (the completion, as :func:`shift_labels`).
+
+    ``divergence`` names any entry of :data:`~refimpl.distill.divergences.DIVERGENCES` in place of
+    the generalized JSD, with ``divergence_options`` its options (``beta`` is passed to an entry
+    that declares it, unless ``divergence_options`` sets it).
 
     Returns ``(loss, grads, info)``: ``grads`` has the student params' tree (``mtp`` modules, if any,
     get zeros), ``info``: ``tokens`` (scored positions), ``student_logits`` shape.
@@ -149,8 +159,11 @@ def gkd_loss(student_params, student_config, teacher_params, teacher_config, inp
     s_logits, cache, _ = model_forward(input_ids, student_params, student_config, backend=backend)  # (B, T, V)
     t_logits = model_forward(input_ids, teacher_params, teacher_config, backend=backend)[0]          # (B, T, V)
     shifted = shift_labels(np.asarray(labels, dtype=np.int64))                                      # (B, T)
-    loss, dlogits = generalized_jsd_loss(s_logits, t_logits.astype(s_logits.dtype), shifted, beta=beta,
-                                         temperature=temperature)
+    opts = dict(divergence_options or {})
+    if "beta" in get_divergence(divergence).options:
+        opts.setdefault("beta", beta)
+    loss, dlogits = divergence_loss(s_logits, t_logits.astype(s_logits.dtype), shifted, divergence=divergence,
+                                    temperature=temperature, **opts)
     grads = model_backward(dlogits, cache)
     if "mtp" in student_params:
         grads["mtp"] = tree_map(np.zeros_like, student_params["mtp"])
@@ -184,7 +197,8 @@ def gkd_step(state, student_config, teacher_params, teacher_config, pairs, cfg):
         ids, labels = _rows_from_tokens(prompts, _generate(state.params, student_config, prompts, cfg, rng))
         source = "student"
     loss, grads, info = gkd_loss(state.params, student_config, teacher_params, teacher_config, ids, labels,
-                                 beta=cfg.beta, temperature=cfg.loss_temperature, backend=cfg.backend)
+                                 beta=cfg.beta, temperature=cfg.loss_temperature, backend=cfg.backend,
+                                 divergence=cfg.divergence, divergence_options=cfg.divergence_options)
     grads, norm = clip_grad_norm(grads, cfg.max_grad_norm)
     lr = warmup_cosine_lr(state.step, lr=cfg.lr, warmup_steps=cfg.warmup_steps, total_steps=cfg.steps,
                           min_lr=cfg.lr / 10 if cfg.min_lr is None else cfg.min_lr)

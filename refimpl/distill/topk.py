@@ -70,7 +70,7 @@ def _check_topk(teacher_topk_logprobs, teacher_topk_ids, student_logits):
 
 
 def topk_kl_loss(student_logits, teacher_topk_logprobs, teacher_topk_ids, labels=None, *, add_tail=False,
-                 temperature=1.0, reduction="batchmean", dloss=None):
+                 temperature=1.0, reduction="batchmean", dloss=1.0):
     r"""Forward KL against a teacher known only through its top-K log-probs and token ids.
 
     Let :math:`I` be the K ids, :math:`\ell^T_k` the teacher's log-probs there and

@@ -45,6 +45,7 @@ import numpy as np
 
 from ..config import ModelConfig
 from ..fileio import atomic_write
+from ..moe.gates import get_gate
 from .hub_dense import (
     DENSE_MODEL_TYPES,
     REQUIRED,
@@ -110,10 +111,8 @@ def _layer_spec(config, layer, prefix, path):
     mlp = path + ("mlp",)
     if config.is_moe_layer(layer):
         e, i, ns = config.n_routed_experts, config.moe_intermediate_size, config.n_shared_experts
-        out.append((f"{prefix}mlp.gate.weight", mlp + ("gate", "weight"), (e, d), None))
-        if config.topk_method == "noaux_tc":
-            out.append((f"{prefix}mlp.gate.e_score_correction_bias", mlp + ("gate", "e_score_correction_bias"),
-                        (e,), None))
+        out += [(f"{prefix}mlp.gate.{k}", mlp + ("gate", k), s, None)   # the router's own tensors
+                for k, s in get_gate(config.gate_type).param_shapes(config).items()]
         shapes = {"gate_proj": (i, d), "up_proj": (i, d), "down_proj": (d, i)}
         out += [(f"{prefix}mlp.experts.{x}.{p}.weight", mlp + ("experts", p), shapes[p], x)
                 for x in range(e) for p in _PROJ]

@@ -25,7 +25,8 @@ from typing import NamedTuple
 
 import numpy as np
 
-from ..core.cross_entropy import cross_entropy_backward, cross_entropy_forward
+from .._validate import check_upstream
+from ..core.cross_entropy import IGNORE_INDEX, CEGrad, cross_entropy
 from ..core.linear import embedding_backward, embedding_forward, linear_backward, linear_forward
 from ..core.rmsnorm import rmsnorm_backward, rmsnorm_forward
 from .block import block_backward, block_forward, block_infer, init_block_params
@@ -54,7 +55,7 @@ class DepthCache(NamedTuple):
     block: object
     norm: object
     head: object
-    ce: object
+    ce: object             # CEGrad: dlogits (B, Tk, V) of this depth's scaled loss at dloss = 1, target count
     t_prev: int        # length of h^{k-1}
 
 
@@ -64,7 +65,7 @@ class MTPCache(NamedTuple):
     keys: list         # per-depth param keys, for the gradient tree's order
 
 
-def mtp_forward(hidden, input_ids, labels, params, config, mtp_lambda=0.3, *, backend=None):
+def mtp_forward(hidden, input_ids, labels, params, config, mtp_lambda=0.3, *, backend=None, grad=True):
     r"""The MTP loss :math:`\frac{\lambda}{D}\sum_k \mathcal{L}^k_{MTP}` (DeepSeek-V3 eq. 21-25).
 
     Depth ``k`` runs on ``T - k`` positions: position ``i`` reads ``hidden``/:math:`h^{k-1}` at ``i``
@@ -90,8 +91,10 @@ def mtp_forward(hidden, input_ids, labels, params, config, mtp_lambda=0.3, *, ba
         y, c_b, info = block_forward(x, mp, config, config.num_hidden_layers + k - 1, backend=backend)
         yn, c_n = rmsnorm_forward(y, mp["shared_head"]["norm"], eps)       # (B, Tk, D)
         logits, c_h = linear_forward(yn, head)                             # (B, Tk, V)
-        tgt = np.concatenate([labels[:, k + 1:], np.full((b, 1), -100, dtype=np.int64)], axis=1)  # (B, Tk)
-        lk, c_ce = cross_entropy_forward(logits, tgt, backend=backend)
+        tgt = np.concatenate([labels[:, k + 1:], np.full((b, 1), IGNORE_INDEX, dtype=np.int64)], axis=1)  # (B, Tk)
+        # the depth's loss enters L with weight scale: its gradient is made with dloss = scale
+        lk, dlogits = cross_entropy(logits, tgt, scale, backend=backend, grad=grad)  # (), (B, Tk, V) or None
+        c_ce = CEGrad(dlogits, int((tgt != IGNORE_INDEX).sum()))
         losses.append(float(lk))
         total += scale * float(lk)
         if info is not None:
@@ -104,12 +107,16 @@ def mtp_forward(hidden, input_ids, labels, params, config, mtp_lambda=0.3, *, ba
 
 def mtp_backward(dloss, cache):
     """Gradients of :func:`mtp_forward`: ``(dhidden, dparams_mtp, dembed_tokens, dlm_head)``."""
+    dloss = float(check_upstream("dloss", dloss, ()))
+    if cache.depths and cache.depths[0].ce.dlogits is None:
+        raise ValueError("cache: mtp_forward ran with grad=False (evaluation), so there is no gradient to return")
     d = cache.depths[0].enorm.x.shape[-1]
     grads, dembed, dhead, dy_next = [None] * len(cache.depths), 0.0, 0.0, None
     for k in reversed(range(len(cache.depths))):
         c, g = cache.depths[k], {}
         # forward: L += scale * cross_entropy(head(shared_head.norm(y)), tgt)
-        dlogits = cross_entropy_backward(dloss * cache.scale, c.ce)       # (B, Tk, V)
+        d1 = c.ce.dlogits                                                 # (B, Tk, V) at dloss = 1
+        dlogits = d1 if dloss == 1.0 else d1 * d1.dtype.type(dloss)       # (B, Tk, V)
         dyn, dh_k, _ = linear_backward(dlogits, c.head)                   # (B, Tk, D)
         dhead = dhead + dh_k
         dy, dnorm = rmsnorm_backward(dyn, c.norm)                         # (B, Tk, D)

@@ -12,11 +12,11 @@ from __future__ import annotations
 import numpy as np
 
 from .._validate import check_integer
+from ..core import IGNORE_INDEX
 from ..tasks import TOKENIZER
 from ..train import check_loop_options, init_state, resume_state, run_loop
 from .structure import check_params
 from .train import TrainConfig, train_step
-from .transformer import IGNORE_INDEX
 
 
 def sft_rows(data):

@@ -26,9 +26,9 @@ from typing import NamedTuple
 
 import numpy as np
 
-from .._validate import check_int
+from .._validate import check_int, check_upstream
 from ..config import check_config
-from ..core.cross_entropy import cross_entropy_backward, cross_entropy_forward
+from ..core.cross_entropy import IGNORE_INDEX, CEGrad, cross_entropy
 from ..core.linear import embedding_backward, embedding_forward, linear_backward, linear_forward
 from ..core.rmsnorm import rmsnorm_backward, rmsnorm_forward
 from ..moe import balance_backward, expert_balance_forward, seq_balance_forward
@@ -36,7 +36,6 @@ from ..tree import tree_map
 from .block import block_backward, block_forward, block_infer
 from .structure import check_params, init_params  # noqa: F401  (init_params: its old home)
 
-IGNORE_INDEX = -100
 BALANCE = ("auto", "seq", "expert", "none")
 
 
@@ -140,14 +139,14 @@ def _balance_kind(balance, config):
 
 class LossCache(NamedTuple):
     model: ModelCache
-    ce: object         # CrossEntropyCache of the next-token loss
+    ce: CEGrad         # the next-token loss's dlogits (B, T, V) at dloss = 1, and its target count
     balance: list      # (layer, BalanceCache) per MoE layer with a balance loss
     mtp: object        # MTPCache or None
     n_layers: int
 
 
 def loss_forward(input_ids, params, config, labels=None, *, positions=None, balance="auto", mtp_lambda=0.3,
-                 backend=None):
+                 backend=None, grad=True):
     r"""Training loss :math:`\mathcal{L} = \mathcal{L}_{LM} + \sum_{\ell\in MoE} \mathcal{L}^{(\ell)}_{Bal}
     + \mathcal{L}_{MTP}` (DeepSeek-V3 §2.1.2 eq. 17, §2.2 eq. 25).
 
@@ -160,6 +159,9 @@ def loss_forward(input_ids, params, config, labels=None, *, positions=None, bala
     * :math:`\mathcal{L}_{MTP} = \tfrac{\lambda}{D}\sum_k \mathcal{L}^k_{MTP}` when params has ``"mtp"``
       and ``mtp_lambda > 0`` (V3 trains with :math:`\lambda` = 0.3, then 0.1).
 
+    The cross-entropy is :func:`refimpl.core.cross_entropy`, whose gradient is computed here and
+    kept in the cache; ``grad=False`` skips it (evaluation: :func:`loss_backward` then refuses).
+
     Returns ``(loss, cache, info)`` with ``info``: ``lm_loss``, ``balance_loss``, ``mtp_loss``,
     ``mtp_losses`` (per depth), ``load`` (list of (E,) expert loads of the MoE layers, in order),
     ``moe`` (per-layer info dicts).
@@ -171,8 +173,10 @@ def loss_forward(input_ids, params, config, labels=None, *, positions=None, bala
         raise ValueError(f"labels: expected shape {ids.shape} like input_ids, got {labels.shape}")
     check_params(params, config)
     logits, mcache, minfo = model_forward(ids, params, config, positions, backend=backend, validate=False)
-    lm_loss, c_ce = cross_entropy_forward(logits, shift_labels(labels), ignore_index=IGNORE_INDEX,
-                                        backend=backend)
+    targets = shift_labels(labels)                                       # (B, T)
+    lm_loss, dlogits = cross_entropy(logits, targets, ignore_index=IGNORE_INDEX, backend=backend,
+                                     grad=grad)                          # (), (B, T, V) or None
+    c_ce = CEGrad(dlogits, int((targets != IGNORE_INDEX).sum()))
     kind = _balance_kind(balance, config)
     bal, c_bal = 0.0, []
     for n, info in enumerate(minfo["moe"]):
@@ -188,18 +192,25 @@ def loss_forward(input_ids, params, config, labels=None, *, positions=None, bala
     if params.get("mtp") and mtp_lambda > 0:
         from .mtp import mtp_forward
         mtp_loss, c_mtp, info_mtp = mtp_forward(minfo["hidden"], ids, labels, params, config, mtp_lambda,
-                                                backend=backend)
+                                                backend=backend, grad=grad)
         info.update(mtp_loss=float(mtp_loss), mtp_losses=info_mtp["losses"], mtp_load=info_mtp["load"])
     loss = info["lm_loss"] + bal + info["mtp_loss"]
     return np.asarray(loss, dtype=logits.dtype), LossCache(mcache, c_ce, c_bal, c_mtp, len(mcache.blocks)), info
 
 
-def loss_backward(cache, params=None, dloss=1.0):
+def loss_backward(dloss, cache, params=None):
     """Gradients of :func:`loss_forward` for every parameter, a tree with the params' structure.
 
-    ``params`` is needed only to give the MTP modules zero gradients when they were not used
-    (``mtp_lambda=0``); without it the gradient tree then has no ``"mtp"`` entry.
+    ``dloss``: the upstream gradient of the loss (1.0 for the loss itself). ``params`` is needed
+    only to give the MTP modules zero gradients when they were not used (``mtp_lambda=0``); without
+    it the gradient tree then has no ``"mtp"`` entry.
     """
+    if not isinstance(cache, LossCache):
+        raise TypeError(f"cache: expected the LossCache of loss_forward, got {type(cache).__name__} "
+                        f"(the signature is loss_backward(dloss, cache, params=None))")
+    dloss = float(check_upstream("dloss", dloss, ()))
+    if cache.ce.dlogits is None:
+        raise ValueError("cache: loss_forward ran with grad=False (evaluation), so there is no gradient to return")
     dscores = [None] * cache.n_layers
     for n, cb in cache.balance:
         # forward: L += balance(scores_n, idx_n)
@@ -210,7 +221,8 @@ def loss_backward(cache, params=None, dloss=1.0):
         # forward: L += mtp(hidden, embed_tokens, lm_head, mtp params)
         dhidden, g_mtp, d_embed, d_head = mtp_backward(dloss, cache.mtp)  # (B, T, D)
     # forward: L = cross_entropy(logits[:, t], labels[:, t + 1])
-    dlogits = cross_entropy_backward(dloss, cache.ce)                    # (B, T, V)
+    g = cache.ce.dlogits                                                 # (B, T, V) at dloss = 1
+    dlogits = g if dloss == 1.0 else g * g.dtype.type(dloss)             # (B, T, V)
     grads = model_backward(dlogits, cache.model, dhidden, dscores)
     if g_mtp is not None:
         grads["model"]["embed_tokens"] = grads["model"]["embed_tokens"] + d_embed

@@ -1,6 +1,7 @@
 """DeepSeekMoE: routers, sparse dispatch, the MoE layer, load balancing and simulated expert parallelism.
 
 Modules: :mod:`~refimpl.moe.gating` (V2 softmax / V3 sigmoid + bias routers, Mixtral-style router),
+:mod:`~refimpl.moe.gates` (the router table: ``config.gate_type`` picks one),
 :mod:`~refimpl.moe.dispatch` (permute by expert, per-expert GEMMs, combine, token dropping),
 :mod:`~refimpl.moe.layer` (forward and hand-written backward of the whole layer),
 :mod:`~refimpl.moe.balance` (V2 auxiliary losses, V3 sequence-wise loss and bias update),
@@ -20,8 +21,10 @@ from .balance import (
     seq_balance_forward,
 )
 from .dispatch import capacity_keep, combine, dispatch, experts_backward, experts_forward, make_plan
+from .gates import GATES, Gate, get_gate, register_gate
 from .gating import (
     Routing,
+    check_gate_params,
     gate_backward,
     gate_forward,
     mixtral_gate_backward,
@@ -47,5 +50,5 @@ __all__ = [
     "comm_balance_forward", "seq_balance_forward", "balance_backward", "bias_update", "expert_load",
     "max_violation", "expert_placement", "all_to_all_stats", "node_limited_comparison", "init_moe_params",
     "experts_from_list", "experts_to_list", "experts_from_fused", "permute_experts", "split_shared_experts",
-    "count_parameters",
+    "count_parameters", "GATES", "Gate", "get_gate", "register_gate", "check_gate_params",
 ]

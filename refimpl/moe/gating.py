@@ -16,7 +16,8 @@ compute them:
   to one and multiplied by ``routed_scaling_factor``.
 
 For comparison, :func:`mixtral_gate_forward` is the Mixtral / GShard-style router: top-K on the
-logits, then a softmax over the kept logits.
+logits, then a softmax over the kept logits. Both are entries of the router table
+:data:`refimpl.moe.gates.GATES`, which the MoE layer reads (``ModelConfig.gate_type``).
 
 Semantics choices where public implementations disagree (reference notes §4): normalisation is
 keyed on ``norm_topk_prob`` and the scaling is always applied (as HF ``DeepseekV3TopkRouter`` and
@@ -60,8 +61,8 @@ class GateCache(NamedTuple):
     w: np.ndarray          # (E, D) gate weight (expert centroids)
     scores: np.ndarray     # (N, E) unbiased scores
     idx: np.ndarray        # (N, K) selected experts
-    sel: np.ndarray        # (N, K) unbiased scores of the selected experts
-    denom: np.ndarray | None  # (N, 1) sum of sel + NORM_EPS when renormalising, else None
+    kept_scores: np.ndarray  # (N, K) unbiased scores of the selected experts
+    denom: np.ndarray | None  # (N, 1) sum of kept_scores + NORM_EPS when renormalising, else None
     scoring_func: str      # "softmax" or "sigmoid"
     scale: float           # routed_scaling_factor
     has_bias: bool         # whether params held e_score_correction_bias
@@ -77,7 +78,9 @@ def check_router_config(config):
     return config
 
 
-def _check_gate_params(x, params, config):
+def check_gate_params(x, params, config):
+    """Validate the DeepSeek router's ``params`` for input ``x`` (N, D): ``weight`` (E, D) in x's dtype,
+    ``e_score_correction_bias`` (E,) exactly when ``topk_method="noaux_tc"``; return ``(weight, bias or None)``."""
     if not isinstance(params, dict) or "weight" not in params:
         raise ValueError("params: expected a dict with 'weight' (E, D) and, for noaux_tc, "
                          "'e_score_correction_bias' (E,)")
@@ -96,7 +99,8 @@ def _check_gate_params(x, params, config):
     return w, bias
 
 
-def select_experts(sel, k, *, n_group=1, topk_group=1, group_score=None, mask_value=-np.inf, backend=None):
+def select_experts(selection_scores, k, *, n_group=1, topk_group=1, group_score=None, mask_value=-np.inf,
+                   backend=None):
     r"""Indices of the top-``k`` selection scores, optionally limited to the best ``topk_group`` groups.
 
     Experts are split into ``n_group`` contiguous groups of ``E / n_group`` ids. A group's score is its
@@ -104,11 +108,12 @@ def select_experts(sel, k, *, n_group=1, topk_group=1, group_score=None, mask_va
     (``"top2_sum"``, V3 §2.1.2); experts outside the best ``topk_group`` groups are set to
     ``mask_value`` before the final top-k. Ties go to the lower index.
 
-    Shapes: sel (N, E) -> idx (N, k) int64, best first.
+    Shapes: selection_scores (N, E) -> idx (N, k) int64, best first.
     """
-    check_float("sel", sel, ndim=2)
+    choice = selection_scores                                             # (N, E) what the top-k ranks
+    check_float("selection_scores", choice, ndim=2)
     k = check_integer("k", k, low=1)
-    n, e = sel.shape
+    n, e = choice.shape
     if not 1 <= k <= e:
         raise ValueError(f"k: expected 1..{e} (the number of experts), got {k}")
     if group_score not in _GROUP_MODE:
@@ -123,12 +128,12 @@ def select_experts(sel, k, *, n_group=1, topk_group=1, group_score=None, mask_va
         n_group, topk_group, group_score = 1, 1, None
     if group_score is not None and k > topk_group * (e // n_group) and mask_value == -np.inf:
         raise ValueError(f"k: {k} exceeds the {topk_group * (e // n_group)} experts in topk_group groups")
-    if resolve_backend(backend, work=sel.size) == "numba":
-        sel = np.ascontiguousarray(sel)
-        return kernel("moe_nb").select_experts(sel, k, n_group, topk_group, _GROUP_MODE[group_score],
+    if resolve_backend(backend, work=choice.size) == "numba":
+        choice = np.ascontiguousarray(choice)
+        return kernel("moe_nb").select_experts(choice, k, n_group, topk_group, _GROUP_MODE[group_score],
                                                float(mask_value))
     if group_score is not None:
-        grouped = sel.reshape(n, n_group, e // n_group)                  # (N, G, E/G)
+        grouped = choice.reshape(n, n_group, e // n_group)                # (N, G, E/G)
         if group_score == "max":
             gscore = grouped.max(axis=-1)                                 # (N, G)
         else:
@@ -137,8 +142,8 @@ def select_experts(sel, k, *, n_group=1, topk_group=1, group_score=None, mask_va
         gmask = np.zeros((n, n_group), dtype=bool)                        # (N, G)
         np.put_along_axis(gmask, keep, True, axis=1)
         emask = np.repeat(gmask, e // n_group, axis=1)                    # (N, E)
-        sel = np.where(emask, sel, sel.dtype.type(mask_value))            # (N, E)
-    return np.argsort(-sel, axis=-1, kind="stable")[:, :k].astype(np.int64)  # (N, K)
+        choice = np.where(emask, choice, choice.dtype.type(mask_value))   # (N, E)
+    return np.argsort(-choice, axis=-1, kind="stable")[:, :k].astype(np.int64)  # (N, K)
 
 
 def gate_forward(x, params, config, *, mask_value=-np.inf, backend=None, routes=None):
@@ -164,7 +169,7 @@ def gate_forward(x, params, config, *, mask_value=-np.inf, backend=None, routes=
     """
     check_router_config(config)
     check_float("x", x, ndim=2)
-    w, bias = _check_gate_params(x, params, config)
+    w, bias = check_gate_params(x, params, config)
     logits = x @ w.T                                                      # (N, E)
     if config.scoring_func == "softmax":
         scores, _ = softmax_forward(logits)                               # (N, E)
@@ -177,15 +182,15 @@ def gate_forward(x, params, config, *, mask_value=-np.inf, backend=None, routes=
         idx = select_experts(choice, config.num_experts_per_tok, n_group=config.n_group,
                              topk_group=config.topk_group, group_score=GROUP_SCORE[config.topk_method],
                              mask_value=mask_value, backend=backend)      # (N, K)
-    sel = np.take_along_axis(scores, idx, axis=1)                         # (N, K) unbiased
+    kept = np.take_along_axis(scores, idx, axis=1)                        # (N, K) unbiased
     denom = None
     if config.norm_topk_prob:
-        denom = sel.sum(axis=1, keepdims=True) + NORM_EPS                 # (N, 1)
-        weights = sel / denom * config.routed_scaling_factor              # (N, K)
+        denom = kept.sum(axis=1, keepdims=True) + NORM_EPS                # (N, 1)
+        weights = kept / denom * config.routed_scaling_factor             # (N, K)
     else:
-        weights = sel * config.routed_scaling_factor                      # (N, K)
+        weights = kept * config.routed_scaling_factor                     # (N, K)
     weights = weights.astype(x.dtype, copy=False)
-    cache = GateCache(x, w, scores, idx, sel, denom, config.scoring_func, float(config.routed_scaling_factor),
+    cache = GateCache(x, w, scores, idx, kept, denom, config.scoring_func, float(config.routed_scaling_factor),
                       bias is not None)
     return Routing(idx, weights, scores, logits), cache
 
@@ -214,20 +219,20 @@ def gate_backward(dweights, cache, dscores=None):
 
     Shapes: dweights (N, K) -> dx (N, D), dparams {"weight": (E, D)[, "e_score_correction_bias": (E,)]}.
     """
-    x, w, scores, idx, sel, denom, scoring_func, scale, has_bias = cache
+    x, w, scores, idx, kept, denom, scoring_func, scale, has_bias = cache
     if denom is not None:
-        # forward: g_k = scale * sel_k / (sum_j sel_j + eps)
-        # so: dsel_j = scale / denom * (dg_j - sum_k dg_k * sel_k / denom)
-        dsel = scale / denom * (dweights - np.sum(dweights * sel, axis=1, keepdims=True) / denom)  # (N, K)
+        # forward: g_k = scale * kept_k / (sum_j kept_j + eps)
+        # so: dkept_j = scale / denom * (dg_j - sum_k dg_k * kept_k / denom)
+        dkept = scale / denom * (dweights - np.sum(dweights * kept, axis=1, keepdims=True) / denom)  # (N, K)
     else:
-        # forward: g_k = scale * sel_k
-        dsel = scale * dweights                                           # (N, K)
-    # forward: sel = take_along_axis(scores, idx)     so: scatter dsel back (ids are distinct per row)
+        # forward: g_k = scale * kept_k
+        dkept = scale * dweights                                          # (N, K)
+    # forward: kept = take_along_axis(scores, idx)    so: scatter dkept back (ids are distinct per row)
     if dscores is not None:
         check_shape("dscores", np.asarray(dscores), scores.shape, "(N, E), like the scores")
     ds = np.zeros_like(scores) if dscores is None else np.array(dscores, dtype=scores.dtype)  # (N, E)
     rows = np.arange(idx.shape[0])[:, None]                               # (N, 1)
-    ds[rows, idx] += dsel
+    ds[rows, idx] += dkept
     if scoring_func == "softmax":
         # forward: scores = softmax(logits)
         dlogits = softmax_backward(ds, SoftmaxCache(scores, -1))                      # (N, E)

@@ -50,11 +50,12 @@ from .dispatch import (
     experts_forward,
     make_plan,
 )
-from .gating import check_router_config, gate_backward, gate_forward
+from .gates import get_gate
+from .gating import check_router_config
 
 
 class MoECache(NamedTuple):
-    gate: object           # GateCache
+    gate: object           # the router's cache (GateCache for gate_type "deepseek")
     plan: object           # DispatchPlan
     experts: object        # ExpertsCache
     ys: np.ndarray         # (A, D) expert outputs in the sorted layout
@@ -62,6 +63,7 @@ class MoECache(NamedTuple):
     shared: object | None  # SwiGLUMLPCache of the shared experts, or None
     shape: tuple           # input shape (..., D)
     backend: str | None
+    gate_backward: object  # the router's backward (its entry in refimpl.moe.gates.GATES)
 
 
 def check_moe_params(params, config, dtype):
@@ -138,7 +140,8 @@ def moe_forward(x, params, config, *, capacity_factor=None, n_devices=None, mask
         if routes.shape[:-1] != lead:
             raise ValueError(f"routes: expected shape {(*lead, k)} to match x's leading axes, got {routes.shape}")
         routes = routes.reshape(-1, routes.shape[-1])                     # (N, K)
-    routing, gcache = gate_forward(u, params["gate"], config, mask_value=mask_value, backend=backend,
+    gate = get_gate(config.gate_type)                                     # the router of the gate table
+    routing, gcache = gate.forward(u, params["gate"], config, mask_value=mask_value, backend=backend,
                                    routes=routes)
     keep, info = None, {}
     if capacity_factor is not None:
@@ -156,7 +159,7 @@ def moe_forward(x, params, config, *, capacity_factor=None, n_devices=None, mask
     info.update(idx=routing.idx.reshape(*lead, k), weights=routing.weights.reshape(*lead, k),
                 scores=routing.scores.reshape(*lead, e), load=expert_load(routing.idx, e),
                 load_kept=np.diff(plan.offsets))
-    cache = MoECache(gcache, plan, ecache, ys, routing.weights, scache, x.shape, backend)
+    cache = MoECache(gcache, plan, ecache, ys, routing.weights, scache, x.shape, backend, gate.backward)
     return y.reshape(x.shape), cache, info
 
 
@@ -168,7 +171,7 @@ def moe_backward(dy, cache, dscores=None):
 
     Shapes: dy (..., D) -> dx (..., D), dparams with the tree of ``params``.
     """
-    gcache, plan, ecache, ys, weights, scache, shape, backend = cache
+    gcache, plan, ecache, ys, weights, scache, shape, backend, gate_backward = cache
     check_upstream("dy", dy, shape)
     dyf = dy.reshape(-1, shape[-1])                                       # (N, D)
     dparams = {}
@@ -185,9 +188,9 @@ def moe_backward(dy, cache, dscores=None):
     dx += dispatch_backward(dxs, plan, backend=backend)                  # (N, D)
     # forward: weights, scores = gate(u)
     if dscores is not None:
-        e = gcache.scores.shape[1]
+        e = len(plan.offsets) - 1                                         # E routed experts
         check_shape("dscores", np.asarray(dscores), shape[:-1] + (e,), "(..., E), like info['scores']")
         dscores = np.asarray(dscores).reshape(-1, e)                      # (N, E)
-    dx_gate, dparams["gate"] = gate_backward(dweights, gcache, dscores)  # (N, D)
+    dx_gate, dparams["gate"] = gate_backward(dweights, gcache, dscores)   # (N, D)
     dx += dx_gate
     return dx.reshape(shape), {k: dparams[k] for k in ("gate", "experts", "shared_experts") if k in dparams}

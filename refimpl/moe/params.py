@@ -12,6 +12,7 @@ from __future__ import annotations
 import numpy as np
 
 from .._validate import check_float
+from .gates import get_gate
 from .gating import check_router_config
 
 _PROJ = ("gate_proj", "up_proj", "down_proj")
@@ -19,15 +20,14 @@ _PROJ = ("gate_proj", "up_proj", "down_proj")
 
 def init_moe_params(config, rng=None, *, dtype=np.float64, std=None):
     """Random MoE parameters for ``config``: normal(0, ``std``) weights (default
-    ``config.initializer_range``; V2/V3 use 0.006) and a zero correction bias (``noaux_tc`` only)."""
+    ``config.initializer_range``; V2/V3 use 0.006); the router's parameters come from its entry in
+    :data:`~refimpl.moe.gates.GATES` (DeepSeek's: a zero correction bias for ``noaux_tc`` only)."""
     check_router_config(config)
     rng = np.random.default_rng(rng)
     std = config.initializer_range if std is None else std
     e, d, i, ns = config.n_routed_experts, config.hidden_size, config.moe_intermediate_size, config.n_shared_experts
     normal = lambda *shape: (std * rng.standard_normal(shape)).astype(dtype)
-    gate = {"weight": normal(e, d)}                                       # (E, D)
-    if config.topk_method == "noaux_tc":
-        gate["e_score_correction_bias"] = np.zeros(e, dtype=dtype)        # (E,)
+    gate = get_gate(config.gate_type).init(config, normal, dtype)         # the router's own parameters
     params = {"gate": gate,
               "experts": {"gate_proj": normal(e, i, d), "up_proj": normal(e, i, d),  # (E, I, D)
                           "down_proj": normal(e, d, i)}}                  # (E, D, I)

@@ -54,8 +54,14 @@ def allreduce_tree(comm, tree):
 def _counts(cache):
     """Local normalisers: LM targets, sequences, targets of each MTP depth."""
     depths = cache.mtp.depths if cache.mtp is not None else []
-    n_seq = cache.ce.shape[0] if len(cache.ce.shape) else 1
+    n_seq = cache.ce.dlogits.shape[0] if cache.ce.dlogits.ndim > 1 else 1
     return np.array([cache.ce.n_valid, n_seq] + [c.ce.n_valid for c in depths], dtype=np.int64)
+
+
+def _global_ce(ce, total):
+    """A CE gradient made with this rank's mean (1 / local count), rescaled to the global mean (1 / total)."""
+    g = ce.dlogits * ce.dlogits.dtype.type(max(ce.n_valid, 1) / max(total, 1))  # (..., V)
+    return ce._replace(dlogits=g, n_valid=total)
 
 
 def globalize_loss_cache(cache, local, total):
@@ -63,11 +69,11 @@ def globalize_loss_cache(cache, local, total):
     share of the gradient of the *global* loss: CE caches get the global target counts, the balance
     coefficients the global number of sequences. ``local``/``total``: the counts of :func:`_counts`
     on this rank and summed over ranks."""
-    ce = cache.ce._replace(n_valid=int(total[0]))
+    ce = _global_ce(cache.ce, int(total[0]))
     balance = [(n, cb._replace(coef=cb.coef * (local[1] / total[1]))) for n, cb in cache.balance]
     mtp = cache.mtp
     if mtp is not None:
-        depths = [c._replace(ce=c.ce._replace(n_valid=int(total[2 + i]))) for i, c in enumerate(mtp.depths)]
+        depths = [c._replace(ce=_global_ce(c.ce, int(total[2 + i]))) for i, c in enumerate(mtp.depths)]
         mtp = mtp._replace(depths=depths)
     return cache._replace(ce=ce, balance=balance, mtp=mtp)
 
@@ -90,7 +96,7 @@ def dp_train_step(state, config, batch, tc, comm):
     _, cache, info = comm.agree(forward)
     local = _counts(cache)
     total = comm.allreduce_sum(local)
-    grads = loss_backward(globalize_loss_cache(cache, local, total), state.params)
+    grads = loss_backward(1.0, globalize_loss_cache(cache, local, total), state.params)
     grads = allreduce_tree(comm, grads)
     # global loss values, for the history: each part re-weighted by this rank's share of its count
     parts = np.array([info["lm_loss"] * local[0], info["balance_loss"] * local[1]]

@@ -55,13 +55,8 @@ from ..moe.dispatch import (
     experts_forward,
     make_plan,
 )
-from ..moe.gating import check_router_config, gate_backward, gate_forward
+from ..moe.gating import check_gate_params, check_router_config, gate_backward, gate_forward
 from ..moe.layer import check_moe_params
-
-try:
-    from ..moe.gating import check_gate_params
-except ImportError:     # i14c/i14b bridge (issue 14): i14b makes it public in gating.py; delete this at merge
-    from ..moe.gating import _check_gate_params as check_gate_params
 
 
 class Hop(NamedTuple):

@@ -32,6 +32,7 @@ import numpy as np
 
 from ..attention import select_topk
 from ..attention.dsa import attention_target, dsa_indexer_loss
+from ..core import IGNORE_INDEX
 from ..model.transformer import init_params, loss_backward, loss_forward, model_forward
 from ..optim import adamw_init, adamw_update, clip_grad_norm
 from .tiny_v3 import tiny_v3_config
@@ -62,7 +63,7 @@ def retrieval_batch(rng, batch_size, seq_len, n_query=8):
     pos = rng.integers(0, seq_len - n_query - 1, batch_size)             # (B,)
     val = rng.integers(0, N_PLAIN, batch_size)                           # (B,)
     ids[np.arange(batch_size), pos] = N_PLAIN + val
-    labels = np.full((batch_size, seq_len), -100, dtype=np.int64)
+    labels = np.full((batch_size, seq_len), IGNORE_INDEX, dtype=np.int64)
     labels[:, seq_len - n_query:] = val[:, None]                         # (B, n_query)
     return ids, labels
 
@@ -70,8 +71,8 @@ def retrieval_batch(rng, batch_size, seq_len, n_query=8):
 def answer_accuracy(params, config, ids, labels):
     """Fraction of labelled positions whose argmax next-token prediction is the answer."""
     logits = model_forward(ids, params, config)[0]                       # (B, T, V)
-    tgt = np.concatenate([labels[:, 1:], np.full((len(ids), 1), -100)], axis=1)  # (B, T)
-    keep = tgt != -100
+    tgt = np.concatenate([labels[:, 1:], np.full((len(ids), 1), IGNORE_INDEX)], axis=1)  # (B, T)
+    keep = tgt != IGNORE_INDEX
     return float((logits.argmax(-1)[keep] == tgt[keep]).mean())
 
 
@@ -140,7 +141,7 @@ def dsa_pretrain_run(seq_len=64, topk=8, batch_size=16, pretrain_steps=200, warm
     for _ in range(pretrain_steps):
         ids, labels = retrieval_batch(rng, batch_size, seq_len, n_query)
         loss, cache, _ = loss_forward(ids, params, dense, labels, balance="none", mtp_lambda=0.0)
-        g, _ = clip_grad_norm(_main(loss_backward(cache, params)), 1.0)
+        g, _ = clip_grad_norm(_main(loss_backward(1.0, cache, params)), 1.0)
         main, mopt = adamw_update(main, g, mopt, lr=lr, weight_decay=0.0)
         params = _merge(main, _indexers(params))
         lm.append(float(loss))
@@ -161,7 +162,7 @@ def dsa_pretrain_run(seq_len=64, topk=8, batch_size=16, pretrain_steps=200, warm
     for s in range(warmup_steps + 1, warmup_steps + sparse_steps + 1):
         ids, labels = retrieval_batch(rng, batch_size, seq_len, n_query)
         loss, cache, _ = loss_forward(ids, params, cfg, labels, balance="none", mtp_lambda=0.0)
-        g, _ = clip_grad_norm(_main(loss_backward(cache, params)), 1.0)
+        g, _ = clip_grad_norm(_main(loss_backward(1.0, cache, params)), 1.0)
         losses, ig = zip(*(dsa_indexer_loss(bc.attn) for bc in cache.model.blocks), strict=True)
         new_ix, iopt = adamw_update(_indexers(params), list(ig), iopt, lr=index_lr, weight_decay=0.0)
         main, mopt = adamw_update(main, g, mopt, lr=lr / 3, weight_decay=0.0)

@@ -14,6 +14,7 @@ from __future__ import annotations
 import numpy as np
 
 from ..config import ModelConfig
+from ..core import IGNORE_INDEX
 from ..model.generate import generate
 from ..model.train import TrainConfig, init_state, train
 from ..model.transformer import init_params
@@ -44,7 +45,7 @@ def addition_batches(task, batch_size, *, n_train=2000, seed=0, length=64):
         masks.append(np.concatenate([np.zeros(len(p), bool), np.ones(len(c), bool)]))
     ids, _ = _pad(rows, length)
     target = _pad(masks, length)[0].astype(bool)
-    labels = np.where(target, ids, -100)
+    labels = np.where(target, ids, IGNORE_INDEX)
 
     def batch_fn(rng, step):
         pick = rng.integers(0, len(ids), batch_size)

@@ -4,7 +4,8 @@
 * :mod:`~refimpl.rl.logprobs` — per-token log-probs and entropies from logits, with temperature,
   and their backward into the logits.
 * :mod:`~refimpl.rl.grpo` — the GRPO-family losses (``loss_type`` grpo / bnpo / dr_grpo / dapo /
-  cispo / sapo, token- or sequence-level ratios, k1/k2/k3 KL) with hand-written gradients.
+  cispo / sapo, token- or sequence-level ratios, k1/k2/k3 KL) with hand-written gradients;
+  :mod:`~refimpl.rl.loss_types` is the table of ``loss_type`` entries (one entry adds a variant).
 * :mod:`~refimpl.rl.rewards` — rule-based rewards: accuracy, format, DAPO overlong shaping,
   language consistency, weighted sums.
 * :mod:`~refimpl.rl.rollout` — sampling with the KV cache, the loss's batch layout, held-out
@@ -29,6 +30,7 @@ from .logprobs import (
     selective_log_softmax_backward,
     selective_log_softmax_forward,
 )
+from .loss_types import LOSS_TABLE, LossType, get_loss_type, register_loss_type
 from .rewards import (
     accuracy_reward,
     combine_rewards,
@@ -60,7 +62,7 @@ from .trainer import (
 
 __all__ = [
     "LOSS_TYPES", "group_advantages", "process_advantages", "grpo_loss", "per_token_kl", "grpo_loss_from_logits",
-    "entropy_bonus",
+    "entropy_bonus", "LOSS_TABLE", "LossType", "get_loss_type", "register_loss_type",
     "selective_log_softmax_forward", "selective_log_softmax_backward", "entropy_forward", "entropy_backward",
     "logps_entropy_forward", "logps_entropy_backward", "accuracy_reward", "format_reward", "extract_answer",
     "overlong_penalty", "language_consistency_reward", "combine_rewards", "exact_match", "tag_count_reward",

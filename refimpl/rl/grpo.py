@@ -9,8 +9,10 @@ policy added to the loss. Per completion token (:math:`\ell = \log\pi_\theta(o_{
           \qquad \rho_{i,t} = e^{\ell_{i,t} - \ell^{old}_{i,t}}
 
 and the loss is a weighted sum :math:`J = \sum_{i,t} W_{i,t} L_{i,t}` whose weights :math:`W` are
-what the ``loss_type`` variants disagree about. All option names and semantics are TRL's
-``GRPOTrainer`` / ``GRPOConfig`` (one process, no gradient accumulation):
+what the ``loss_type`` variants disagree about. Each variant is one entry of the table
+:data:`refimpl.rl.loss_types.LOSS_TABLE` (its surrogate, weights, diagnostics and options). All
+option names and semantics are TRL's ``GRPOTrainer`` / ``GRPOConfig`` (one process, no gradient
+accumulation):
 
 * ``grpo``, ``sapo``: :math:`W_{i,t} = m_{i,t} / (B\,\max(n_i,1))`, with ``m`` the mask and
   :math:`n_i` its row sum (DeepSeekMath eq. 3: :math:`1/G`, then :math:`1/\lvert o_i\rvert`);
@@ -66,11 +68,12 @@ import numpy as np
 
 from .._validate import check_float, check_int, check_same_dtype
 from .logprobs import logps_entropy_backward, logps_entropy_forward
+from .loss_types import LOSS_TABLE, get_loss_type, loss_options
 
-LOSS_TYPES = ("grpo", "bnpo", "dr_grpo", "dapo", "cispo", "sapo")
+#: the built-in ``loss_type`` names (the table :data:`~refimpl.rl.loss_types.LOSS_TABLE` may hold more)
+LOSS_TYPES = tuple(LOSS_TABLE)
 IS_LEVELS = ("token", "sequence")
 KL_ESTIMATORS = ("k1", "k2", "k3")
-_CLIPPED = ("grpo", "bnpo", "dr_grpo", "dapo")
 
 
 def _check_mask(mask, shape) -> np.ndarray:
@@ -92,39 +95,6 @@ def _check_scalar(name, x, *, low=0.0, allow_none=False, strict=False):
     if not np.isfinite(x) or (x <= low if strict else x < low):
         raise ValueError(f"{name}: expected a finite value {'>' if strict else '>='} {low}, got {x}")
     return float(x)
-
-
-def _weights(loss_type, m, max_completion_length, num_items_in_batch):
-    """Aggregation weights W (B, T) and the scalar normaliser, TRL's single-process values."""
-    B, T = m.shape
-    mf = m.astype(np.float64)                                           # (B, T)
-    n = mf.sum(axis=1, keepdims=True)                                   # (B, 1)
-    if loss_type in ("grpo", "sapo"):
-        return mf / (B * np.maximum(n, 1.0)), float(B)                  # (B, T)
-    if loss_type == "bnpo":
-        norm = max(float(mf.sum()), 1.0)
-    elif loss_type == "dr_grpo":
-        norm = float(B * max_completion_length)
-    else:  # dapo, cispo
-        norm = max(float(mf.sum() if num_items_in_batch is None else num_items_in_batch), 1.0)
-    return mf / norm, norm                                              # (B, T)
-
-
-def _min_clip(ratio, A, lo, hi, delta):
-    """-min(r1 A, clip(ratio) A) with r1 = min(ratio, delta); returns (L, dL/dratio), PyTorch tie rules."""
-    r1 = ratio if delta is None else np.minimum(ratio, delta)           # (B, T|1)
-    dr1 = np.ones_like(ratio) if delta is None else (ratio <= delta).astype(ratio.dtype)  # (B, T|1)
-    r2 = np.clip(ratio, lo, hi)                                         # (B, T|1)
-    dr2 = ((ratio >= lo) & (ratio <= hi)).astype(ratio.dtype)           # (B, T|1)
-    with np.errstate(invalid="ignore"):   # inf * 0: an overflowed ratio with A = 0 contributes 0
-        b1 = np.where(A == 0, 0.0, r1 * A)                              # (B, T)
-    b2 = r2 * A                                                         # (B, T)
-    w1 = np.where(b1 < b2, 1.0, np.where(b1 == b2, 0.5, 0.0))           # (B, T) torch.min's split
-    loss = -np.minimum(b1, b2)                                          # (B, T)
-    # forward: L = -min(b1, b2), b1 = min(rho, delta) A, b2 = clip(rho) A
-    # so: dL/drho = -A (w1 dr1 + (1 - w1) dr2)
-    dldr = -A * (w1 * dr1 + (1.0 - w1) * dr2)                           # (B, T)
-    return loss, dldr
 
 
 def _kl(estimator, logps, ref, m):
@@ -165,8 +135,7 @@ def per_token_kl(logps, ref_logps, *, kl_estimator="k3"):
 @np.errstate(over="ignore", invalid="ignore")   # an overflowed exponential is reported as a ValueError
 def grpo_loss(logps, old_logps, ref_logps, advantages, mask, *, loss_type="dapo", epsilon=0.2,
               epsilon_high=None, delta=None, beta=0.0, kl_estimator="k3", importance_sampling_level="token",
-              max_completion_length=None, num_items_in_batch=None, sapo_temperature_pos=1.0,
-              sapo_temperature_neg=1.05):
+              max_completion_length=None, num_items_in_batch=None, **options):
     r"""GRPO-family policy loss and its gradient with respect to ``logps`` (DeepSeekMath eq. 3).
 
     Parameters
@@ -185,10 +154,13 @@ def grpo_loss(logps, old_logps, ref_logps, advantages, mask, *, loss_type="dapo"
         Completion-token mask; masked entries never affect the loss or the gradient.
     loss_type, epsilon, epsilon_high, delta, beta, importance_sampling_level : TRL options
         See the module docstring.
-    max_completion_length, num_items_in_batch, sapo_temperature_pos, sapo_temperature_neg : TRL options
+    max_completion_length, num_items_in_batch : TRL options
         TRL's ``GRPOConfig`` options (``epsilon_high`` defaults to ``epsilon``; ``delta`` is
         INTELLECT-2's upper bound on the unclipped ratio). ``max_completion_length`` is required
         for ``dr_grpo``. ``num_items_in_batch`` overrides the ``dapo``/``cispo`` token count.
+    **options : the ``loss_type``'s own options
+        Declared by its :class:`~refimpl.rl.loss_types.LossType` entry, with defaults (``sapo``:
+        ``sapo_temperature_pos=1.0``, ``sapo_temperature_neg=1.05``); others raise ValueError.
     kl_estimator : {"k1", "k2", "k3"}
         refimpl's option (TRL: always ``"k3"``).
 
@@ -215,8 +187,7 @@ def grpo_loss(logps, old_logps, ref_logps, advantages, mask, *, loss_type="dapo"
     check_float("advantages", advantages)
     if advantages.shape not in ((B,), shape):
         raise ValueError(f"advantages: expected shape ({B},) or {shape}, got {advantages.shape}")
-    if loss_type not in LOSS_TYPES:
-        raise ValueError(f"loss_type: expected one of {LOSS_TYPES}, got {loss_type!r}")
+    entry = get_loss_type(loss_type)
     if importance_sampling_level not in IS_LEVELS:
         raise ValueError(f"importance_sampling_level: expected one of {IS_LEVELS}, got {importance_sampling_level!r}")
     if kl_estimator not in KL_ESTIMATORS:
@@ -225,17 +196,9 @@ def grpo_loss(logps, old_logps, ref_logps, advantages, mask, *, loss_type="dapo"
     eps_hi = eps_lo if epsilon_high is None else _check_scalar("epsilon_high", epsilon_high)
     delta = _check_scalar("delta", delta, allow_none=True, strict=True)
     beta = _check_scalar("beta", beta)
-    tau_pos = _check_scalar("sapo_temperature_pos", sapo_temperature_pos, strict=True)
-    tau_neg = _check_scalar("sapo_temperature_neg", sapo_temperature_neg, strict=True)
+    opts = {"epsilon_low": eps_lo, "epsilon_high": eps_hi, "delta": delta, **loss_options(loss_type, options)}
     if beta != 0.0 and ref_logps is None:
         raise ValueError("ref_logps: required when beta != 0 (the KL term needs the reference log-probs)")
-    if loss_type == "dr_grpo":
-        if max_completion_length is None:
-            raise ValueError("max_completion_length: required for loss_type='dr_grpo' (normaliser B * L_max)")
-        if isinstance(max_completion_length, bool) or not isinstance(max_completion_length, int | np.integer) \
-                or max_completion_length < max(T, 1):
-            raise ValueError(f"max_completion_length: expected an int >= the completion length T={T}, "
-                             f"got {max_completion_length!r}")
     if num_items_in_batch is not None:
         num_items_in_batch = _check_scalar("num_items_in_batch", num_items_in_batch)
 
@@ -245,7 +208,7 @@ def grpo_loss(logps, old_logps, ref_logps, advantages, mask, *, loss_type="dapo"
     At = np.broadcast_to(A, shape)                                      # (B, T)
     mf = m.astype(np.float64)                                           # (B, T)
     n = mf.sum(axis=1, keepdims=True)                                   # (B, 1)
-    W, norm = _weights(loss_type, m, max_completion_length, num_items_in_batch)  # (B, T), float
+    W, norm = entry.weights(m, max_completion_length, num_items_in_batch)  # (B, T), float
 
     # importance ratio: on-policy (old_logps None) is rho = exp(l - sg(l)) = 1 with d rho/dl = 1
     log_ratio = np.zeros(shape) if old_logps is None else np.where(m, lp - old_logps, 0.0)  # (B, T)
@@ -257,21 +220,8 @@ def grpo_loss(logps, old_logps, ref_logps, advantages, mask, *, loss_type="dapo"
         ratio = np.exp(log_w)                                           # (B, T) or (B, 1)
 
     info = {}
-    direct = np.zeros(shape)                                            # (B, T) dL/dl not through rho
-    if loss_type == "cispo":
-        c = np.minimum(ratio, eps_hi)                                   # (B, T|1) detached
-        pg = -c * At * lp                                               # (B, T)
-        # forward: L = -sg[min(rho, eps_hi)] A l      so: dL/dl = -c A, nothing through rho
-        direct = -c * At                                                # (B, T)
-        dldr = np.zeros(shape)                                          # (B, T)
-    elif loss_type == "sapo":
-        tau_s = np.where(At > 0, tau_pos, tau_neg)                      # (B, T)
-        sig = 1.0 / (1.0 + np.exp(-np.clip(tau_s * (ratio - 1.0), -700, 700)))  # (B, T)
-        pg = -At * (4.0 / tau_s) * sig                                  # (B, T)
-        # forward: L = -A (4/tau) sigmoid(tau (rho - 1))   so: dL/drho = -4 A sigmoid (1 - sigmoid)
-        dldr = -4.0 * At * sig * (1.0 - sig)                            # (B, T)
-    else:
-        pg, dldr = _min_clip(ratio, At, 1.0 - eps_lo, 1.0 + eps_hi, delta)  # (B, T) each
+    pg, dldr, direct = entry.surrogate(ratio, At, lp, opts)             # (B, T) each; direct may be None
+    direct = np.zeros(shape) if direct is None else direct              # (B, T) dL/dl not through rho
     kl = dkl = None
     if ref_logps is not None:
         kl, dkl = _kl(kl_estimator, lp, ref_logps.astype(np.float64), m)  # (B, T) each
@@ -300,14 +250,8 @@ def grpo_loss(logps, old_logps, ref_logps, advantages, mask, *, loss_type="dapo"
     info["policy_loss"] = float(np.sum(W * np.where(m, pg, 0.0)))
     if kl is not None:
         info["kl"] = masked_mean(kl)
-    if loss_type in _CLIPPED:
-        low = (ratio < 1.0 - eps_lo) & (A_r < 0)                        # (B, T|1)
-        high = (ratio > 1.0 + eps_hi) & (A_r > 0)                       # (B, T|1)
-        info["clip_ratio/low_mean"] = frac(low)
-        info["clip_ratio/high_mean"] = frac(high)
-        info["clip_ratio/region_mean"] = frac(low | high)
-    elif loss_type == "cispo":
-        info["cispo_clip_ratio"] = frac((ratio > eps_hi) & (A_r > 0))
+    if entry.diagnostics is not None:
+        info.update(entry.diagnostics(ratio, A_r, opts, frac))
     info["ratio_mean"] = frac(ratio) if per_seq else masked_mean(ratio)
     info["num_tokens"] = int(N)
     info["normalizer"] = norm
@@ -342,9 +286,7 @@ def entropy_bonus(entropies, mask, *, entropy_coef, loss_type="dapo", num_items_
     check_float("entropies", entropies, ndim=2)
     m = _check_mask(mask, entropies.shape).astype(np.float64)           # (B, T)
     coef = _check_scalar("entropy_coef", entropy_coef)
-    if loss_type not in LOSS_TYPES:
-        raise ValueError(f"loss_type: expected one of {LOSS_TYPES}, got {loss_type!r}")
-    if loss_type in ("dapo", "cispo") and num_items_in_batch is not None:
+    if get_loss_type(loss_type).items_normalised and num_items_in_batch is not None:
         norm = max(_check_scalar("num_items_in_batch", num_items_in_batch), 1.0)
     else:
         norm = max(float(m.sum()), 1.0)
@@ -395,7 +337,5 @@ def aggregation_weights(loss_type, mask, *, max_completion_length=None, num_item
 
     Shapes: mask (B, T) bool -> W (B, T) float64.
     """
-    if loss_type not in LOSS_TYPES:
-        raise ValueError(f"loss_type: expected one of {LOSS_TYPES}, got {loss_type!r}")
     m = _check_mask(mask, np.shape(mask))
-    return _weights(loss_type, m, max_completion_length, num_items_in_batch)[0]
+    return get_loss_type(loss_type).weights(m, max_completion_length, num_items_in_batch)[0]

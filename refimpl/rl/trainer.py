@@ -52,7 +52,8 @@ from ..tasks import EVAL_SIZE, eval_set
 from ..train import append_row, check_loop_options, init_state, resume_state, run_loop
 from ..tree import tree_map
 from .advantages import SCALE_REWARDS, group_advantages
-from .grpo import IS_LEVELS, KL_ESTIMATORS, LOSS_TYPES, grpo_loss_from_logits
+from .grpo import IS_LEVELS, KL_ESTIMATORS, grpo_loss_from_logits
+from .loss_types import loss_options
 from .rollout import (  # noqa: F401 - evaluate, rejection_sample, RolloutBatch, completion_logps: part of this API
     RolloutBatch,
     check_policy,
@@ -140,6 +141,7 @@ class GRPOConfig:
     keep_sampling_mask: bool = False
     language_weight: float = 0.0
     language_alphabet: str = "0123456789+=,"
+    loss_options: dict | None = None   # the loss_type's own options (refimpl.rl.loss_types), e.g. SAPO's
 
     def __post_init__(self):
         check_integer("num_generations", self.num_generations)
@@ -161,7 +163,7 @@ class GRPOConfig:
             check_real("delta", self.delta, low=0.0, low_open=True)
         check_bool("dynamic_sampling", self.dynamic_sampling)
         check_bool("mask_truncated_completions", self.mask_truncated_completions)
-        check_choice("loss_type", self.loss_type, LOSS_TYPES)
+        loss_options(self.loss_type, self.loss_options)   # loss_type in the table, options declared by it
         check_choice("importance_sampling_level", self.importance_sampling_level, IS_LEVELS)
         check_choice("kl_estimator", self.kl_estimator, KL_ESTIMATORS)
         check_choice("scale_rewards", self.scale_rewards, SCALE_REWARDS + (True, False))
@@ -215,7 +217,8 @@ def grpo_objective(params, config, batch, advantages, old_logps, ref_logps, cfg,
     logits, cache, minfo = model_forward(batch.ids, params, config, backend=cfg.backend, routes=routes)  # (B, T, V)
     kw = dict(temperature=cfg.temperature, entropy_coef=cfg.entropy_coef, loss_type=cfg.loss_type, epsilon=cfg.epsilon,
               epsilon_high=cfg.epsilon_high, delta=cfg.delta, beta=cfg.beta, kl_estimator=cfg.kl_estimator,
-              importance_sampling_level=cfg.importance_sampling_level, max_completion_length=cfg.max_completion_length)
+              importance_sampling_level=cfg.importance_sampling_level, max_completion_length=cfg.max_completion_length,
+              **(cfg.loss_options or {}))
     args = (batch.gather(logits), batch.comp, old_logps, ref_logps, advantages.astype(logits.dtype), batch.mask)
     if record is None:
         loss, dlc, info = grpo_loss_from_logits(*args, **kw)

@@ -79,4 +79,4 @@ def lm_loss_grads(cache, params):
     """Gradients of :func:`refimpl.model.loss_forward`'s loss for every parameter: the loops' one call
     of :func:`refimpl.model.loss_backward` (so a change of its signature is mended here only)."""
     from ..model.transformer import loss_backward  # imported here: refimpl.model imports this package
-    return loss_backward(cache, params)
+    return loss_backward(1.0, cache, params)

@@ -16,23 +16,24 @@ def test_cross_entropy_numba_equals_numpy(data, reduction, dtype):
     logits, targets = data
     logits = logits.astype(dtype)
     t = tol("equiv64" if dtype == np.float64 else "equiv32")
-    ln, cn = core.cross_entropy_forward(logits, targets, reduction=reduction, backend="numpy")
-    lb, cb = core.cross_entropy_forward(logits, targets, reduction=reduction, backend="numba")
+    dl = np.full(targets.shape if reduction == "none" else (), 0.7, dtype=dtype)
+    ln, gn = core.cross_entropy(logits, targets, dl, reduction=reduction, backend="numpy")
+    lb, gb = core.cross_entropy(logits, targets, dl, reduction=reduction, backend="numba")
+    lf, _ = core.cross_entropy(logits, targets, reduction=reduction, backend="numba", grad=False)
     scale = np.abs(logits).max()          # a loss of a 1e4-scale logit is itself ~1e4
     np.testing.assert_allclose(lb, ln, rtol=t["rtol"], atol=t["atol"] * max(scale, 1))
-    dl = np.full(np.shape(ln), 0.7, dtype=dtype)
-    np.testing.assert_allclose(core.cross_entropy_backward(dl, cb), core.cross_entropy_backward(dl, cn), **t)
+    np.testing.assert_allclose(lf, ln, rtol=t["rtol"], atol=t["atol"] * max(scale, 1))
+    np.testing.assert_allclose(gb, gn, **t)
 
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
 @pytest.mark.parametrize("backend", ["numpy", "numba"])
 def test_extreme_logits_stay_finite(dtype, backend):
     z = np.array([[1e4, -1e4, 0.0, 9999.0], [-1e4, -1e4, -1e4, -1e4]], dtype=dtype)
-    loss, c = core.cross_entropy_forward(z, np.array([1, 2]), reduction="none", backend=backend)
+    loss, d = core.cross_entropy(z, np.array([1, 2]), np.ones(2, dtype), reduction="none", backend=backend)
     assert np.isfinite(loss).all()
     assert loss[0] == pytest.approx(2e4 + np.log1p(np.exp(-1.0)), rel=1e-6)
     assert loss[1] == pytest.approx(np.log(4), rel=1e-6)
-    d = core.cross_entropy_backward(np.ones(2, dtype), c)
     assert np.isfinite(d).all()
     for fwd in (core.softmax_forward, core.log_softmax_forward, core.logsumexp_forward):
         assert np.isfinite(fwd(z)[0]).all(), fwd.__name__
@@ -41,24 +42,23 @@ def test_extreme_logits_stay_finite(dtype, backend):
 def test_cross_entropy_ignore_index_and_empty_mask():
     z = np.random.default_rng(0).standard_normal((4, 5))
     t = np.array([1, -100, 3, -100])
-    full, _ = core.cross_entropy_forward(z, t, reduction="none", backend="numpy")
+    full, _ = core.cross_entropy(z, t, reduction="none", backend="numpy", grad=False)
     assert full[1] == 0 and full[3] == 0
-    mean, c = core.cross_entropy_forward(z, t, backend="numpy")
+    mean, d = core.cross_entropy(z, t, backend="numpy")
     assert mean == pytest.approx((full[0] + full[2]) / 2)
-    d = core.cross_entropy_backward(1.0, c)
     assert np.all(d[[1, 3]] == 0)
     np.testing.assert_allclose(d.sum(axis=-1), 0.0, atol=1e-15)
     for backend in ("numpy", "numba"):
-        loss, c = core.cross_entropy_forward(z, np.full(4, -100), backend=backend)
-        assert loss == 0.0 and np.all(core.cross_entropy_backward(1.0, c) == 0)
-    alt, _ = core.cross_entropy_forward(z, np.array([1, 0, 3, 0]), ignore_index=0, reduction="none")
+        loss, d = core.cross_entropy(z, np.full(4, core.IGNORE_INDEX), backend=backend)
+        assert loss == 0.0 and np.all(d == 0)
+    alt, _ = core.cross_entropy(z, np.array([1, 0, 3, 0]), ignore_index=0, reduction="none", grad=False)
     np.testing.assert_allclose(alt[[0, 2]], full[[0, 2]])
 
 
 def test_cross_entropy_leading_shape_preserved():
     z = np.random.default_rng(1).standard_normal((2, 3, 7))
-    loss, c = core.cross_entropy_forward(z, np.zeros((2, 3), dtype=np.int64), reduction="none")
-    assert loss.shape == (2, 3) and core.cross_entropy_backward(np.ones((2, 3)), c).shape == (2, 3, 7)
+    loss, d = core.cross_entropy(z, np.zeros((2, 3), dtype=np.int64), np.ones((2, 3)), reduction="none")
+    assert loss.shape == (2, 3) and d.shape == (2, 3, 7)
 
 
 def test_softmax_masks():

@@ -41,18 +41,16 @@ def close(a, b, dtype, scale=1.0):
        reduction=st.sampled_from(["mean", "sum", "none"]))
 def test_forward_backward_and_fused_match_numpy(data, dtype, reduction):
     z, t = data.draw(long_rows(dtype))
-    ln, cn = core.cross_entropy_forward(z, t, reduction=reduction, backend="numpy")
-    lb, cb = core.cross_entropy_forward(z, t, reduction=reduction, backend="numba")
-    close(lb, ln, dtype, np.abs(z).max())
     dl = (np.linspace(0.5, 1.5, t.size).astype(dtype) if reduction == "none" else dtype(0.7))
-    gn = core.cross_entropy_backward(dl, cn)
-    close(core.cross_entropy_backward(dl, cb), gn, dtype)
-    lf, gf = core.cross_entropy_forward_backward(z, t, dl, reduction=reduction, backend="numba")
+    ln, gn = core.cross_entropy(z, t, dl, reduction=reduction, backend="numpy")
+    lb, _ = core.cross_entropy(z, t, reduction=reduction, backend="numba", grad=False)   # forward-only kernel
+    close(lb, ln, dtype, np.abs(z).max())
+    lf, gf = core.cross_entropy(z, t, dl, reduction=reduction, backend="numba")       # one-sweep kernel
     close(lf, ln, dtype, np.abs(z).max())
     close(gf, gn, dtype)
     assert gf.dtype == dtype and np.all(gf[t == -100] == 0)
-    ln2, gn2 = core.cross_entropy_forward_backward(z, t, dl, reduction=reduction, backend="numpy")
-    assert np.array_equal(ln2, ln) and np.array_equal(gn2, gn)
+    ln2, _ = core.cross_entropy(z, t, reduction=reduction, backend="numpy", grad=False)
+    assert np.array_equal(ln2, ln)
 
 
 @given(data=rst.logits_and_targets(max_rows=4, max_vocab=12))
@@ -61,9 +59,8 @@ def test_fused_numba_gradient_by_finite_differences(data):
     z = z / np.abs(z).max() * 3                                           # FD needs moderate logits
 
     def f(z):
-        loss, dz = core.cross_entropy_forward_backward(z, t, 1.0, reduction="none", backend="numba")
-        _, cache = core.cross_entropy_forward(z, t, reduction="none", backend="numba")
-        return loss, lambda dy: (core.cross_entropy_backward(dy, cache),)
+        loss, _ = core.cross_entropy(z, t, reduction="none", backend="numba", grad=False)
+        return loss, lambda dy: (core.cross_entropy(z, t, dy, reduction="none", backend="numba")[1],)
     assert check_grad(f, [z]) < tol("gradcheck")["rtol"]
 
 
@@ -74,10 +71,10 @@ def test_extreme_rows_and_all_ignored(dtype):
     z[0, :BLOCK] = -big                                                   # exp underflows in block 0,
     z[0, BLOCK + 3] = big                                                 # then the max jumps by ~big
     t = np.array([BLOCK + 3, -100, 2])
-    ln, _ = core.cross_entropy_forward(z, t, reduction="none", backend="numpy")
-    lb, dz = core.cross_entropy_forward_backward(z, t, np.ones(3, dtype), reduction="none", backend="numba")
+    ln, _ = core.cross_entropy(z, t, reduction="none", backend="numpy", grad=False)
+    lb, dz = core.cross_entropy(z, t, np.ones(3, dtype), reduction="none", backend="numba")
     assert lb[0] == 0 and lb[1] == 0 and lb[2] == pytest.approx(np.log(z.shape[1]), rel=1e-6)
     close(lb, ln, dtype)
     assert np.isfinite(dz).all() and not dz[:2].any()
-    loss, dz = core.cross_entropy_forward_backward(z, np.full(3, -100), 1.0, backend="numba")
+    loss, dz = core.cross_entropy(z, np.full(3, -100), 1.0, backend="numba")
     assert loss == 0 and not dz.any()

@@ -43,7 +43,7 @@ def student(hk=2, h=4, dh=4, d=8, layers=2, yarn=False, **kw):
 def _loss_fn(ids, cfg, labels=None):
     def f(p):
         loss, cache, _ = loss_forward(ids, p, cfg, labels, backend="numpy")
-        return loss, lambda d: (loss_backward(cache, p, float(d)),)
+        return loss, lambda d: (loss_backward(float(d), cache, p),)
     return f
 
 

@@ -115,7 +115,7 @@ def test_lm_loss_gives_the_indexer_exactly_zero_gradient():
     cfg = v32()
     params = tied_params(cfg)
     loss, cache, _ = loss_forward(ids_for(cfg), params, cfg)
-    grads = loss_backward(cache, params)
+    grads = loss_backward(1.0, cache, params)
     for lg in grads["model"]["layers"]:
         ig = lg["self_attn"]["indexer"]
         assert all(np.all(ig[k] == 0) for k in ("wq_b", "wk", "weights_proj"))

@@ -200,7 +200,7 @@ def test_gradcheck_through_biases_and_scaled_rope(seed, case, t):
 
     def f(p):
         loss, cache, _ = loss_forward(ids, p, config, backend="numpy")
-        return loss, lambda d: (loss_backward(cache, p, float(d)),)
+        return loss, lambda d: (loss_backward(float(d), cache, p),)
     assert check_grad(f, [params], max_entries=3, seed=seed % 1000) < tol("gradcheck")["rtol"]
 
 

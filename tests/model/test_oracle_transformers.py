@@ -157,7 +157,7 @@ def test_training_step_matches_autograd_and_torch_adamw(saved):
     ref_loss.backward()
     loss, cache, _ = loss_forward(ids, m.params, m.config, balance="none", backend="numpy")
     assert float(loss) == pytest.approx(ref_loss.item(), rel=1e-7)
-    grads = loss_backward(cache, m.params)
+    grads = loss_backward(1.0, cache, m.params)
     hub_grads = to_hub(grads, m.config)
     ref = _fused_to_hub((n, p.grad.numpy().copy()) for n, p in model.named_parameters())
     assert set(ref) <= set(hub_grads)
@@ -265,7 +265,7 @@ def test_mtp_loss_gradients_match_autograd():
 
     loss, cache, info = loss_forward(ids, params, cfg, mtp_lambda=0.3, backend="numpy")
     assert float(loss) == pytest.approx((main + 0.3 * mtp).item(), rel=1e-7)
-    grads = to_hub(loss_backward(cache, params), cfg)
+    grads = to_hub(loss_backward(1.0, cache, params), cfg)
     ref = _fused_to_hub((n, p.grad.numpy().copy()) for n, p in model.named_parameters())
     ref.update({f"model.layers.2.{k}.weight": g.grad.numpy() for k, g in glue.items()})
     assert set(ref) <= set(grads) and "model.layers.2.mlp.experts.0.up_proj.weight" in ref

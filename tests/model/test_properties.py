@@ -36,5 +36,5 @@ def test_gradcheck_random_configs(cfg, seed):
 
     def f(p):
         loss, cache, _ = loss_forward(ids, p, cfg, backend="numpy")
-        return loss, lambda d: (loss_backward(cache, p, float(d)),)
+        return loss, lambda d: (loss_backward(float(d), cache, p),)
     assert check_grad(f, [params], max_entries=2, seed=seed % 1000) < tol("gradcheck")["rtol"]

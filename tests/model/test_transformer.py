@@ -15,7 +15,7 @@ from .conftest import tiny_config
 def _loss_fn(ids, cfg, labels=None, **kw):
     def f(p):
         loss, cache, _ = loss_forward(ids, p, cfg, labels, backend="numpy", **kw)
-        return loss, lambda d: (loss_backward(cache, p, float(d)),)
+        return loss, lambda d: (loss_backward(float(d), cache, p),)
     return f
 
 
@@ -39,7 +39,7 @@ def test_gradient_tree_matches_params(tiny):
     cfg, params = tiny
     ids = np.random.default_rng(0).integers(0, cfg.vocab_size, (2, 5))
     loss, cache, info = loss_forward(ids, params, cfg, backend="numpy")
-    grads = loss_backward(cache, params)
+    grads = loss_backward(1.0, cache, params)
     assert tree_paths(grads) == tree_paths(params)
     for g, p in zip(tree_flatten(grads)[0], tree_flatten(params)[0], strict=True):
         assert g.shape == p.shape and g.dtype == p.dtype
@@ -47,7 +47,7 @@ def test_gradient_tree_matches_params(tiny):
     assert float(loss) == pytest.approx(info["lm_loss"] + info["balance_loss"] + info["mtp_loss"])
     # without MTP the modules get zero gradients, and the loss is the LM + balance loss only
     loss0, cache0, info0 = loss_forward(ids, params, cfg, mtp_lambda=0.0, backend="numpy")
-    assert all(not g.any() for g in tree_flatten(loss_backward(cache0, params)["mtp"])[0])
+    assert all(not g.any() for g in tree_flatten(loss_backward(1.0, cache0, params)["mtp"])[0])
     assert float(loss0) == pytest.approx(info0["lm_loss"] + info0["balance_loss"])
 
 
@@ -60,7 +60,7 @@ def test_float32_runs_and_returns_float32(tiny):
     np.testing.assert_allclose(logits, model_forward(ids, params, cfg, backend="numpy")[0], rtol=1e-4, atol=1e-5)
     loss, cache, _ = loss_forward(ids, p32, cfg, backend="numpy")
     assert loss.dtype == np.float32
-    assert all(g.dtype == np.float32 for g in tree_flatten(loss_backward(cache, p32))[0])
+    assert all(g.dtype == np.float32 for g in tree_flatten(loss_backward(1.0, cache, p32))[0])
 
 
 def test_bad_input_names_the_argument(tiny):
@@ -79,3 +79,20 @@ def test_bad_input_names_the_argument(tiny):
                                                            "kv_b_proj": np.zeros((3, 3))}},
             params["model"]["layers"][1]]}}
         model_forward(np.zeros((1, 3), dtype=np.int64), bad, cfg)
+
+
+def test_evaluation_skips_the_gradient_and_backward_takes_dloss_first(tiny):
+    """loss_forward(grad=False) gives the same loss without the (B, T, V) gradient, and then loss_backward
+    refuses; loss_backward(dloss, cache) scales every gradient by dloss and names a cache passed first."""
+    cfg, params = tiny
+    ids = np.random.default_rng(0).integers(0, cfg.vocab_size, (2, 5))
+    loss, cache, _ = loss_forward(ids, params, cfg, backend="numpy")
+    loss_e, cache_e, _ = loss_forward(ids, params, cfg, backend="numpy", grad=False)
+    assert loss_e == loss and cache_e.ce.dlogits is None and cache.ce.dlogits.shape == (2, 5, cfg.vocab_size)
+    with pytest.raises(ValueError, match="grad=False"):
+        loss_backward(1.0, cache_e, params)
+    with pytest.raises(TypeError, match="cache"):
+        loss_backward(cache, params)
+    g1, g3 = loss_backward(1.0, cache, params), loss_backward(3.0, cache, params)
+    for a, b in zip(tree_flatten(g1)[0], tree_flatten(g3)[0], strict=True):
+        np.testing.assert_allclose(b, 3.0 * a, rtol=1e-12, atol=1e-300)

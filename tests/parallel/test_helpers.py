@@ -71,19 +71,20 @@ def test_globalized_shares_sum_to_the_global_gradient(rng, parts):
     ids = rng.integers(0, 24, (b, t))
     labels = np.where(rng.random((b, t)) < 0.4, -100, ids)               # ranks hold different target counts
     _, cache, _ = loss_forward(ids, params, config, labels)
-    full = loss_backward(cache, params)
+    full = loss_backward(1.0, cache, params)
     bounds = np.sort(rng.choice(np.arange(1, b), parts - 1, replace=False))
     rows = np.split(np.arange(b), bounds)
     caches = [loss_forward(ids[r], params, config, labels[r])[1] for r in rows]
     locals_ = [_counts(c) for c in caches]
     total = np.sum(locals_, axis=0)
-    shares = [loss_backward(globalize_loss_cache(c, lo, total), params) for c, lo in zip(caches, locals_, strict=True)]
+    shares = [loss_backward(1.0, globalize_loss_cache(c, lo, total), params)
+              for c, lo in zip(caches, locals_, strict=True)]
     summed = tree_map(lambda *g: sum(g), *shares)
     for a, g in zip(tree_flatten(summed)[0], tree_flatten(full)[0], strict=True):
         np.testing.assert_allclose(a, g, **tol("equiv64"))
     # the mean of per-part means is a different (wrong) gradient whenever the parts' counts differ
     if len({int(lo[0]) for lo in locals_}) > 1:
-        naive = tree_map(lambda *g: sum(g) / parts, *[loss_backward(c, params) for c in caches])
+        naive = tree_map(lambda *g: sum(g) / parts, *[loss_backward(1.0, c, params) for c in caches])
         diff = max(float(np.max(np.abs(a - g))) for a, g in zip(tree_flatten(naive)[0], tree_flatten(full)[0],
                                                                   strict=True))
         assert diff > 1e-6

@@ -261,7 +261,7 @@ def test_whole_model_is_unchanged_after_a_hooked_step():
 
     def run():
         loss, cache, _ = loss_forward(ids, params, cfg, backend="numpy")
-        return [loss, *tree_flatten(loss_backward(cache, params))[0]]
+        return [loss, *tree_flatten(loss_backward(1.0, cache, params))[0]]
     before = run()
     with fp8_autocast(32, exclude=[params["lm_head"]]):
         inside = run()

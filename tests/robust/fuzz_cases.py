@@ -48,7 +48,7 @@ def _lin():
 
 CASES = {
     # cases added with DeepSeek-V3.2 and the fused cross-entropy
-    "core.cross_entropy_forward_backward": lambda: (core.cross_entropy_forward_backward, (_r(3, 5), _ids(3)), {}),
+    "core.cross_entropy": lambda: (core.cross_entropy, (_r(3, 5), _ids(3)), {}),
     "rl.unbiased_kl": lambda: (rl.unbiased_kl, (-np.abs(_r(2, 3)), -np.abs(_r(2, 3, seed=1)),
                                                 -np.abs(_r(2, 3, seed=2))), {}),
     "rl.off_policy_sequence_mask": lambda: (rl.off_policy_sequence_mask,
@@ -70,9 +70,6 @@ CASES = {
     "core.rmsnorm_forward": lambda: (core.rmsnorm_forward, (_r(2, 4), np.ones(4)), {"eps": 1e-6}),
     "core.rmsnorm_backward": _fwd_bwd(core.rmsnorm_forward, lambda: (_r(2, 4), np.ones(4)), core.rmsnorm_backward,
                                       lambda o: (2, 4)),
-    "core.cross_entropy_forward": lambda: (core.cross_entropy_forward, (_r(3, 5), _ids(3)), {}),
-    "core.cross_entropy_backward": lambda: (core.cross_entropy_backward,
-                                            (1.0, core.cross_entropy_forward(_r(3, 5), _ids(3))[1]), {}),
     "core.softmax_forward": lambda: (core.softmax_forward, (_r(3, 5),), {}),
     "core.softmax_backward": _fwd_bwd(core.softmax_forward, lambda: (_r(3, 5),), core.softmax_backward,
                                       lambda o: (3, 5)),
@@ -112,7 +109,7 @@ CASES = {
     "model.init_params": lambda: (model.init_params, (CFG, np.random.default_rng(0)), {}),
     "model.model_forward": lambda: (model.model_forward, (_ids(1, 3), _p(), CFG), {}),
     "model.loss_forward": lambda: (model.loss_forward, (_ids(1, 4), _p(), CFG), {}),
-    "model.loss_backward": lambda: (model.loss_backward, (model.loss_forward(_ids(1, 4), _P, CFG)[1],), {"dloss": 1.0}),
+    "model.loss_backward": lambda: (model.loss_backward, (1.0, model.loss_forward(_ids(1, 4), _P, CFG)[1]), {}),
     "model.generate": lambda: (model.generate, (_p(), CFG, _ids(1, 2), 2), {}),
     "model.sample_next": lambda: (model.sample_next, (_r(2, 5),), {"temperature": 0.7, "top_p": 0.9,
                                                                    "rng": np.random.default_rng(0)}),
@@ -140,6 +137,11 @@ CASES = {
     "rl.combine_rewards": lambda: (rl.combine_rewards, (np.array([[1.0, 0.5], [0.0, 1.0]]),), {"weights": [1.0, 0.5]}),
     "rl.tag_count_reward": lambda: (rl.tag_count_reward, (["<think>a</think>"],), {}),
     # distill
+    "distill.divergence_loss": lambda: (distill.divergence_loss, (_r(2, 3, 5), _r(2, 3, 5, seed=1)),
+                                        {"divergence": "skew_kl"}),
+    "distill.fused_linear_divergence": lambda: (distill.fused_linear_divergence, (_r(4, 3), _r(5, 3)),
+                                                {"teacher_logits": _r(4, 5, seed=1), "divergence": "total_variation",
+                                                 "chunk_size": 3}),
     "distill.forward_kl_loss": lambda: (distill.forward_kl_loss, (_r(2, 3, 5), _r(2, 3, 5, seed=1)), {}),
     "distill.reverse_kl_loss": lambda: (distill.reverse_kl_loss, (_r(2, 3, 5), _r(2, 3, 5, seed=1)), {}),
     "distill.generalized_jsd_loss": lambda: (distill.generalized_jsd_loss, (_r(2, 3, 5), _r(2, 3, 5, seed=1)),

@@ -6,7 +6,6 @@ import pytest
 from refimpl import ModelConfig
 from refimpl.attention import mla_forward
 from refimpl.core import linear_backward, linear_forward, rmsnorm_backward, rmsnorm_forward
-from refimpl.core.cross_entropy import cross_entropy_backward, cross_entropy_forward
 from refimpl.core.rope import rope_backward, rope_forward
 from refimpl.core.softmax import softmax_backward, softmax_forward
 from refimpl.model import generate, init_params, model_forward, sample_next, speculative_generate
@@ -49,11 +48,10 @@ def _caches():
     _, c_lin = linear_forward(x, np.ones((3, 4)))
     _, c_rms = rmsnorm_forward(x, np.ones(4))
     _, c_sm = softmax_forward(x)
-    _, c_ce = cross_entropy_forward(x, np.array([0, 1]))
     _, c_rope = rope_forward(x, np.arange(2), np.ones(2))
     _, _, c_lp = logps_entropy_forward(x[None], np.array([[0, 1]]))
     return [(linear_backward, c_lin, (2, 3)), (rmsnorm_backward, c_rms, (2, 4)), (softmax_backward, c_sm, (2, 4)),
-            (cross_entropy_backward, c_ce, ()), (rope_backward, c_rope, (2, 4)),
+            (rope_backward, c_rope, (2, 4)),
             (lambda d, c: logps_entropy_backward(d, None, c), c_lp, (1, 2))]
 
 
