@@ -32,11 +32,9 @@ accumulation, so that micro-batch gradients add up to the full batch's).
 
 from __future__ import annotations
 
-import numbers
-
 import numpy as np
 
-from .._validate import check_float, check_int, check_same_dtype
+from .._validate import check_float, check_int, check_positive_real, check_real, check_same_dtype
 from ..core.cross_entropy import IGNORE_INDEX
 
 REDUCTIONS = ("batchmean", "sum", "mean", "none")
@@ -44,20 +42,12 @@ REDUCTIONS = ("batchmean", "sum", "mean", "none")
 
 def check_temperature(temperature) -> float:
     """``temperature`` as a float, or ValueError unless it is a finite number > 0."""
-    if isinstance(temperature, bool) or not isinstance(temperature, numbers.Real):
-        raise TypeError(f"temperature: expected a real number > 0, got {type(temperature).__name__}")
-    if not (np.isfinite(temperature) and temperature > 0):
-        raise ValueError(f"temperature: expected a finite number > 0, got {temperature!r}")
-    return float(temperature)
+    return check_positive_real("temperature", temperature)
 
 
 def check_unit(name: str, value) -> float:
     """``value`` as a float, or ValueError unless it lies in [0, 1]."""
-    if isinstance(value, bool) or not isinstance(value, numbers.Real):
-        raise TypeError(f"{name}: expected a real number in [0, 1], got {type(value).__name__}")
-    if not 0.0 <= value <= 1.0:
-        raise ValueError(f"{name}: expected a number in [0, 1], got {value!r}")
-    return float(value)
+    return check_real(name, value, low=0.0, high=1.0)
 
 
 def check_reduction(reduction: str, allowed=REDUCTIONS) -> str:
@@ -148,10 +138,7 @@ def check_num_items(num_items_in_batch) -> float | None:
     """None, or a positive finite number (TRL's gradient-accumulation token count)."""
     if num_items_in_batch is None:
         return None
-    if isinstance(num_items_in_batch, bool) or not isinstance(num_items_in_batch, numbers.Real) or not (
-            np.isfinite(num_items_in_batch) and num_items_in_batch > 0):
-        raise ValueError(f"num_items_in_batch: expected None or a number > 0, got {num_items_in_batch!r}")
-    return float(num_items_in_batch)
+    return check_positive_real("num_items_in_batch", num_items_in_batch)
 
 
 def reduce(E: np.ndarray, valid: np.ndarray, lead: tuple, has_labels: bool, reduction: str,

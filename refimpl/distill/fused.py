@@ -22,11 +22,9 @@ each chunk's logits for :math:`dZ = g\\,(e_o - \\pi)/\\tau`. The price is one ex
 
 from __future__ import annotations
 
-import numbers
-
 import numpy as np
 
-from .._validate import check_float, check_int, check_same_dtype
+from .._validate import check_float, check_int, check_positive_int, check_same_dtype
 from ..backend import kernel, resolve_backend
 from ..rl.grpo import grpo_loss
 from ._common import (
@@ -102,9 +100,7 @@ def _check_head(hidden, weight, hname="hidden", wname="weight"):
 
 
 def _check_chunk(chunk_size) -> int:
-    if isinstance(chunk_size, bool) or not isinstance(chunk_size, numbers.Integral) or chunk_size < 1:
-        raise ValueError(f"chunk_size: expected a positive integer, got {chunk_size!r}")
-    return int(chunk_size)
+    return check_positive_int("chunk_size", chunk_size)
 
 
 def _check_dloss(dloss) -> float:

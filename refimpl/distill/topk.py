@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from .._validate import check_float, check_int, check_same_dtype
+from .._validate import check_float, check_int, check_integer, check_same_dtype
 from ._common import (
     check_reduction,
     check_temperature,
@@ -38,8 +38,7 @@ def teacher_topk(teacher_logits, k, *, temperature=1.0):
     """
     check_float("teacher_logits", teacher_logits, min_ndim=1)
     v = teacher_logits.shape[-1]
-    if isinstance(k, bool) or not isinstance(k, int | np.integer) or not 1 <= k <= v:
-        raise ValueError(f"k: expected an integer in [1, {v}] (the vocabulary size), got {k!r}")
+    k = check_integer("k", k, low=1, high=v)                           # at most the vocabulary size
     inv_t = 1.0 / check_temperature(temperature)
     u = teacher_logits.reshape(-1, v)                                   # (N, V)
     lp, _ = log_softmax_rows(u, inv_t)                                  # (N, V)

@@ -37,6 +37,7 @@ import time
 
 import numpy as np
 
+from .._validate import check_integer
 from ..model.transformer import init_params
 from ..rl.rollout import evaluate
 from ..rl.trainer import sft_train
@@ -90,8 +91,7 @@ def cot_ablation_run(steps=1000, seed=0, progress=True, cache_dir=None, *, direc
     """
     for name, v, low in (("steps", steps, 0), ("direct_steps", direct_steps, 0), ("n_train", n_train, 1),
                          ("eval_n", eval_n, 1), ("train_max_digits", train_max_digits, 1)):
-        if isinstance(v, bool) or not isinstance(v, int) or v < low:
-            raise ValueError(f"{name}: expected an int >= {low}, got {v!r}")
+        check_integer(name, v, low=low)
     eval_digits = tuple(int(d) for d in eval_digits)
     if not eval_digits or not all(1 <= d <= 7 for d in eval_digits):
         raise ValueError(f"eval_digits: expected lengths in 1..7 (128 positions), got {eval_digits!r}")

@@ -31,6 +31,7 @@ import time
 
 import numpy as np
 
+from .._validate import check_positive_int
 from ..rl.rewards import language_consistency_reward
 from ..rl.rollout import evaluate
 from ..rl.trainer import grpo_train
@@ -153,8 +154,7 @@ def language_seeds_run(steps=30, seeds=2, progress=True, cache_dir=None, *, base
     standard error ``<name>_se`` (sample std / √seeds; the cost's from the paired per-seed
     differences); ``per_seed`` (the :func:`language_run` records); ``seconds``; ``cached``.
     """
-    if isinstance(seeds, bool) or not isinstance(seeds, int) or seeds < 1:
-        raise ValueError(f"seeds: expected an int >= 1, got {seeds!r}")
+    check_positive_int("seeds", seeds)
     runs = [language_run(steps, s, progress, cache_dir, base_steps=base_steps, base_seed=0, **kwargs)
             for s in range(seeds)]
     out = {}

@@ -56,6 +56,7 @@ import time
 
 import numpy as np
 
+from .._validate import check_positive_int
 from ..rl import evaluate, format_reward, grpo_train, language_consistency_reward, rejection_sample, sft_train
 from ..tasks import MixedArithmeticTask, format_completion, make_dataset, reference_completion
 from ..tasks.mixed import column_steps
@@ -203,8 +204,7 @@ def r1_stages_run(steps=40, seeds=3, progress=True, cache_dir=None, *, steps_rl1
     (the records of :func:`r1_stages_seed`); ``seconds`` (compute of the base and the runs, cached
     or not); ``cached`` (all seeds loaded).
     """
-    if isinstance(seeds, bool) or not isinstance(seeds, int) or seeds < 1:
-        raise ValueError(f"seeds: expected an int >= 1, got {seeds!r}")
+    check_positive_int("seeds", seeds)
     if not (isinstance(steps_rl1, int) and isinstance(steps, int) and 0 <= steps_rl1 <= steps):
         raise ValueError(f"steps_rl1: expected an int in 0..steps={steps}, got {steps_rl1!r}")
     per_seed = [r1_stages_seed(s, progress, cache_dir, steps=steps, steps_rl1=steps_rl1, base_steps=base_steps,

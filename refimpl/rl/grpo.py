@@ -66,7 +66,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from .._validate import check_float, check_int, check_same_dtype
+from .._validate import check_float, check_int, check_real, check_same_dtype
 from .logprobs import logps_entropy_backward, logps_entropy_forward
 from .loss_types import LOSS_TABLE, get_loss_type, loss_options
 
@@ -90,11 +90,7 @@ def _check_mask(mask, shape) -> np.ndarray:
 def _check_scalar(name, x, *, low=0.0, allow_none=False, strict=False):
     if x is None and allow_none:
         return None
-    if isinstance(x, bool) or not isinstance(x, int | float | np.integer | np.floating):
-        raise TypeError(f"{name}: expected a float, got {type(x).__name__}")
-    if not np.isfinite(x) or (x <= low if strict else x < low):
-        raise ValueError(f"{name}: expected a finite value {'>' if strict else '>='} {low}, got {x}")
-    return float(x)
+    return check_real(name, x, low=low, low_open=strict)
 
 
 def _kl(estimator, logps, ref, m):

@@ -27,6 +27,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from .._tables import entry_options, register_entry, table_entry
+from .._validate import check_integer, check_positive_real
 
 
 @dataclass(frozen=True)
@@ -65,10 +66,7 @@ def constant_weights(m, max_completion_length=None, num_items_in_batch=None):
     B, T = m.shape
     if max_completion_length is None:
         raise ValueError("max_completion_length: required for loss_type='dr_grpo' (normaliser B * L_max)")
-    if isinstance(max_completion_length, bool) or not isinstance(max_completion_length, int | np.integer) \
-            or max_completion_length < max(T, 1):
-        raise ValueError(f"max_completion_length: expected an int >= the completion length T={T}, "
-                         f"got {max_completion_length!r}")
+    check_integer("max_completion_length", max_completion_length, low=max(T, 1))   # >= the completion length T
     mf = m.astype(np.float64)                                           # (B, T)
     norm = float(B * max_completion_length)
     return mf / norm, norm                                              # (B, T)
@@ -164,9 +162,5 @@ def loss_options(name, options=None) -> dict:
     """The entry's options with ``options`` applied: unknown names raise, values must be finite > 0."""
     out = entry_options(get_loss_type(name).options, options, "loss_options", f"loss_type={name!r}")
     for key, x in out.items():
-        if isinstance(x, bool) or not isinstance(x, int | float | np.integer | np.floating):
-            raise TypeError(f"{key}: expected a float, got {type(x).__name__}")
-        if not np.isfinite(x) or x <= 0:
-            raise ValueError(f"{key}: expected a finite value > 0, got {x!r}")
-        out[key] = float(x)
+        out[key] = check_positive_real(key, x)
     return out

@@ -40,7 +40,7 @@ from typing import NamedTuple
 
 import numpy as np
 
-from .._validate import check_float
+from .._validate import check_float, check_real
 from ..model.generate import top_p_mask
 from ..model.transformer import model_forward
 from ..moe.gating import GROUP_SCORE, select_experts
@@ -66,9 +66,8 @@ def check_stable_options(gc):
         if not isinstance(getattr(gc, name), bool):
             raise ValueError(f"{name}: expected a bool, got {getattr(gc, name)!r}")
     d = gc.off_policy_mask_threshold
-    if d is not None and (isinstance(d, bool) or not isinstance(d, int | float | np.integer | np.floating)
-                          or not np.isfinite(d) or d < 0):
-        raise ValueError(f"off_policy_mask_threshold: expected None or a finite number >= 0, got {d!r}")
+    if d is not None:
+        check_real("off_policy_mask_threshold", d, low=0.0)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -134,9 +133,7 @@ def off_policy_sequence_mask(advantages, logps, sampling_logps, mask, threshold)
     if m.shape != (B, T):
         raise ValueError(f"mask: expected shape {(B, T)} to match logps, got {m.shape}")
     m = m.astype(bool)
-    if isinstance(threshold, bool) or not isinstance(threshold, int | float | np.integer | np.floating) \
-            or not np.isfinite(threshold):
-        raise ValueError(f"threshold: expected a finite number, got {threshold!r}")
+    threshold = check_real("threshold", threshold)
     diff = np.where(m, sampling_logps.astype(np.float64) - logps, 0.0)  # (B, T) log(pi_old / pi)
     div = diff.sum(axis=1) / np.maximum(m.sum(axis=1), 1)               # (B,)
     A = advantages[:, None] if advantages.ndim == 1 else advantages     # (B, 1) or (B, T)

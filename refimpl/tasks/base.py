@@ -22,6 +22,8 @@ from typing import NamedTuple, Protocol
 
 import numpy as np
 
+from .._validate import check_integer
+
 EVAL_SEED = 20250122  # fixed: the held-out sets must not change between runs or versions
 EVAL_SIZE = 256
 
@@ -62,8 +64,7 @@ def make_dataset(task: Task, n: int, rng, *, exclude_eval=True, unique=True) -> 
     Raises ValueError if the task cannot supply ``n`` distinct prompts in a reasonable number of draws.
     """
     rng = check_rng(rng)
-    if isinstance(n, bool) or not isinstance(n, int | np.integer) or n < 0:
-        raise ValueError(f"n: expected an int >= 0, got {n!r}")
+    n = check_integer("n", n, low=0)
     banned = {e.prompt for e in eval_set(task)} if exclude_eval else set()
     out, seen = [], set()
     for _ in range(50 * n + 100):

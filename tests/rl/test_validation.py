@@ -39,7 +39,7 @@ def call(**over):
     (dict(delta=0.0), ValueError, "delta"),
     (dict(loss_type="dr_grpo"), ValueError, "max_completion_length: required"),
     (dict(loss_type="dr_grpo", max_completion_length=T - 1), ValueError, "max_completion_length"),
-    (dict(loss_type="dr_grpo", max_completion_length=4.0), ValueError, "max_completion_length"),
+    (dict(loss_type="dr_grpo", max_completion_length=4.0), TypeError, "max_completion_length"),
     (dict(num_items_in_batch=-1), ValueError, "num_items_in_batch"),
     (dict(loss_type="sapo", sapo_temperature_neg=0.0), ValueError, "sapo_temperature_neg"),
 ])
