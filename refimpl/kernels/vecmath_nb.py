@@ -47,6 +47,8 @@ C5 = np.float32(0.00836871)
 C6 = np.float32(0.0013814613)
 X_LO = np.float32(-104.0)                       # exp(-104) < 2^-150: rounds to 0
 X_HI = np.float32(89.0)                         # exp(89) > 2^128: overflows to inf
+ROUND = np.float32(12582912.0)                  # 1.5 * 2^23: y + ROUND rounds y to an integer
+ROUND_BITS = np.int32(0x4B400000)               # ... whose value is the low bits of the sum
 
 
 @intrinsic
@@ -66,6 +68,16 @@ def float32_to_bits(typingctx, x):
 
     def codegen(context, builder, signature, args):
         return builder.bitcast(args[0], ir.IntType(32))
+    return sig, codegen
+
+
+@intrinsic
+def fma32(typingctx, a, b, c):
+    """``a * b + c`` rounded once (``llvm.fma.f32``: one vfmadd where the CPU has FMA, else libm)."""
+    sig = types.float32(types.float32, types.float32, types.float32)
+
+    def codegen(context, builder, signature, args):
+        return builder.fma(*args)
     return sig, codegen
 
 
@@ -104,18 +116,19 @@ def _fast_max_impl(x):
 @njit(cache=True, fastmath=False)
 def exp32(x):
     """``exp(x)`` for a float32 ``x``, within 2 ulp, branch-free (see the module docstring)."""
-    xc = x if x > X_LO else X_LO
-    xc = xc if xc < X_HI else X_HI
-    kf = np.floor(xc * LOG2E + np.float32(0.5))
-    r = (xc - kf * LN2_HI) - kf * LN2_LO
-    q = C2 + r * (C3 + r * (C4 + r * (C5 + r * C6)))
-    p = np.float32(1.0) + (r + r * r * q)
-    k = np.int32(kf)
+    xc = X_LO if X_LO > x else x                # max(x, X_LO) and min(.., X_HI) written so that
+    xc = X_HI if X_HI < xc else xc              # a NaN passes through (x86 maxps/minps order)
+    t = fma32(xc, LOG2E, ROUND)                 # k = round(x log2 e) sits in t's low mantissa bits
+    kf = t - ROUND
+    r = fma32(kf, -LN2_HI, xc)                  # exact (Cody and Waite)
+    r = fma32(kf, -LN2_LO, r)
+    q = fma32(fma32(fma32(fma32(C6, r, C5), r, C4), r, C3), r, C2)
+    p = np.float32(1.0) + fma32(r * r, q, r)
+    k = float32_to_bits(t) - ROUND_BITS
     k1 = k >> 1
     s1 = bits_to_float32((k1 + np.int32(127)) << 23)
     s2 = bits_to_float32((k - k1 + np.int32(127)) << 23)
-    y = (p * s1) * s2
-    return y if x == x else x                   # NaN in, NaN out
+    return (p * s1) * s2                        # NaN in: p is NaN, so the result is NaN
 
 
 def fast_exp(x):
