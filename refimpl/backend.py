@@ -8,8 +8,27 @@ Every function with a Numba twin takes ``backend=`` with one of:
 
 ``None`` means "use the default": the ``REFIMPL_BACKEND`` environment variable if set, else
 ``"auto"``. ``"auto"`` also falls back to numpy when the caller says the problem is small
-(``work`` below :data:`AUTO_MIN_WORK` elements): a parallel kernel's thread start-up costs more
-than NumPy's whole computation on a tiny input.
+(``work`` below :data:`AUTO_MIN_WORK` elements): a kernel call's fixed cost (argument unboxing,
+thread wake-up) can exceed NumPy's whole computation on a tiny input.
+
+How the threshold was chosen: the crossover was measured with the twins of the two hot loops that
+see the smallest inputs, the cross-entropy forward (rows of up to 1024 logits) and MoE plan +
+dispatch + combine + their backwards (D = 64, E = 16, K = 4), at 2 threads on the shared 2-core
+development machine (load ~7, best of 40 calls each, speed-up of the twin over NumPy):
+
+=============  ==============  ====================
+work           cross-entropy   MoE dispatch/combine
+=============  ==============  ====================
+2^10 elements  1.28x           0.97x
+2^12           1.04x           2.11x
+2^14           1.19x           2.34x
+2^16           1.63x           3.82x
+2^20           2.51x           > 5x
+=============  ==============  ====================
+
+The MoE twins lose below ~2^11 elements and the cross-entropy's margin is thin at 2^12 (an earlier
+run, before the MoE kernels went serial below :data:`refimpl.kernels.moe_nb.PARALLEL_MIN_WORK`,
+lost at 2^12), so the threshold is 2^14: the smallest measured size where every twin won clearly.
 
 Nothing is imported or compiled until a twin is first called: ``import refimpl`` never touches
 numba, and each kernel compiles on first use with ``cache=True`` so later processes load
@@ -74,12 +93,8 @@ def openmp_loaded() -> bool:
 #: the wait policy and the environment had none: numba's workers may then spin (see the policy).
 OMP_LATE = "OMP_WAIT_POLICY" not in os.environ and openmp_loaded()
 os.environ.setdefault("OMP_WAIT_POLICY", OMP_WAIT_POLICY)
-#: Below this many elements of work, ``"auto"`` picks numpy. Chosen by measurement (2 threads,
-#: shared 2-core machine, best of 30 calls, float32): the fused cross-entropy twin beat NumPy at
-#: every size tried (1.4x at 1k elements, 1.1x at 512k); MoE dispatch + combine lost at 4k elements
-#: (0.85x) and won from 16k (1.2x; 1.4x at 64k). 64k elements is the smallest power of two with
-#: a margin over the worst measured crossover.
-AUTO_MIN_WORK = 1 << 16
+#: Below this many elements of work, ``"auto"`` picks numpy (the crossover table in the module docstring).
+AUTO_MIN_WORK = 1 << 14
 
 
 @cache
