@@ -14,9 +14,6 @@ pytest.importorskip("numba")
 from refimpl import distill  # noqa: E402
 from refimpl.kernels.cross_entropy_nb import BLOCK  # noqa: E402
 from refimpl.testing import strategies as rst  # noqa: E402
-from refimpl.testing import tol  # noqa: E402
-
-EQ32 = tol("equiv32")
 
 
 @st.composite
@@ -43,12 +40,19 @@ def test_gjsd_rows32_matches_numpy(data, beta, temperature):
     got = distill.fused_linear_jsd(zs, eye, labels, backend="numba", **kw)
     for g in got:
         assert g.dtype == np.float32 and np.isfinite(g).all()
-    # the loss and dh = dZ I (exact) check the kernel itself: both sides compute per element in float32
-    # (the twin with <= 2 ulp exp32/log32, NumPy with its own SIMD exp/log)
-    for g, w in zip(got[:2], want[:2], strict=True):
-        np.testing.assert_allclose(g, w, rtol=EQ32["rtol"], atol=EQ32["atol"] * max(1.0, np.abs(w).max()))
+    # The loss and dh = dZ I (exact) check the kernel itself, against the float64 computation: both
+    # backends compute per element in float32 (the twin with <= 2 ulp exp32/log32, NumPy with its own
+    # SIMD exp/log), and over 300 draws both were off float64 by up to ~3e-5 of the largest entry
+    # (reverse KL at tau = 0.7 with logits ~ 40/0.7: NumPy 1.6e-5, the twin 2.7e-5). equiv32 (2e-5)
+    # is below that error of float32 itself, so the bound here is 1e-4 of the scale, both sides.
+    eye64 = np.eye(zs.shape[1])
+    ref = distill.fused_linear_jsd(zs.astype(np.float64), eye64, labels, backend="numpy",
+                                   **{**kw, "teacher_hidden": zt.astype(np.float64), "teacher_weight": eye64})
+    for out in (got, want):
+        for g, r in zip(out[:2], ref[:2], strict=True):
+            np.testing.assert_allclose(g, r, rtol=1e-4, atol=1e-4 * max(1.0, np.abs(r).max()))
     # dW = dZ^T h is a GEMM after the kernel: it multiplies dZ's float32 rounding by |h| (the logits
-    # themselves here, up to ~100), so its absolute part is 100x the kernel's, as in tests/distill
-    np.testing.assert_allclose(got[2], want[2], rtol=1e-4, atol=1e-4 * max(1.0, np.abs(want[2]).max()))
+    # themselves here, up to ~100): 1e-3 of the scale (10x the kernel's bound) held over 300+ draws
+    np.testing.assert_allclose(got[2], want[2], rtol=1e-4, atol=1e-3 * max(1.0, np.abs(want[2]).max()))
     dh = got[1]
     assert not dh[labels == -100].any()                                  # masked rows: no gradient
