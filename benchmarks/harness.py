@@ -21,27 +21,34 @@ check that the variants agree. The runner (:func:`run_case`)
    measured rather than as a wrong number), and per call the process's user and system CPU time
    and minor page faults (system time is where first-touch faults on fresh temporaries go).
 
-All variants run under the same thread count (:func:`thread_limits` sets numba's and torch's, and
-the BLAS pools' when threadpoolctl is installed; otherwise ``benchmarks.run`` sets the BLAS
-environment variables before NumPy is imported).
+All variants run under the same thread count (:func:`benchmarks.machine.thread_limits` sets numba's
+and torch's, and the BLAS pools' when threadpoolctl is installed; otherwise ``benchmarks.run`` sets
+the BLAS environment variables before NumPy is imported). Machine measurements (GEMM peak, thread
+limits, machine information) live in :mod:`benchmarks.machine`, the bandwidth in
+:mod:`benchmarks.bandwidth`.
 """
 
 from __future__ import annotations
 
 import gc
 import math
-import os
-import platform
 import statistics
-import sys
 import time
 import tracemalloc
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
+
+from .machine import (  # noqa: F401  (re-exported: the runner and the bench modules use them from here)
+    BLAS_ENV_VARS,
+    gemm_peak,
+    import_torch,
+    machine_info,
+    thread_limits,
+    torch_gemm_peak,
+)
 
 # Canonical variant names. Other names are allowed (e.g. "refimpl-numpy-chunked") with an explicit kind.
 NUMPY, NUMBA, TORCH = "refimpl-numpy", "refimpl-numba", "torch"
@@ -49,7 +56,6 @@ KINDS = {NUMPY: "numpy", NUMBA: "numba", TORCH: "torch"}
 # (a, b): the ratio "a vs b" is time(b) / time(a), i.e. the speed-up of a over b (> 1: a is faster).
 RATIO_PAIRS = ((NUMBA, NUMPY), (NUMBA, TORCH), (NUMPY, TORCH))
 MEMORY_NOTE = "not measured: tracemalloc does not see numba (NRT) or torch allocations"
-BLAS_ENV_VARS = ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS")
 
 
 class MismatchError(AssertionError):
@@ -142,15 +148,6 @@ REGISTRY = Registry()
 register = REGISTRY.register
 
 
-def import_torch():
-    """``torch`` if it imports, else None (torch variants are then skipped, not failed)."""
-    try:
-        import torch
-    except ImportError:
-        return None
-    return torch
-
-
 # ----------------------------------------------------------------------------------------------
 # Numerical agreement
 # ----------------------------------------------------------------------------------------------
@@ -200,142 +197,6 @@ def assert_outputs_close(outputs: dict[str, Any], *, reference: str = NUMPY, rto
                     f"{name} {label} disagrees with {reference}: {int(bad.sum())} of {r.size} elements "
                     f"out of tolerance (rtol={rtol}, atol={atol_scale}*max|ref|={atol_scale * scale:.3g}); "
                     f"worst at {tuple(int(j) for j in i)}: {x64[i]!r} vs {r64[i]!r}")
-
-
-# ----------------------------------------------------------------------------------------------
-# Threads and machine information
-# ----------------------------------------------------------------------------------------------
-
-def _blas_info() -> dict:
-    info: dict[str, Any] = {}
-    try:
-        blas = np.show_config(mode="dicts")["Build Dependencies"]["blas"]
-        info["numpy_blas"] = {k: blas.get(k) for k in ("name", "version", "openblas configuration")
-                              if blas.get(k) is not None}
-    except Exception as e:  # noqa: BLE001 - numpy's config layout is not a stable API
-        info["numpy_blas"] = f"unavailable ({type(e).__name__})"
-    info["env"] = {k: os.environ.get(k) for k in BLAS_ENV_VARS}
-    return info
-
-
-@contextmanager
-def thread_limits(n: int) -> Iterator[dict]:
-    """Run numba, torch and (with threadpoolctl) BLAS with ``n`` threads; restore them after.
-
-    Yields a dict recording what was set. Without threadpoolctl the BLAS pools cannot be changed
-    once NumPy is loaded, so the dict says so and shows the environment variables.
-    """
-    info: dict[str, Any] = {"threads": n}
-    restore: list[Callable[[], None]] = []
-    try:
-        try:
-            import numba
-        except ImportError:
-            info["numba"] = "not installed"
-        else:
-            if n > numba.config.NUMBA_NUM_THREADS:
-                raise ValueError(f"threads: {n} exceeds numba's pool size NUMBA_NUM_THREADS="
-                                 f"{numba.config.NUMBA_NUM_THREADS}")
-            old = numba.get_num_threads()
-            numba.set_num_threads(n)
-            restore.append(lambda: numba.set_num_threads(old))
-            info["numba"] = numba.get_num_threads()
-        torch = import_torch()
-        if torch is None:
-            info["torch"] = "not installed"
-        else:
-            old_t = torch.get_num_threads()
-            torch.set_num_threads(n)
-            restore.append(lambda: torch.set_num_threads(old_t))
-            info["torch"] = torch.get_num_threads()
-        info["blas"] = _blas_info()
-        try:
-            from threadpoolctl import threadpool_info, threadpool_limits
-        except ImportError:
-            info["blas"]["threadpoolctl"] = ("not installed: BLAS threads not set in-process; "
-                                             "see env (set before NumPy import by benchmarks.run)")
-        else:
-            limiter = threadpool_limits(limits=n)
-            restore.append(limiter.restore_original_limits)
-            info["blas"]["threadpoolctl"] = [
-                {k: p.get(k) for k in ("user_api", "internal_api", "version", "num_threads",
-                                       "threading_layer", "filepath")} for p in threadpool_info()]
-        yield info
-    finally:
-        for undo in reversed(restore):
-            undo()
-
-
-def _cpu_model() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
-def machine_info() -> dict:
-    """CPU, library versions and load -- everything needed to read the numbers later."""
-    def version(mod):
-        try:
-            return __import__(mod).__version__
-        except ImportError:
-            return None
-    info = {
-        "cpu": _cpu_model(),
-        "cpu_count": os.cpu_count(),
-        "cpu_affinity": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None,
-        "platform": platform.platform(),
-        "python": sys.version.split()[0],
-        "numpy": np.__version__,
-        "numba": version("numba"),
-        "torch": version("torch"),
-        "loadavg": list(os.getloadavg()) if hasattr(os, "getloadavg") else None,
-        "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-    }
-    return info
-
-
-# ----------------------------------------------------------------------------------------------
-# Timing
-# ----------------------------------------------------------------------------------------------
-
-def gemm_peak(n: int = 2048, repeats: int = 7, dtype=np.float32) -> dict:
-    """Best-of-``repeats`` GFLOP/s of NumPy's ``a @ b`` for (n, n) matrices (2 n^3 FLOPs)."""
-    rng = np.random.default_rng(0)
-    a = rng.standard_normal((n, n), dtype=dtype)
-    b = rng.standard_normal((n, n), dtype=dtype)
-    c = np.empty((n, n), dtype=dtype)
-    np.matmul(a, b, out=c)                                          # warm-up (thread pool start)
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        np.matmul(a, b, out=c)
-        times.append(time.perf_counter() - t0)
-    flops = 2.0 * n**3
-    return {"n": n, "dtype": np.dtype(dtype).name, "repeats": repeats, "best_s": min(times),
-            "gflops": flops / min(times) / 1e9, "median_gflops": flops / statistics.median(times) / 1e9}
-
-
-def torch_gemm_peak(n: int = 2048, repeats: int = 7) -> dict | None:
-    """The same with ``torch.mm`` (for information: torch's BLAS may differ from NumPy's)."""
-    torch = import_torch()
-    if torch is None:
-        return None
-    g = torch.Generator().manual_seed(0)
-    a = torch.randn(n, n, generator=g)
-    b = torch.randn(n, n, generator=g)
-    c = torch.empty(n, n)
-    torch.mm(a, b, out=c)
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        torch.mm(a, b, out=c)
-        times.append(time.perf_counter() - t0)
-    return {"n": n, "repeats": repeats, "best_s": min(times), "gflops": 2.0 * n**3 / min(times) / 1e9}
 
 
 def numba_dispatchers(module) -> tuple:

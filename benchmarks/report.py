@@ -32,7 +32,8 @@ def render_markdown(results: dict) -> str:
     tpc = blas.get("threadpoolctl")
     tpc_s = "threadpoolctl limits applied" if isinstance(tpc, list) else f"env {blas.get('env')}"
     lines.append(f"- Threads: {th['threads']} for all variants (numba {th.get('numba')}, threading layer "
-                 f"{m.get('numba_threading_layer')}; torch {th.get('torch')}; BLAS: {tpc_s})")
+                 f"{m.get('numba_threading_layer')}, OMP_WAIT_POLICY "
+                 f"{(m.get('openmp') or {}).get('OMP_WAIT_POLICY')}; torch {th.get('torch')}; BLAS: {tpc_s})")
     if gp:
         lines.append(f"- float32 GEMM peak (NumPy, {gp['n']}x{gp['n']}, best of {gp['repeats']}): "
                      f"**{gp['gflops']:.1f} GFLOP/s**"

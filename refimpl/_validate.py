@@ -26,8 +26,14 @@ def check_float(name: str, x, *, ndim: int | None = None, min_ndim: int | None =
         raise ValueError(f"{name}: expected {ndim} dimensions, got shape {x.shape}")
     if min_ndim is not None and x.ndim < min_ndim:
         raise ValueError(f"{name}: expected at least {min_ndim} dimensions, got shape {x.shape}")
+    with np.errstate(over="ignore", invalid="ignore"):
+        total = np.sum(x) if x.size else 0.0
+    if x.size and np.isfinite(total):
+        return x                    # one pass: NaN and +-inf propagate through any sum, so all finite
     if x.size:
         # min/max propagate NaN, so two reductions check finiteness without an (x.shape) temporary
+        # (reached only when the sum is not finite: a non-finite element, or finite values that
+        # overflow the sum)
         hi, lo = x.max(), x.min()
         if allow_inf:
             if np.isnan(hi) or hi == np.inf:

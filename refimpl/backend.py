@@ -8,8 +8,27 @@ Every function with a Numba twin takes ``backend=`` with one of:
 
 ``None`` means "use the default": the ``REFIMPL_BACKEND`` environment variable if set, else
 ``"auto"``. ``"auto"`` also falls back to numpy when the caller says the problem is small
-(``work`` below :data:`AUTO_MIN_WORK` elements): a parallel kernel's thread start-up costs more
-than NumPy's whole computation on a tiny input.
+(``work`` below :data:`AUTO_MIN_WORK` elements): a kernel call's fixed cost (argument unboxing,
+thread wake-up) can exceed NumPy's whole computation on a tiny input.
+
+How the threshold was chosen: the crossover was measured with the twins of the two hot loops that
+see the smallest inputs, the cross-entropy forward (rows of up to 1024 logits) and MoE plan +
+dispatch + combine + their backwards (D = 64, E = 16, K = 4), at 2 threads on the shared 2-core
+development machine (load ~7, best of 40 calls each, speed-up of the twin over NumPy):
+
+=============  ==============  ====================
+work           cross-entropy   MoE dispatch/combine
+=============  ==============  ====================
+2^10 elements  1.28x           0.97x
+2^12           1.04x           2.11x
+2^14           1.19x           2.34x
+2^16           1.63x           3.82x
+2^20           2.51x           > 5x
+=============  ==============  ====================
+
+The MoE twins lose below ~2^11 elements and the cross-entropy's margin is thin at 2^12 (an earlier
+run, before the MoE kernels went serial below :data:`refimpl.kernels.moe_nb.PARALLEL_MIN_WORK`,
+lost at 2^12), so the threshold is 2^14: the smallest measured size where every twin won clearly.
 
 Nothing is imported or compiled until a twin is first called: ``import refimpl`` never touches
 numba, and each kernel compiles on first use with ``cache=True`` so later processes load
@@ -37,28 +56,45 @@ omp, ``passive``              59 ms        310-380 ms
 ``workqueue`` is as good but not safe to enter from two Python threads at once, so ``omp`` with
 the passive policy it is. threadpoolctl (limiting BLAS inside numba regions) does not address this:
 BLAS never runs inside a numba region, the contention is *between* them; it is not a dependency.
-The setting has to reach the OpenMP runtime before it starts, i.e. before numba's first parallel
-call *and* before ``import torch`` (torch ships a ``libgomp.so.1`` that numba then shares): import
-refimpl first, or set the variable in the environment. Thread counts themselves are left to
-``NUMBA_NUM_THREADS`` / ``numba.set_num_threads`` and the BLAS variables.
+The setting has to reach the OpenMP runtime when it is loaded: libgomp reads ``OMP_WAIT_POLICY``
+once, in its constructor. torch's CPU wheel and numba's ``omp`` layer load the same
+``libgomp.so.1`` (one copy mapped in a process importing both, measured), so after ``import torch``
+the policy is fixed, whatever refimpl sets later. Hence: import refimpl before torch, or export
+``OMP_WAIT_POLICY=passive``; the benchmark package sets it before any import
+(``benchmarks/__init__.py``). Nothing can change it in-process afterwards (there is no OpenMP call
+for it, and threadpoolctl sets thread counts only), so refimpl does the one useful thing: at import
+it notes whether an OpenMP runtime was already loaded with no policy set, and the first Numba
+kernel then warns (:data:`OMP_LATE`). Thread counts themselves are left to ``NUMBA_NUM_THREADS`` /
+``numba.set_num_threads`` and the BLAS variables.
 """
 
 from __future__ import annotations
 
 import importlib
 import os
+import warnings
 from functools import cache
 
 BACKENDS = ("auto", "numpy", "numba")
 #: OpenMP wait policy set at import unless the environment already has one (see "Threading policy").
 OMP_WAIT_POLICY = "passive"
+
+
+def openmp_loaded() -> bool:
+    """True if an OpenMP runtime (libgomp, libiomp, libomp) is mapped into this process (Linux only)."""
+    try:
+        with open("/proc/self/maps") as f:
+            return any("omp" in line.rsplit("/", 1)[-1] for line in f if "/" in line)
+    except OSError:
+        return False
+
+
+#: True when an OpenMP runtime was loaded (e.g. by ``import torch``) before this module could set
+#: the wait policy and the environment had none: numba's workers may then spin (see the policy).
+OMP_LATE = "OMP_WAIT_POLICY" not in os.environ and openmp_loaded()
 os.environ.setdefault("OMP_WAIT_POLICY", OMP_WAIT_POLICY)
-#: Below this many elements of work, ``"auto"`` picks numpy. Chosen by measurement (2 threads,
-#: shared 2-core machine, best of 30 calls, float32): the fused cross-entropy twin beat NumPy at
-#: every size tried (1.4x at 1k elements, 1.1x at 512k); MoE dispatch + combine lost at 4k elements
-#: (0.85x) and won from 16k (1.2x; 1.4x at 64k). 64k elements is the smallest power of two with
-#: a margin over the worst measured crossover.
-AUTO_MIN_WORK = 1 << 16
+#: Below this many elements of work, ``"auto"`` picks numpy (the crossover table in the module docstring).
+AUTO_MIN_WORK = 1 << 14
 
 
 @cache
@@ -94,4 +130,13 @@ def resolve_backend(backend: str | None = None, work: int | None = None) -> str:
 
 def kernel(module: str):
     """Import ``refimpl.kernels.<module>`` on demand (this is when numba is first imported)."""
+    if OMP_LATE:
+        _warn_omp_late()
     return importlib.import_module(f"refimpl.kernels.{module}")
+
+
+@cache
+def _warn_omp_late() -> None:
+    warnings.warn("an OpenMP runtime (e.g. torch's libgomp) was loaded before refimpl could set "
+                  "OMP_WAIT_POLICY=passive: numba's parallel workers may spin against BLAS. Import refimpl "
+                  "before torch, or export OMP_WAIT_POLICY=passive.", RuntimeWarning, stacklevel=3)

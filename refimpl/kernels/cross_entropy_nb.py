@@ -5,10 +5,12 @@ Every loss over a large vocabulary in refimpl reduces to three row kernels, used
 of :mod:`refimpl.distill.fused` (cross-entropy and GRPO log-probs at a temperature ``tau``,
 ``inv_t = 1 / tau``):
 
-* :func:`logp_rows` -- the forward: per row the maximum and ``log sum_j exp((z_j - max) inv_t)``
-  by an *online* log-sum-exp over cache-sized blocks of the row (block maximum, then the
-  running sum rescaled by ``exp(old max - new max)`` when the maximum grows), so the row is read
-  from memory once; and the target's log-prob;
+* :func:`logp_rows` -- the forward: per row a shift ``c`` and ``log sum_j exp((z_j - c) inv_t)``
+  by an *online* log-sum-exp over cache-sized blocks of the row, read from memory once: the
+  shift is the first block's maximum and moves to a later block's maximum (the running sum
+  rescaled by ``exp((old - new) inv_t)``) only when that block's shifted sum grows past
+  :data:`BIG`, so most blocks cost one vectorised pass of exponentials and no maximum; and the
+  target's log-prob;
 * :func:`ce_grad_rows` -- the backward: ``row_scale * inv_t * (softmax(z inv_t) - onehot)``;
 * :func:`ce_loss_grad_rows` -- both in one sweep (the second read of a row comes from cache), for
   callers that need the loss and its gradient at once.
@@ -26,8 +28,10 @@ from __future__ import annotations
 
 import numpy as np
 from numba import njit, prange
+from numba.core import types
+from numba.extending import overload
 
-from .vecmath_nb import cast_like, fast_exp, fast_max
+from .vecmath_nb import cast_like, exp32, fast_max
 
 #: Elements per block of the online log-sum-exp: 4 KiB of float32, well inside L1.
 BLOCK = 1024
@@ -37,53 +41,124 @@ BLOCK = 1024
 REDUCE = {"reassoc", "contract", "arcp", "nsz"}
 
 
+#: A block whose shifted exponentials sum past this moves the shift to the block's maximum: so
+#: the shift stays within log(BIG) ~ 14 of every maximum seen, and float32 terms cannot overflow.
+BIG = 2.0 ** 20
+
+
 @njit(cache=True, fastmath=REDUCE)
-def sumexp(x, shift, scale):
-    """sum_j exp((x[j] - shift) * scale) over a 1-D block, in x's dtype (shift and scale too).
+def sumexp32(x, shift, scale):
+    """sum_j exp32((x[j] - shift) * scale) over a 1-D float32 block, in float32 vector lanes.
 
     Blocks are passed as 1-D views indexed from 0: with an index of unknown sign numba adds
     negative-index wraparound to every access, which stops the loop from vectorising (3x slower).
+    ``scale == 1`` (plain cross-entropy) has its own loop without the multiply.
     """
-    acc = cast_like(shift, 0.0)
-    for j in range(x.shape[0]):
-        acc += fast_exp((x[j] - shift) * scale)
+    acc = np.float32(0.0)
+    if scale == np.float32(1.0):
+        for j in range(x.shape[0]):
+            acc += exp32(x[j] - shift)
+    else:
+        for j in range(x.shape[0]):
+            acc += exp32((x[j] - shift) * scale)
     return acc
+
+
+@njit(cache=True, fastmath=REDUCE)
+def sumexp64(x, shift, scale):
+    """sum_j exp((x[j] - shift) * scale) over a 1-D float64 block (libm exp)."""
+    acc = 0.0
+    for j in range(x.shape[0]):
+        acc += np.exp((x[j] - shift) * scale)
+    return acc
+
+
+def sumexp(x, shift, scale):
+    """sum_j exp((x[j] - shift) * scale) over a 1-D block, in x's dtype (shift and scale too)."""
+    return np.sum(np.exp((x - shift) * scale))
+
+
+@overload(sumexp, jit_options={"cache": True})
+def _sumexp_impl(x, shift, scale):
+    if x.dtype == types.float32:
+        return lambda x, shift, scale: sumexp32(x, shift, scale)
+    return lambda x, shift, scale: sumexp64(x, shift, scale)
 
 
 @njit(cache=True)
 def row_logsumexp(z, i, inv_t):
-    """(m, log_s) for row i, float64: max_j z[i, j] and log sum_j exp((z[i, j] - m) * inv_t)."""
+    """(c, log_s) for row i, float64: a shift c and log sum_j exp((z[i, j] - c) * inv_t).
+
+    One read of the row: the shift starts at the first block's maximum and moves to a block's
+    maximum only when that block's shifted sum exceeds :data:`BIG` (or is inf/NaN); the running
+    sum is then rescaled by ``exp((old - new) * inv_t)``. ``c`` is an element of the row and within
+    ``log(BIG) / inv_t`` of its maximum, so ``exp((z - c) * inv_t - log_s)`` is the softmax without
+    overflow; most blocks need no maximum at all (that pass cost a quarter of the forward).
+    """
     v = z.shape[1]
     scale = cast_like(z[i, 0], inv_t)
-    m = -np.inf
+    c = np.float64(fast_max(z[i, 0:min(BLOCK, v)]))
     s = 0.0
     for b0 in range(0, v, BLOCK):
         x = z[i, b0:min(b0 + BLOCK, v)]
-        mb = np.float64(fast_max(x))
-        if mb > m:                                  # rescale the running sum to the new maximum
-            s *= np.exp((m - mb) * inv_t)
-            m = mb
-        shift = cast_like(z[i, 0], m if m > -np.inf else 0.0)
-        s += np.float64(sumexp(x, shift, scale))
-    return m, np.log(s)
+        shift = cast_like(z[i, 0], c if c > -np.inf else 0.0)
+        bs = np.float64(sumexp(x, shift, scale))
+        if not bs < BIG or c == -np.inf:            # rare: redo the block from its own maximum
+            mb = np.float64(fast_max(x))
+            if mb > c:
+                s *= np.exp((c - mb) * inv_t)
+                c = mb
+                bs = np.float64(sumexp(x, cast_like(z[i, 0], c), scale))
+        s += bs
+    return c, np.log(s)
+
+
+@njit(cache=True)
+def grad32(x, o, m, l, c, s):
+    """o[j] = c * exp32((x[j] - m) * s - l) over a float32 row (no multiply when s == 1)."""
+    if s == np.float32(1.0):
+        for j in range(x.shape[0]):
+            o[j] = c * exp32((x[j] - m) - l)
+    else:
+        for j in range(x.shape[0]):
+            o[j] = c * exp32((x[j] - m) * s - l)
+
+
+@njit(cache=True)
+def grad64(x, o, m, l, c, s):
+    """o[j] = c * exp((x[j] - m) * s - l) over a float64 row (libm exp)."""
+    for j in range(x.shape[0]):
+        o[j] = c * np.exp((x[j] - m) * s - l)
+
+
+def grad_row(x, o, m, l, c, s):
+    """o = c * exp((x - m) * s - l) for one row, in x's dtype."""
+    o[:] = c * np.exp((x - m) * s - l)
+
+
+@overload(grad_row, jit_options={"cache": True})
+def _grad_row_impl(x, o, m, l, c, s):
+    if x.dtype == types.float32:
+        return lambda x, o, m, l, c, s: grad32(x, o, m, l, c, s)
+    return lambda x, o, m, l, c, s: grad64(x, o, m, l, c, s)
 
 
 @njit(cache=True)
 def row_grad(z, i, t, m, log_s, c, inv_t, out):
     """out[i, j] = c * (exp((z[i, j] - m) * inv_t - log_s) - [j == t]), in z's dtype."""
     x, o = z[i], out[i]
-    mf, lf, cf, sf = cast_like(x[0], m), cast_like(x[0], log_s), cast_like(x[0], c), cast_like(x[0], inv_t)
-    for j in range(x.shape[0]):
-        o[j] = cf * fast_exp((x[j] - mf) * sf - lf)
-    o[t] -= cf
+    grad_row(x, o, cast_like(x[0], m), cast_like(x[0], log_s), cast_like(x[0], c), cast_like(x[0], inv_t))
+    o[t] -= cast_like(x[0], c)
 
 
 @njit(cache=True, parallel=True)
 def logp_rows(z, tokens, inv_t, ignore_index):
-    """log softmax(z / tau)[token] (C,) float64 (0 where ignored), with the row max and log-sum (C,).
+    """log softmax(z / tau)[token] (C,) float64 (0 where ignored), with each row's shift and log-sum (C,).
 
     Twin of ``refimpl.distill.fused._logp_rows``; the cross-entropy loss is ``-logp`` and the
-    log-sum-exp ``rowmax * inv_t + logsum``.
+    log-sum-exp ``rowmax * inv_t + logsum``. ``rowmax`` is the shift of :func:`row_logsumexp` (an
+    element of the row within ``log(BIG) / inv_t`` of its maximum; the NumPy twin returns the maximum
+    itself): any shift gives the same log-sum-exp.
     """
     n = z.shape[0]
     logp = np.zeros(n)

@@ -1,12 +1,13 @@
 """Numba twins of the per-chunk softmax + loss + gradient passes of :mod:`refimpl.distill.fused`.
 
 Each kernel takes one chunk of logits (C, V), C-contiguous, and walks every row a few times:
-maximum, sum of exponentials, then one pass that produces the loss and the gradient with respect to
-the logits in place of the (C, V) temporaries the NumPy reference allocates (log q, q, log p, p,
-log M, ...). Rows run in parallel with ``prange``; all arithmetic is float64 whatever the input
-dtype (outputs are cast back), so float32 results are at least as accurate as the NumPy
-reference's. ``fastmath`` is off. Signatures mirror the NumPy ``_*_rows`` functions in
-:mod:`refimpl.distill.fused`.
+log-sum-exp, then one pass that produces the loss and the gradient with respect to the logits in
+place of the (C, V) temporaries the NumPy reference allocates (log q, q, log p, p, log M, ...).
+Rows run in parallel with ``prange``. float32 rows compute per element in float32 like the NumPy
+reference, with the vectorised :func:`~refimpl.kernels.vecmath_nb.exp32` and
+:func:`~refimpl.kernels.vecmath_nb.log32` (<= 2 ulp) and float64 accumulation of block sums;
+float64 rows use float64 and libm. ``fastmath`` is off except the reassociation flags on the block
+sums. Signatures mirror the NumPy ``_*_rows`` functions in :mod:`refimpl.distill.fused`.
 """
 
 from __future__ import annotations
@@ -14,14 +15,110 @@ from __future__ import annotations
 import numpy as np
 from numba import njit, prange
 
-from .cross_entropy_nb import ce_grad_rows, ce_loss_grad_rows, logp_rows
+from .cross_entropy_nb import BLOCK, REDUCE, ce_grad_rows, ce_loss_grad_rows, logp_rows, row_logsumexp
+from .vecmath_nb import exp32, log32
 
-__all__ = ["gjsd_rows", "ce_rows", "logp_rows", "logp_grad_rows"]
+__all__ = ["gjsd_rows", "gjsd_rows32", "gjsd_rows64", "ce_rows", "logp_rows", "logp_grad_rows"]
+
+
+def gjsd_rows(zs, zt, valid, row_scale, beta, inv_t):
+    """Generalized JSD rows: loss (C,) float64 and d(sum_i row_scale[i] * loss_i)/dzs (C, V).
+
+    ``beta`` 0 / 1 are forward / reverse KL exactly as in
+    :func:`refimpl.distill.losses.gjsd_terms`; rows with ``valid[i] == False`` give 0 and 0.
+    float32 logits go to :func:`gjsd_rows32` (vectorised float32 exp/log, as the NumPy reference
+    computes in float32), float64 logits to :func:`gjsd_rows64`.
+    """
+    if zs.dtype == np.float32 and zt.dtype == np.float32:
+        return gjsd_rows32(zs, zt, valid, row_scale, beta, inv_t)
+    return gjsd_rows64(zs, zt, valid, row_scale, beta, inv_t)
+
+
+@njit(cache=True)
+def jsd_block(x, y, u, q, e, cs, ls, ct, lt, sc, b, l1b, lb, mode):
+    """One float32 block of a row: q = softmax(zs), u = dE/dlog q, e = E elementwise (fastmath off).
+
+    mode 0: forward KL, 1: reverse KL, 2: generalized JSD with log M = logaddexp(log q + log(1 - b),
+    log p + log b) written as ``max + log(1 + exp(-|a - b|))`` (exact in log space; no underflow
+    fallback needed). Three exp32 and one log32 per element, all vectorised.
+    """
+    one = np.float32(1.0)
+    for j in range(x.shape[0]):
+        lq = (x[j] - cs) * sc - ls
+        lp = (y[j] - ct) * sc - lt
+        qj = exp32(lq)
+        pj = exp32(lp)
+        if mode == 0:
+            e[j] = pj * (lp - lq)
+            u[j] = -pj
+        elif mode == 1:
+            d = lq - lp
+            e[j] = qj * d
+            u[j] = qj * (d + one)
+        else:
+            a = lq + l1b
+            c = lp + lb
+            mx = a if a > c else c
+            lm = mx + log32(one + exp32(-abs(a - c)))
+            uj = (one - b) * qj * (lq - lm)
+            e[j] = b * pj * (lp - lm) + uj
+            u[j] = uj
+        q[j] = qj
+
+
+@njit(cache=True, fastmath=REDUCE)
+def sum32(x):
+    """sum of a float32 block in float32 vector lanes (reassociated; the block is short)."""
+    acc = np.float32(0.0)
+    for j in range(x.shape[0]):
+        acc += x[j]
+    return acc
 
 
 @njit(cache=True, parallel=True)
-def gjsd_rows(zs, zt, valid, row_scale, beta, inv_t):
-    """Generalized JSD rows: loss (C,) float64 and d(sum_i row_scale[i] * loss_i)/dzs (C, V).
+def gjsd_rows32(zs, zt, valid, row_scale, beta, inv_t):
+    """:func:`gjsd_rows` for float32 logits: per row two one-read log-sum-exps
+    (:func:`~refimpl.kernels.cross_entropy_nb.row_logsumexp`), one blockwise pass of vectorised
+    float32 exp32/log32 producing the loss terms, q and dE/dlog q (block sums accumulate in float64),
+    and one pass writing the gradient. Per-element arithmetic is float32, as the NumPy reference's.
+    """
+    n, v = zs.shape
+    loss = np.zeros(n)
+    out = np.empty_like(zs)
+    mode = 0 if beta == 0.0 else (1 if beta == 1.0 else 2)
+    b = np.float32(beta)
+    lb = np.float32(np.log(beta) if beta > 0.0 else 0.0)
+    l1b = np.float32(np.log1p(-beta) if beta < 1.0 else 0.0)
+    sc = np.float32(inv_t)
+    for i in prange(n):
+        o = out[i]
+        if not valid[i]:
+            o[:] = 0.0
+            continue
+        cs, ls = row_logsumexp(zs, i, inv_t)
+        ct, lt = row_logsumexp(zt, i, inv_t)
+        q = np.empty(v, dtype=np.float32)
+        e = np.empty(min(v, BLOCK), dtype=np.float32)
+        acc = 0.0
+        sum_u = 0.0
+        for b0 in range(0, v, BLOCK):
+            b1 = min(b0 + BLOCK, v)
+            eb = e[:b1 - b0]
+            jsd_block(zs[i, b0:b1], zt[i, b0:b1], o[b0:b1], q[b0:b1], eb, np.float32(cs), np.float32(ls),
+                      np.float32(ct), np.float32(lt), sc, b, l1b, lb, mode)
+            acc += np.float64(sum32(eb))
+            sum_u += np.float64(sum32(o[b0:b1]))
+        loss[i] = acc
+        c = np.float32(row_scale[i] * inv_t)
+        su = np.float32(sum_u)
+        for j in range(v):
+            o[j] = c * (o[j] - q[j] * su)
+    return loss, out
+
+
+@njit(cache=True, parallel=True)
+def gjsd_rows64(zs, zt, valid, row_scale, beta, inv_t):
+    """:func:`gjsd_rows` for float64 logits (float64 arithmetic, libm exp/log).
 
     ``beta`` 0 / 1 are forward / reverse KL exactly as in
     :func:`refimpl.distill.losses.gjsd_terms`; rows with ``valid[i] == False`` give 0 and 0.

@@ -5,9 +5,10 @@
   argsort. Group scores are computed in the input dtype, as in NumPy, so float32 selections match.
 * :func:`make_plan` — a counting sort of the (token, slot) copies by expert, O(N*K), in the same
   order as NumPy's stable argsort.
-* :func:`gather_rows`, :func:`combine`, :func:`combine_backward`, :func:`gather_sum` — the data
-  movement of dispatch and combine, looping over rows or tokens. Every output row is written by
-  exactly one iteration, so the loops could run in parallel without atomics. Combine accumulates
+* :func:`dispatch`, :func:`combine`, :func:`combine_backward`, :func:`dispatch_backward` — twins
+  of the functions of the same names in :mod:`refimpl.moe.dispatch` (the data movement), looping
+  over rows or tokens. Every output row is written by exactly one iteration, so the loops run in
+  parallel without atomics. Combine accumulates
   over the K slots in slot order (the NumPy reference's einsum may sum in another order: equal up
   to rounding).
 
@@ -141,7 +142,7 @@ def make_plan(idx, n_experts, keep):
 
 
 @njit(cache=True, parallel=True)
-def gather_rows_jit(x, token, out):
+def dispatch_jit(x, token, out):
     """out[r] = x[token[r]]; out (A, D) is preallocated by the caller."""
     d = x.shape[1]
     for r in prange(token.shape[0]):
@@ -199,7 +200,7 @@ def combine_backward_jit(dy, ys, weights, pos, dys, dw):
 
 
 @njit(cache=True, parallel=True)
-def gather_sum_jit(dxs, pos, out):
+def dispatch_backward_jit(dxs, pos, out):
     """out[n] = sum_k dxs[pos[n, k]] over kept copies; out (N, D) preallocated."""
     n, k = pos.shape
     d = dxs.shape[1]
@@ -240,9 +241,9 @@ def select_experts(sel, k, n_group, topk_group, group_mode, mask_value):
     return run_sized(select_experts_jit, sel.size, sel, k, n_group, topk_group, group_mode, mask_value)
 
 
-def gather_rows(x, token, out):
-    """Runs :func:`gather_rows_jit` (see :data:`PARALLEL_MIN_WORK`)."""
-    return run_sized(gather_rows_jit, out.size, x, token, out)
+def dispatch(x, token, out):
+    """Runs :func:`dispatch_jit` (see :data:`PARALLEL_MIN_WORK`)."""
+    return run_sized(dispatch_jit, out.size, x, token, out)
 
 
 def combine(ys, weights, pos, out):
@@ -255,6 +256,6 @@ def combine_backward(dy, ys, weights, pos, dys, dw):
     return run_sized(combine_backward_jit, 2 * dys.size, dy, ys, weights, pos, dys, dw)
 
 
-def gather_sum(dxs, pos, out):
-    """Runs :func:`gather_sum_jit` (see :data:`PARALLEL_MIN_WORK`)."""
-    return run_sized(gather_sum_jit, dxs.size, dxs, pos, out)
+def dispatch_backward(dxs, pos, out):
+    """Runs :func:`dispatch_backward_jit` (see :data:`PARALLEL_MIN_WORK`)."""
+    return run_sized(dispatch_backward_jit, dxs.size, dxs, pos, out)

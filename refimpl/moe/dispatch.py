@@ -70,7 +70,7 @@ def dispatch(x, plan, *, backend=None):
     _rows("x", x, plan.pos.shape[0], "N tokens of the plan")
     if resolve_backend(backend, work=x.size) == "numba":
         out = np.empty((plan.token.size, x.shape[1]), dtype=x.dtype)      # (A, D)
-        return kernel("moe_nb").gather_rows(np.ascontiguousarray(x), plan.token, out)
+        return kernel("moe_nb").dispatch(np.ascontiguousarray(x), plan.token, out)
     return x[plan.token]                                                  # (A, D)
 
 
@@ -79,7 +79,7 @@ def dispatch_backward(dxs, plan, *, backend=None):
     _rows("dxs", dxs, plan.token.size, "A kept copies of the plan")
     if resolve_backend(backend, work=dxs.size) == "numba":
         out = np.empty((plan.pos.shape[0], dxs.shape[1]), dtype=dxs.dtype)  # (N, D)
-        return kernel("moe_nb").gather_sum(np.ascontiguousarray(dxs), plan.pos, out)
+        return kernel("moe_nb").dispatch_backward(np.ascontiguousarray(dxs), plan.pos, out)
     # forward: xs[pos[n, k]] = x[n]       so: dx[n] = sum_k dxs[pos[n, k]] over kept copies
     valid = plan.pos >= 0                                                 # (N, K)
     g = dxs[np.where(valid, plan.pos, 0)]                                 # (N, K, D)

@@ -24,15 +24,18 @@ def reference(x):
         return np.exp(x.astype(np.float64)).astype(np.float32)
 
 
-def ulp_error(x):
-    got = exp32_array(x, np.empty_like(x))
-    want = reference(x)
+def compare_ulp(got, want, x):
+    """ulp distance of finite results; NaN and inf must match exactly."""
     nan = np.isnan(want)
     assert np.array_equal(np.isnan(got), nan), x[np.isnan(got) != nan][:5]
     inf = np.isinf(want)
     assert np.array_equal(got[inf], want[inf]), x[inf][got[inf] != want[inf]][:5]
     ok = ~nan & ~inf
     return np.abs(ordered(got[ok]) - ordered(want[ok]))
+
+
+def ulp_error(x):
+    return compare_ulp(exp32_array(x, np.empty_like(x)), reference(x), x)
 
 
 def test_exp32_on_a_stride_over_every_float32():
@@ -104,3 +107,42 @@ def test_max32_equals_numpy_max(x):
     from refimpl.kernels.vecmath_nb import max32
     got, want = max32(x), x.max()
     assert got == want and np.signbit(got) == np.signbit(want) or (got == want == 0)
+
+
+# ------------------------------------------------------------------ log32
+
+def log_ulp_error(x):
+    from refimpl.kernels.vecmath_nb import log32_array
+    with np.errstate(divide="ignore", invalid="ignore"):
+        want = np.log(x.astype(np.float64)).astype(np.float32)     # rounded once to float32
+    return compare_ulp(log32_array(x, np.empty_like(x)), want, x)
+
+
+def test_log32_on_a_stride_over_every_float32():
+    bits = np.arange(0, 2**32, 4099, dtype=np.uint64).astype(np.uint32)   # ~1M patterns, every exponent
+    assert log_ulp_error(bits.view(np.float32)).max() <= MAX_ULP
+
+
+def test_log32_special_values():
+    from refimpl.kernels.vecmath_nb import log32_array
+    tiny = np.finfo(np.float32).smallest_subnormal
+    x = np.array([np.nan, np.inf, -np.inf, 0.0, -0.0, tiny, -tiny, -1.0, 1.0, np.finfo(np.float32).tiny,
+                  np.finfo(np.float32).max, 0.70710677, 0.7071068, 1.4142135, 1.4142137, 2.0, 0.5], np.float32)
+    got = log32_array(x, np.empty_like(x))
+    assert np.isnan(got[0]) and got[1] == np.inf and np.isnan(got[2])
+    assert got[3] == got[4] == -np.inf                        # log(+-0) = -inf, as np.log
+    assert got[5] == np.float32(np.log(np.float64(tiny)))     # subnormal input: exact to the rounding
+    assert np.isnan(got[6]) and np.isnan(got[7])              # negative: NaN
+    assert got[8] == 0.0
+    assert log_ulp_error(x).max() <= MAX_ULP
+
+
+@given(hnp.arrays(np.float32, st.integers(1, 300),
+                  elements=st.floats(width=32, allow_nan=True, allow_infinity=True, allow_subnormal=True)))
+def test_log32_hypothesis_any_float32(x):
+    assert log_ulp_error(x).max(initial=0) <= MAX_ULP
+
+
+@given(hnp.arrays(np.float32, st.integers(1, 300), elements=st.floats(0.0, 2.0, width=32)))
+def test_log32_hypothesis_near_one_and_probabilities(x):
+    assert log_ulp_error(x).max(initial=0) <= MAX_ULP
