@@ -102,7 +102,7 @@ def test_cot_ablation_tiny_run_keys_determinism_and_cache(tmp_path):
         cot.cot_ablation_run(eval_digits=(8,), steps=0)
     with pytest.raises(ValueError, match="steps"):
         cot.cot_ablation_run(steps=-1)
-    with pytest.raises(ValueError, match="direct_steps"):
+    with pytest.raises(TypeError, match="direct_steps"):
         cot.cot_ablation_run(direct_steps=1.5)
 
 
