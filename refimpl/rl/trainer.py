@@ -84,7 +84,7 @@ class GRPOConfig:
     τ and ``top_p``. Optimisation: ``steps`` generation steps, each followed by ``num_iterations``
     AdamW updates on the same batch (π_old = the sampling policy, reused; TRL's μ), ``lr``,
     ``warmup_steps`` (linear warmup, then constant: :func:`refimpl.optim.warmup_cosine_lr` with
-``min_lr = lr``), ``betas``, ``weight_decay``,
+    ``min_lr = lr``), ``betas``, ``weight_decay``,
     ``max_grad_norm``. Loss: ``loss_type``, ``epsilon``, ``epsilon_high``, ``delta``, ``beta``,
     ``kl_estimator``, ``importance_sampling_level``, ``entropy_coef`` — as
     :func:`refimpl.rl.grpo_loss`. Rewards: ``reward_weights`` for (accuracy, format),
