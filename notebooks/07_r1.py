@@ -440,19 +440,10 @@ for c in ("base", "zero", "rl2"):
 print(f"rejection sampling kept {stages['per_seed'][0]['n_rejection_kept']} of "
       f"{stages['per_seed'][0]['n_rejection_sampled']} right, well-formatted samples (seed 0)")
 assert stages["accuracy_base"] < 0.3 and stages["gain_cold_start"] - stages["gain_cold_start_se"] > 0.15
-assert stages["accuracy_cold_start"] > stages["accuracy_zero"]          # 300 traces beat all of R1-Zero's RL
-assert stages["gain_rl1"] > max(stages["gain_rl1_se"], 0.01)           # beyond its error bar
-for g in ("rejection_sft", "rl2"):                                      # no effect beyond the noise
-    assert abs(stages[f"gain_{g}"]) <= max(2 * stages[f"gain_{g}_se"], 0.03), g
-assert stages["r1_minus_zero"] >= 0.05 and stages["r1_minus_zero"] > 2 * stages["r1_minus_zero_se"]
-assert stages["accuracy_add_rl2"] >= stages["accuracy_add_zero"] + 0.05     # the gain is in the additions
-assert stages["accuracy_mul_rl2"] <= stages["accuracy_mul_zero"] + 0.1 and stages["accuracy_mul_rl2"] < 0.4
+assert stages["gain_rl1"] > 0                                           # the first RL stage adds something
+assert all(stages[f"accuracy_mul_{c}"] < 0.4 for c in CHECKPOINTS)       # no model learns the products
 assert stages["readability_zero"] <= stages["readability_rl2"] - 0.05
 assert all(stages[f"readability_{c}"] >= 0.95 and stages[f"format_{c}"] >= 0.95 for c in CHECKPOINTS[2:])
-product = {c: next(t for p, t, _ in stages["per_seed"][0]["measures"][c]["examples"] if "*" in p)
-           for c in ("zero", "rl2")}
-print("a product, R1-Zero:", product["zero"], "  R1:", product["rl2"])
-assert "+" not in product["zero"].split("</think>")[0] and "+" in product["rl2"].split("</think>")[0]
 
 # %% tags=["hide-input"]
 fig, ax = plt.subplots(1, 2, figsize=(12, 3.6))
@@ -470,27 +461,44 @@ ax[0].set_ylabel("fraction of 128 problems (mean ± SE, dots: seeds)")
 plt.tight_layout()
 plt.show()
 
+# %% tags=["remove-input"]
+def verdict(mean, se):
+    """'+3.1 ± 0.8 points, beyond its error bar' or '..., within twice its error bar'."""
+    beyond = abs(mean) > 2 * se
+    return f"{100 * mean:+.1f} ± {100 * se:.1f} points, {'beyond' if beyond else 'within'} twice its error bar", beyond
+
+
+cold, _ = verdict(stages["gain_cold_start"], stages["gain_cold_start_se"])
+rl1, _ = verdict(stages["gain_rl1"], stages["gain_rl1_se"])
+rs, rs_paid = verdict(stages["gain_rejection_sft"], stages["gain_rejection_sft_se"])
+rl2, rl2_paid = verdict(stages["gain_rl2"], stages["gain_rl2_se"])
+vs_zero, vs_zero_beyond = verdict(stages["r1_minus_zero"], stages["r1_minus_zero_se"])
+ahead = ("R1 ends ahead of R1-Zero" if stages["r1_minus_zero"] > 0 else "R1 ends behind R1-Zero") \
+    if vs_zero_beyond else "R1 and R1-Zero end level"
+display(Markdown(
+    f"**What paid, and what did not.** The cold start pays most ({cold}): 300 readable traces take the base "
+    f"from {stages['accuracy_base']:.0%} of the problems to {stages['accuracy_cold_start']:.0%}, and make every "
+    f"trace readable ({stages['readability_cold_start']:.0%}), which RL alone does not: R1-Zero's traces stay at "
+    f"{stages['readability_zero']:.0%} readable, since nothing in its rewards prefers digits (the miniature of "
+    f"R1-Zero's language mixing). The first RL stage adds {rl1}. Rejection sampling with SFT: {rs}; the second "
+    f"RL stage: {rl2}. With the same number of RL steps, {ahead} ({vs_zero}). The issue's target, R1 at least "
+    "five points above R1-Zero, "
+    f"{'is met' if stages['r1_minus_zero'] >= 0.05 and vs_zero_beyond else 'is not met in this build'}. "
+    f"With {stages['seeds']} seeds these standard errors are rough (the command line runs three): read the "
+    "cold start's effect and the readability as the findings, and the later stages' effects as open."))
+
 # %% [markdown]
-# **What paid, and what did not.** The cold start pays most: 300 readable traces take the base
-# from about a quarter of the problems to about half, more than R1-Zero reaches with all its RL
-# steps, and they make every trace readable, which RL alone does not: R1-Zero's traces keep
-# drifting into letters, since nothing in its rewards prefers digits (the miniature of R1-Zero's
-# language mixing). The first RL stage adds a few points beyond its error bar. Rejection sampling
-# with SFT, and the second RL stage, do not pay here: their effects are within their error bars.
-#
-# The split by operation says why. Every model stays at about a quarter of the products. The
-# cold start teaches the *habit* of writing a product's carry (the transcripts above: R1 writes
-# `4*5+1=…`, R1-Zero writes no carry), but not the arithmetic the habit needs, a product plus a
-# carry, which the base's corpus almost never contained; the new trace is then computed wrongly.
-# RL only re-weights what the policy already samples, so 40 steps cannot create that skill, and
+# The split by operation says why the later stages have little to work with. Every model stays
+# at about a quarter of the products (asserted above: under 40% at every checkpoint). The cold
+# start can teach the *habit* of writing a product's carry, but not the arithmetic the habit
+# needs, a product plus a carry, which the base's corpus almost never contained. RL only
+# re-weights what the policy already samples, so 40 steps cannot create that skill, and
 # rejection sampling feeds the policy its own successes, which its greedy decoding already
-# produces. R1's gain over R1-Zero at the same number of RL steps, printed above and beyond its
-# error bar, comes from the additions, where the cold start's clean traces (and one script) leave
-# fewer slips. In R1 the later stages bring in what this miniature lacks: rejection sampling
-# builds ~800k samples across many domains, non-reasoning ones included, and trains them into
-# the base model afresh, and the second RL stage adds new objectives (helpfulness and
-# harmlessness). A single-task miniature that continues from its own checkpoint has neither, so
-# its stages 3 and 4 have nothing new to teach.
+# produces. In R1 the later stages bring in what this miniature lacks: rejection sampling builds
+# ~800k samples across many domains, non-reasoning ones included, and trains them into the base
+# model afresh, and the second RL stage adds new objectives (helpfulness and harmlessness). A
+# single-task miniature that continues from its own checkpoint has neither, so its stages 3 and 4
+# have little new to teach.
 
 # %% [markdown]
 # ## Summary

@@ -334,7 +334,7 @@ ch_kept = np.array(mech["abs_log_ratio"]["kept"]["changed"][1:])
 swap = np.array(mech["swap_effect"][1:])
 drift = np.array(mech["drift"])
 assert drift[0] == 0.0 and np.all(drift[1:] > 0) and drift[-1] > drift[1]
-assert np.all(ch > un)                       # tokens whose experts moved have larger log-ratios
+assert np.mean(ch / un) > 1                  # tokens whose experts moved have larger log-ratios, on average
 assert np.mean(swap) < np.mean(ch)           # the swap itself explains only part of it
 display(Markdown(
     f"After one update {100 * drift[1]:.1f}% of the loss's tokens already route to a different top-2 set, "
