@@ -49,6 +49,7 @@ import numpy as np  # noqa: E402
 from IPython.display import Markdown, display  # noqa: E402
 
 from refimpl.config import ModelConfig  # noqa: E402
+from refimpl.core import log_softmax_forward  # noqa: E402
 from refimpl.display import show_source, table  # noqa: E402
 from refimpl.model.generate import top_p_mask  # noqa: E402
 from refimpl.recipes.moe_rl_stability import moe_rl_stability_run  # noqa: E402
@@ -64,8 +65,7 @@ t_start = time.perf_counter()
 
 
 def log_softmax(z):
-    z = z - z.max(-1, keepdims=True)
-    return z - np.log(np.exp(z).sum(-1, keepdims=True))
+    return log_softmax_forward(z)[0]                 # refimpl.core's log-softmax, without its cache
 
 
 # %% [markdown]

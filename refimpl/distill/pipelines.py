@@ -40,6 +40,7 @@ from ..model.generate import generate
 from ..model.sft import sft_train
 from ..model.transformer import model_backward, model_forward, shift_labels
 from ..optim import adamw_update, clip_grad_norm, warmup_cosine_lr
+from ..rl.rollout import completion_text  # the one decoder of completions (also public here)
 from ..tasks import TOKENIZER, make_dataset, pad_sequences, reference_completion
 from ..train import append_row, check_loop_options, init_state, resume_state, run_loop
 from ..tree import tree_map
@@ -259,15 +260,6 @@ def _bar(progress, total, desc):
         return None
     from tqdm import tqdm  # plain text: tqdm.auto warns in a kernel without ipywidgets
     return tqdm(total=total, desc=desc, leave=False)
-
-
-def completion_text(tokens):
-    """A generated completion as text, without its final ``<eos>``; stray control tokens stay visible
-    (so they fail the format check) rather than being dropped."""
-    toks = np.asarray(tokens)
-    if toks.size and toks[-1] == TOKENIZER.eos_id:
-        toks = toks[:-1]
-    return TOKENIZER.decode(toks, skip_special_tokens=False)
 
 
 def accept(task, completion, answer, *, require_format=True):

@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import numpy as np
 
+from .._validate import check_choice, check_integer
+
 CONTROL_TOKENS = ("<pad>", "<bos>", "<eos>")
 TAG_TOKENS = ("<think>", "</think>", "<answer>", "</answer>")
 DEFAULT_ALPHABET = "0123456789abcdefghijklmnopqrstuvwxyz +-*=,.:;|?!()[]<>/\n"
@@ -103,7 +105,15 @@ class CharTokenizer:
 
 def pad_sequences(seqs, *, pad_id=0, side="right", length=None):
     """Stack 1-D int sequences into (B, L) ids and a (B, L) bool mask, padding with ``pad_id``."""
-    width = max((len(s) for s in seqs), default=0) if length is None else length
+    check_choice("side", side, ("left", "right"))
+    check_integer("pad_id", pad_id)
+    if isinstance(seqs, str | bytes) or not hasattr(seqs, "__len__"):
+        raise TypeError(f"seqs: expected a list of 1-D integer sequences, got {type(seqs).__name__}")
+    seqs = [np.asarray(s) for s in seqs]
+    for i, s in enumerate(seqs):
+        if s.ndim != 1 or (s.size and s.dtype.kind not in "iu"):
+            raise ValueError(f"seqs[{i}]: expected a 1-D integer sequence, got shape {s.shape} dtype {s.dtype}")
+    width = max((len(s) for s in seqs), default=0) if length is None else check_integer("length", length, low=0)
     if any(len(s) > width for s in seqs):
         raise ValueError(f"length: {width} is shorter than the longest sequence ({max(len(s) for s in seqs)})")
     ids = np.full((len(seqs), width), pad_id, dtype=np.int64)           # (B, L)

@@ -61,3 +61,18 @@ def test_errors():
         pad_sequences([np.array([1, 2, 3])], length=2)
     with pytest.raises(ValueError, match="mask"):
         TOKENIZER.decode_batch(np.zeros((2, 3), np.int64), np.ones((2, 2), bool))
+
+
+@pytest.mark.parametrize("kwargs, err, match", [
+    (dict(seqs=[[1, 2], [[3]]]), ValueError, r"seqs\[1\]"),
+    (dict(seqs=[[1.5, 2.0]]), ValueError, r"seqs\[0\]"),
+    (dict(seqs="abc"), TypeError, "seqs"),
+    (dict(seqs=[[1]], side="middle"), ValueError, "side"),
+    (dict(seqs=[[1]], pad_id=0.5), TypeError, "pad_id"),
+    (dict(seqs=[[1]], length=-1), ValueError, "length"),
+    (dict(seqs=[[1, 2, 3]], length=2), ValueError, "length"),
+])
+def test_pad_sequences_rejects_bad_input(kwargs, err, match):
+    seqs = kwargs.pop("seqs")
+    with pytest.raises(err, match=match):
+        pad_sequences(seqs, **kwargs)
