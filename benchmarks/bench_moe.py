@@ -10,7 +10,9 @@ greedy softmax routing with scale 1, float32. Cases:
 * ``moe/experts-fwd+bwd`` -- only the per-expert GEMMs (forward + backward) on dispatched rows, to
   read the fraction of the GEMM peak the expert loop reaches.
 * ``moe/dispatch+combine`` -- the data movement alone: plan, dispatch, combine and their backwards
-  (the part with a Numba twin).
+  (the part with a Numba twin), every output written into a buffer reused from the previous call
+  (``out=``; torch: ``out=`` and in-place index assignment), the steady state of a training loop;
+  ``moe/dispatch+combine-fresh`` the same with fresh outputs (first-touch page faults included).
 * ``moe/select-experts`` -- V3 routing choice: 256 experts in 8 groups, top-4 groups by top-2 sum,
   top-8 (the routing loops' Numba twin), vs torch ops as in HF's ``DeepseekV3TopkRouter``.
 
@@ -157,25 +159,35 @@ def moe_experts(quick: bool) -> Case:
     return case
 
 
-@register("moe/dispatch+combine")
-def moe_dispatch_combine(quick: bool) -> Case:
+def _dispatch_combine(quick: bool, reuse: bool) -> Case:
     cfg, params, x, dy, r = _plan_data(quick)
     rng = np.random.default_rng(2)
     ys = rng.standard_normal((x.shape[0] * cfg.num_experts_per_tok, x.shape[1])).astype(np.float32)
-    case = Case(params={"N": x.shape[0], "D": cfg.hidden_size, "E": cfg.n_routed_experts,
-                        "K": cfg.num_experts_per_tok, "dtype": "float32"},
+    n, d = x.shape
+    case = Case(params={"N": n, "D": d, "E": cfg.n_routed_experts, "K": cfg.num_experts_per_tok,
+                        "outputs": "reused" if reuse else "fresh", "dtype": "float32"},
                 # least traffic: x, y, dy, dx once each (N x D) and xs, ys (twice), dys (twice) (A x D)
                 bytes_moved=4 * x.nbytes + 5 * ys.nbytes,
                 description="Data movement of the sparse layer: plan (sort copies by expert), dispatch (gather), "
-                            "combine (weighted gather-sum) and the backward of both.")
+                            "combine (weighted gather-sum) and the backward of both; "
+                            + ("every output written into a buffer reused from the previous call (out=), "
+                               "as a training loop would" if reuse else
+                               "every output a fresh array (first-touch page faults included)") + ".")
+
+    def buffers():                          # one set per variant: the check compares first-call outputs
+        if not reuse:
+            return None
+        return (np.empty_like(ys), np.empty_like(x), np.empty_like(ys), np.empty_like(r.weights), np.empty_like(x))
 
     def refimpl(backend):
+        b = buffers()
+
         def fn():
             plan = make_plan(r.idx, cfg.n_routed_experts, backend=backend)
-            xs = dispatch(x, plan, backend=backend)
-            y = combine(ys, r.weights, plan, backend=backend)
-            dys, dw = combine_backward(dy, ys, r.weights, plan, backend=backend)
-            dx = dispatch_backward(dys, plan, backend=backend)
+            xs = dispatch(x, plan, backend=backend, out=b and b[0])
+            y = combine(ys, r.weights, plan, backend=backend, out=b and b[1])
+            dys, dw = combine_backward(dy, ys, r.weights, plan, backend=backend, out=b and b[2:4])
+            dx = dispatch_backward(dys, plan, backend=backend, out=b and b[4])
             return xs, y, dys, dw, dx
         return fn
     case.add(NUMPY, refimpl("numpy"))
@@ -185,6 +197,8 @@ def moe_dispatch_combine(quick: bool) -> Case:
         case.skip(TORCH, "torch is not installed")
     else:
         it, xt, yst, wt, dyt = (torch.from_numpy(a) for a in (r.idx, x, ys, r.weights, dy))
+        tb = buffers()
+        tb = tb and tuple(torch.from_numpy(a) for a in tb)
 
         def torch_fn():
             k = it.shape[1]
@@ -192,17 +206,37 @@ def moe_dispatch_combine(quick: bool) -> Case:
             pos = torch.empty_like(order)
             pos[order] = torch.arange(order.numel())
             pos = pos.view_as(it)
-            xs = xt.index_select(0, order // k)
-            y = (yst[pos] * wt[..., None]).sum(1)
-            dys = torch.empty_like(yst)
-            dys[pos.reshape(-1)] = (wt[..., None] * dyt[:, None, :]).reshape(-1, xt.shape[1])
-            dw = (yst[pos] * dyt[:, None, :]).sum(-1)
-            dx = dys[pos].sum(1)
+            if tb is None:
+                xs = xt.index_select(0, order // k)
+                y = (yst[pos] * wt[..., None]).sum(1)
+                dys = torch.empty_like(yst)
+                dys[pos.reshape(-1)] = (wt[..., None] * dyt[:, None, :]).reshape(-1, d)
+                dw = (yst[pos] * dyt[:, None, :]).sum(-1)
+                dx = dys[pos].sum(1)
+                return xs, y, dys, dw, dx
+            xs, y, dys, dw, dx = tb
+            torch.index_select(xt, 0, order // k, out=xs)
+            torch.sum(yst[pos] * wt[..., None], 1, out=y)
+            dys[pos.reshape(-1)] = (wt[..., None] * dyt[:, None, :]).reshape(-1, d)
+            torch.sum(yst[pos] * dyt[:, None, :], -1, out=dw)
+            torch.sum(dys[pos], 1, out=dx)
             return xs, y, dys, dw, dx
         case.add(TORCH, torch_fn)
     case.check = lambda outs: assert_outputs_close(outs, rtol=1e-5, atol_scale=1e-6,
                                                    labels=("xs", "y", "dys", "dweights", "dx"))
     return case
+
+
+@register("moe/dispatch+combine")
+def moe_dispatch_combine(quick: bool) -> Case:
+    """The training-loop steady state: outputs written into buffers reused from call to call."""
+    return _dispatch_combine(quick, reuse=True)
+
+
+@register("moe/dispatch+combine-fresh")
+def moe_dispatch_combine_fresh(quick: bool) -> Case:
+    """The same with a fresh array for every output (what a caller without ``out=`` gets)."""
+    return _dispatch_combine(quick, reuse=False)
 
 
 @register("moe/select-experts")

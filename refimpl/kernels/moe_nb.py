@@ -17,8 +17,8 @@ kernel for transparent huge pages on large allocations and numba's runtime alloc
 first-touch page faults on a freshly allocated (N*K, D) buffer made a kernel-allocated output about
 3x slower than ``x[token]`` (measured: 55 ms vs 19 ms for 4096 x 6 rows of 1024 float32).
 
-``fastmath`` is off except on the dot products of :func:`combine_backward` (the reassociation
-flags only, so that the float64 sum of float32 products vectorises). The expert GEMMs stay in
+``fastmath`` is off except in :func:`combine_backward_jit` (the reassociation flags only, so that
+the float64 sum of float32 products vectorises). The expert GEMMs stay in
 NumPy/BLAS for both backends.
 
 The kernels run in parallel over tokens or rows (``prange``): every output row is written by
@@ -169,33 +169,38 @@ def combine_jit(ys, weights, pos, out):
     return out
 
 
-@njit(cache=True, fastmath=REDUCE)
-def dot64(a, i, b, p):
-    """sum_j a[i, j] * b[p, j], accumulated in float64."""
-    acc = 0.0
-    for j in range(a.shape[1]):
-        acc += np.float64(a[i, j]) * np.float64(b[p, j])
-    return acc
-
-
-@njit(cache=True, parallel=True)
-def combine_backward_jit(dy, ys, weights, pos, dys, dw):
+@njit(cache=True, parallel=True, fastmath=REDUCE)
+def combine_backward_jit(dy, ys, weights, pos, token, dys, dw):
     """dys[pos[n, k]] = weights[n, k] * dy[n];  dw[n, k] = <dy[n], ys[pos[n, k]]> (0 if dropped).
 
-    dys (A, D) and dw (N, K) are preallocated; the dot products accumulate in float64.
+    dys (A, D) and dw (N, K) are preallocated; the dot products accumulate in float64. The loop
+    runs over the sorted rows r, so ys and dys stream in memory order and only the (N, D) dy is
+    gathered; each row's slot is found in pos[token[r]] (K entries). Measured (4096 x 1024, K=6,
+    float32, reused outputs, one thread, CPU time per call): 11.5 ms, against 14.5 ms with the
+    product and the dot product in two loops and ~17 ms for a loop over tokens (which gathers
+    the rows of ys and scatters those of dys across 96 MiB, one 4 KiB row at a time).
+    ``REDUCE`` is what lets the float64 sum use vector lanes; the only other arithmetic is the
+    single product ``w * dy``, which no flag of that set can change.
     """
     n, k = pos.shape
     d = ys.shape[1]
+    for r in prange(token.shape[0]):
+        t = token[r]
+        s = 0
+        for c in range(k):
+            if pos[t, c] == r:
+                s = c
+        w = weights[t, s]
+        acc = 0.0
+        for j in range(d):
+            a = dy[t, j]
+            dys[r, j] = w * a
+            acc += np.float64(a) * np.float64(ys[r, j])
+        dw[t, s] = acc
     for t in prange(n):
         for s in range(k):
-            p = pos[t, s]
-            if p < 0:
+            if pos[t, s] < 0:
                 dw[t, s] = 0.0
-                continue
-            w = weights[t, s]
-            for j in range(d):
-                dys[p, j] = w * dy[t, j]
-            dw[t, s] = dot64(dy, t, ys, p)
     return dys, dw
 
 
@@ -251,9 +256,9 @@ def combine(ys, weights, pos, out):
     return run_sized(combine_jit, out.size + ys.size, ys, weights, pos, out)
 
 
-def combine_backward(dy, ys, weights, pos, dys, dw):
+def combine_backward(dy, ys, weights, pos, token, dys, dw):
     """Runs :func:`combine_backward_jit` (see :data:`PARALLEL_MIN_WORK`)."""
-    return run_sized(combine_backward_jit, 2 * dys.size, dy, ys, weights, pos, dys, dw)
+    return run_sized(combine_backward_jit, 2 * dys.size, dy, ys, weights, pos, token, dys, dw)
 
 
 def dispatch_backward(dxs, pos, out):

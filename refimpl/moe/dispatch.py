@@ -65,61 +65,105 @@ def _rows(name, a, n, what):
         raise ValueError(f"{name}: expected shape ({n}, D) ({what}), got {np.shape(a)}")
 
 
-def dispatch(x, plan, *, backend=None):
-    """Copy each token's row to its sorted positions: ``xs[r] = x[token[r]]``. Shapes: x (N, D) -> (A, D)."""
+def check_out(name, out, shape, dtype, inputs):
+    """Validate ``out``, a caller's buffer for a result (None passes): right shape and dtype,
+    C-contiguous, writeable, and not overlapping any of ``inputs`` (the kernels read while they write)."""
+    if out is None:
+        return None
+    if not isinstance(out, np.ndarray):
+        raise ValueError(f"{name}: expected a numpy array or None, got {type(out).__name__}")
+    if out.shape != tuple(shape) or out.dtype != dtype:
+        raise ValueError(f"{name}: expected shape {tuple(shape)} and dtype {np.dtype(dtype)}, "
+                         f"got {out.shape} {out.dtype}")
+    if not (out.flags.c_contiguous and out.flags.writeable):
+        raise ValueError(f"{name}: expected a writeable C-contiguous array")
+    if any(a is not None and np.may_share_memory(out, a) for a in inputs):
+        raise ValueError(f"{name}: must not overlap the inputs")
+    return out
+
+
+def dispatch(x, plan, *, backend=None, out=None):
+    """Copy each token's row to its sorted positions: ``xs[r] = x[token[r]]``. Shapes: x (N, D) -> (A, D).
+
+    ``out``: an (A, D) array of x's dtype to write the result into (e.g. reused from the previous
+    step, which saves the first-touch page faults of a fresh buffer), or None for a new array.
+    """
     _rows("x", x, plan.pos.shape[0], "N tokens of the plan")
+    shape = (plan.token.size, x.shape[1])
+    out = check_out("out", out, shape, x.dtype, (x, *plan))
     if resolve_backend(backend, work=x.size) == "numba":
-        out = np.empty((plan.token.size, x.shape[1]), dtype=x.dtype)      # (A, D)
+        out = np.empty(shape, dtype=x.dtype) if out is None else out      # (A, D)
         return kernel("moe_nb").dispatch(np.ascontiguousarray(x), plan.token, out)
-    return x[plan.token]                                                  # (A, D)
+    if out is None:
+        return x[plan.token]                                              # (A, D)
+    # the same gather written into out; plan rows are in range, and mode="raise" would gather into
+    # a temporary first
+    return np.take(x, plan.token, axis=0, out=out, mode="clip")           # (A, D)
 
 
-def dispatch_backward(dxs, plan, *, backend=None):
-    """Gradient of :func:`dispatch`: each token sums the gradients of its copies. (A, D) -> (N, D)."""
+def dispatch_backward(dxs, plan, *, backend=None, out=None):
+    """Gradient of :func:`dispatch`: each token sums the gradients of its copies. (A, D) -> (N, D).
+
+    ``out``: an (N, D) array of dxs's dtype for the result, or None (see :func:`dispatch`).
+    """
     _rows("dxs", dxs, plan.token.size, "A kept copies of the plan")
+    shape = (plan.pos.shape[0], dxs.shape[1])
+    out = check_out("out", out, shape, dxs.dtype, (dxs, *plan))
     if resolve_backend(backend, work=dxs.size) == "numba":
-        out = np.empty((plan.pos.shape[0], dxs.shape[1]), dtype=dxs.dtype)  # (N, D)
+        out = np.empty(shape, dtype=dxs.dtype) if out is None else out    # (N, D)
         return kernel("moe_nb").dispatch_backward(np.ascontiguousarray(dxs), plan.pos, out)
     # forward: xs[pos[n, k]] = x[n]       so: dx[n] = sum_k dxs[pos[n, k]] over kept copies
     valid = plan.pos >= 0                                                 # (N, K)
     g = dxs[np.where(valid, plan.pos, 0)]                                 # (N, K, D)
-    return np.einsum("nk,nkd->nd", valid.astype(dxs.dtype), g)            # (N, D)
+    return np.einsum("nk,nkd->nd", valid.astype(dxs.dtype), g, out=out)  # (N, D)
 
 
-def combine(ys, weights, plan, *, backend=None):
+def combine(ys, weights, plan, *, backend=None, out=None):
     r"""Weighted sum of each token's expert outputs: :math:`y_n = \sum_k g_{n,k}\, ys[pos_{n,k}]`.
 
     Dropped copies contribute nothing. Shapes: ys (A, D), weights (N, K) -> y (N, D).
+    ``out``: an (N, D) array of ys's dtype for the result, or None (see :func:`dispatch`).
     """
     _rows("ys", ys, plan.token.size, "A kept copies of the plan")
     if np.shape(weights) != plan.pos.shape:
         raise ValueError(f"weights: expected shape {plan.pos.shape} (N, K), got {np.shape(weights)}")
+    shape = (plan.pos.shape[0], ys.shape[1])
+    out = check_out("out", out, shape, ys.dtype, (ys, weights, *plan))
     if resolve_backend(backend, work=ys.size) == "numba":
-        out = np.empty((plan.pos.shape[0], ys.shape[1]), dtype=ys.dtype)  # (N, D)
+        out = np.empty(shape, dtype=ys.dtype) if out is None else out     # (N, D)
         return kernel("moe_nb").combine(np.ascontiguousarray(ys), np.ascontiguousarray(weights, dtype=ys.dtype),
                                         plan.pos, out)
     valid = plan.pos >= 0                                                 # (N, K)
     g = ys[np.where(valid, plan.pos, 0)]                                  # (N, K, D)
-    return np.einsum("nk,nkd->nd", np.where(valid, weights, 0.0).astype(ys.dtype), g)  # (N, D)
+    return np.einsum("nk,nkd->nd", np.where(valid, weights, 0.0).astype(ys.dtype), g, out=out)  # (N, D)
 
 
-def combine_backward(dy, ys, weights, plan, *, backend=None):
-    """Gradients of :func:`combine`. Shapes: dy (N, D) -> dys (A, D), dweights (N, K) (0 where dropped)."""
+def combine_backward(dy, ys, weights, plan, *, backend=None, out=None):
+    """Gradients of :func:`combine`. Shapes: dy (N, D) -> dys (A, D), dweights (N, K) (0 where dropped).
+
+    ``out``: a pair ``(dys, dweights)`` of arrays to write the results into (dtypes of ys and of
+    weights), or None (see :func:`dispatch`).
+    """
     _rows("dy", dy, plan.pos.shape[0], "N tokens of the plan")
     _rows("ys", ys, plan.token.size, "A kept copies of the plan")
+    if out is not None and (not isinstance(out, tuple | list) or len(out) != 2):
+        raise ValueError(f"out: expected a pair (dys, dweights) or None, got {type(out).__name__}")
+    dys, dw = (None, None) if out is None else out
+    wdtype = np.asarray(weights).dtype
+    check_out("out[0] (dys)", dys, ys.shape, ys.dtype, (dy, ys, weights, *plan))
+    check_out("out[1] (dweights)", dw, plan.pos.shape, wdtype, (dy, ys, weights, *plan, dys))
+    dys = np.empty_like(ys) if dys is None else dys                       # (A, D)
+    dw = np.empty(plan.pos.shape, dtype=wdtype) if dw is None else dw     # (N, K)
     if resolve_backend(backend, work=ys.size) == "numba":
-        dys = np.empty_like(ys)                                           # (A, D)
-        dw = np.empty(plan.pos.shape, dtype=weights.dtype)                # (N, K)
         return kernel("moe_nb").combine_backward(np.ascontiguousarray(dy), np.ascontiguousarray(ys),
-                                                 np.ascontiguousarray(weights), plan.pos, dys, dw)
+                                                 np.ascontiguousarray(weights), plan.pos, plan.token, dys, dw)
     valid = plan.pos >= 0                                                 # (N, K)
     p = np.where(valid, plan.pos, 0)                                      # (N, K)
     # forward: y[n] = sum_k w[n, k] * ys[pos[n, k]]
     # so: dw[n, k] = <dy[n], ys[pos[n, k]]>   and   dys[pos[n, k]] = w[n, k] * dy[n]
-    dweights = np.einsum("nd,nkd->nk", dy, ys[p]) * valid                 # (N, K)
-    dys = np.empty_like(ys)                                               # (A, D)
+    dw[...] = np.einsum("nd,nkd->nk", dy, ys[p]) * valid                  # (N, K)
     dys[plan.pos[valid]] = (weights[..., None] * dy[:, None, :])[valid]   # every row is one kept copy
-    return dys, dweights.astype(weights.dtype, copy=False)
+    return dys, dw
 
 
 class ExpertsCache(NamedTuple):
