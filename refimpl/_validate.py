@@ -13,10 +13,12 @@ FLOAT_DTYPES = (np.dtype(np.float32), np.dtype(np.float64))
 
 
 def check_float(name: str, x, *, ndim: int | None = None, min_ndim: int | None = None,
-                allow_inf: bool = False) -> np.ndarray:
+                allow_inf: bool = False, scan: bool = True) -> np.ndarray:
     """Return ``x`` if it is a float32/float64 ndarray with finite values.
 
     NaN is never allowed; ``allow_inf=True`` admits ``-inf`` only (masked logits), never ``+inf``.
+    ``scan=False`` checks type, dtype and shape only, for a caller whose kernel tests the values in
+    its own pass over them (and raises the same ValueError).
     """
     if not isinstance(x, np.ndarray):
         raise TypeError(f"{name}: expected a numpy.ndarray, got {type(x).__name__}")
@@ -26,6 +28,8 @@ def check_float(name: str, x, *, ndim: int | None = None, min_ndim: int | None =
         raise ValueError(f"{name}: expected {ndim} dimensions, got shape {x.shape}")
     if min_ndim is not None and x.ndim < min_ndim:
         raise ValueError(f"{name}: expected at least {min_ndim} dimensions, got shape {x.shape}")
+    if not scan:
+        return x
     with np.errstate(over="ignore", invalid="ignore"):
         total = np.sum(x) if x.size else 0.0
     if x.size and np.isfinite(total):

@@ -27,6 +27,9 @@ from ..backend import kernel, resolve_backend
 REDUCTIONS = ("mean", "sum", "none")
 
 
+#: The ValueError of non-finite logits (:func:`refimpl._validate.check_float`'s, raised by the numba path too).
+NONFINITE_LOGITS = "logits: contains NaN or inf"
+
 #: The target id that marks a position without loss (prompt, padding): PyTorch's and HF's -100.
 IGNORE_INDEX = -100
 
@@ -62,8 +65,9 @@ def cross_entropy(logits, targets, dloss=1.0, *, ignore_index=IGNORE_INDEX, redu
 
     Shapes: logits (..., V), targets (...) int64 -> loss () or (...), dlogits (..., V) or None.
     """
-    targets = _check_inputs(logits, targets, ignore_index, reduction)
-    backend = resolve_backend(backend, work=logits.size)
+    backend = resolve_backend(backend, work=np.size(logits))
+    # the numba twin tests finiteness in its own pass over the logits (raises below, same message)
+    targets = _check_inputs(logits, targets, ignore_index, reduction, scan=backend == "numpy")
     lead = logits.shape[:-1]
     z = logits.reshape(-1, logits.shape[-1])                            # (N, V)
     t = targets.reshape(-1)                                             # (N,)
@@ -72,12 +76,17 @@ def cross_entropy(logits, targets, dloss=1.0, *, ignore_index=IGNORE_INDEX, redu
     row_scale = _row_scale(_check_dloss(dloss, lead, reduction), valid, reduction, n_valid) if grad else None  # (N,)
     if backend == "numba":
         z = np.ascontiguousarray(z)
+        finite = np.empty(z.shape[0], dtype=bool)                       # (N,) filled by the kernel
         if grad:                                                        # loss and gradient in one sweep
             per_row, dz = kernel("cross_entropy_nb").ce_loss_grad_rows(z, t, row_scale, 1.0, ignore_index,
-                                                                       np.empty_like(z))  # (N,), (N, V)
-            return _reduce(per_row, reduction, n_valid, lead, logits.dtype), dz.reshape(logits.shape)
-        logp, _, _ = kernel("cross_entropy_nb").logp_rows(z, t, 1.0, ignore_index)  # (N,)
-        return _reduce(-logp, reduction, n_valid, lead, logits.dtype), None
+                                                                       np.empty_like(z), finite)  # (N,), (N, V)
+        else:
+            logp, _, _ = kernel("cross_entropy_nb").logp_rows(z, t, 1.0, ignore_index, finite)  # (N,)
+            per_row, dz = -logp, None
+        if not finite.all():
+            raise ValueError(NONFINITE_LOGITS)
+        loss = _reduce(per_row, reduction, n_valid, lead, logits.dtype)
+        return loss, None if dz is None else dz.reshape(logits.shape)
     m = z.max(axis=-1)                                                  # (N,)
     zs = z - m[:, None]                                                 # (N, V) shifted, max 0
     log_s = np.log(np.sum(np.exp(zs), axis=-1)).astype(np.float64)      # (N,)
@@ -103,9 +112,12 @@ def _check_dloss(dloss, lead, reduction):
     return np.asarray(check_upstream("dloss", dloss, lead if reduction == "none" else ()), dtype=np.float64)
 
 
-def _check_inputs(logits, targets, ignore_index, reduction):
-    """Validate the logits, the targets (ids in [0, V) or ``ignore_index``) and ``reduction``."""
-    check_float("logits", logits, min_ndim=1)
+def _check_inputs(logits, targets, ignore_index, reduction, scan=True):
+    """Validate the logits, the targets (ids in [0, V) or ``ignore_index``) and ``reduction``.
+
+    ``scan=False``: the logits' values are not read here (the caller's kernel tests finiteness).
+    """
+    check_float("logits", logits, min_ndim=1, scan=scan)
     if reduction not in REDUCTIONS:
         raise ValueError(f"reduction: expected one of {REDUCTIONS}, got {reduction!r}")
     targets = check_int("targets", targets, low=0, high=logits.shape[-1], allow=ignore_index)

@@ -86,6 +86,48 @@ def _sumexp_impl(x, shift, scale):
 
 
 @njit(cache=True)
+def nonfinite(x):
+    """How many elements of a 1-D block are NaN or +-inf (``x - x`` is 0 exactly for the finite ones).
+
+    No fastmath: with 'reassoc'/'nsz' LLVM folded ``x - x`` to 0 (measured, NaN rows passed); the
+    count is an integer reduction, which vectorises without any flag (one subtract, compare and
+    add per element, from L1 right after the block's exponentials).
+    """
+    cnt = 0
+    for j in range(x.shape[0]):
+        cnt += not (x[j] - x[j] == 0.0)
+    return cnt
+
+
+@njit(cache=True)
+def row_logsumexp_checked(z, i, inv_t, check):
+    """:func:`row_logsumexp` and, when ``check``, whether row i is all finite: (c, log_s, finite).
+
+    The finiteness test rides on the same read of the row (:func:`nonfinite` per block), so the
+    caller needs no separate pass over the logits (``refimpl.core.cross_entropy`` raises on False).
+    """
+    v = z.shape[1]
+    scale = cast_like(z[i, 0], inv_t)
+    c = np.float64(fast_max(z[i, 0:min(BLOCK, v)]))
+    s = 0.0
+    bad = 0
+    for b0 in range(0, v, BLOCK):
+        x = z[i, b0:min(b0 + BLOCK, v)]
+        shift = cast_like(z[i, 0], c if c > -np.inf else 0.0)
+        bs = np.float64(sumexp(x, shift, scale))
+        if check:
+            bad += nonfinite(x)
+        if not bs < BIG or c == -np.inf:            # rare: redo the block from its own maximum
+            mb = np.float64(fast_max(x))
+            if mb > c:
+                s *= np.exp((c - mb) * inv_t)
+                c = mb
+                bs = np.float64(sumexp(x, cast_like(z[i, 0], c), scale))
+        s += bs
+    return c, np.log(s), bad == 0
+
+
+@njit(cache=True)
 def row_logsumexp(z, i, inv_t):
     """(c, log_s) for row i, float64: a shift c and log sum_j exp((z[i, j] - c) * inv_t).
 
@@ -95,22 +137,8 @@ def row_logsumexp(z, i, inv_t):
     ``log(BIG) / inv_t`` of its maximum, so ``exp((z - c) * inv_t - log_s)`` is the softmax without
     overflow; most blocks need no maximum at all (that pass cost a quarter of the forward).
     """
-    v = z.shape[1]
-    scale = cast_like(z[i, 0], inv_t)
-    c = np.float64(fast_max(z[i, 0:min(BLOCK, v)]))
-    s = 0.0
-    for b0 in range(0, v, BLOCK):
-        x = z[i, b0:min(b0 + BLOCK, v)]
-        shift = cast_like(z[i, 0], c if c > -np.inf else 0.0)
-        bs = np.float64(sumexp(x, shift, scale))
-        if not bs < BIG or c == -np.inf:            # rare: redo the block from its own maximum
-            mb = np.float64(fast_max(x))
-            if mb > c:
-                s *= np.exp((c - mb) * inv_t)
-                c = mb
-                bs = np.float64(sumexp(x, cast_like(z[i, 0], c), scale))
-        s += bs
-    return c, np.log(s)
+    c, ls, _ = row_logsumexp_checked(z, i, inv_t, False)
+    return c, ls
 
 
 @njit(cache=True)
@@ -152,20 +180,25 @@ def row_grad(z, i, t, m, log_s, c, inv_t, out):
 
 
 @njit(cache=True, parallel=True)
-def logp_rows(z, tokens, inv_t, ignore_index):
+def logp_rows(z, tokens, inv_t, ignore_index, finite=None):
     """log softmax(z / tau)[token] (C,) float64 (0 where ignored), with each row's shift and log-sum (C,).
 
     Twin of ``refimpl.distill.fused._logp_rows``; the cross-entropy loss is ``-logp`` and the
     log-sum-exp ``rowmax * inv_t + logsum``. ``rowmax`` is the shift of :func:`row_logsumexp` (an
     element of the row within ``log(BIG) / inv_t`` of its maximum; the NumPy twin returns the maximum
-    itself): any shift gives the same log-sum-exp.
+    itself): any shift gives the same log-sum-exp. ``finite`` (C,) bool, if given, receives whether
+    each row is all finite (ignored rows included), tested in the same pass.
     """
     n = z.shape[0]
     logp = np.zeros(n)
     rowmax = np.empty(n)
     logsum = np.empty(n)
     for i in prange(n):
-        m, ls = row_logsumexp(z, i, inv_t)
+        if finite is None:
+            m, ls = row_logsumexp(z, i, inv_t)
+        else:
+            m, ls, ok = row_logsumexp_checked(z, i, inv_t, True)
+            finite[i] = ok
         rowmax[i] = m
         logsum[i] = ls
         t = tokens[i]
@@ -193,10 +226,11 @@ def ce_grad_rows(z, targets, rowmax, logsum, row_scale, inv_t, ignore_index, out
 
 
 @njit(cache=True, parallel=True)
-def ce_loss_grad_rows(z, targets, row_scale, inv_t, ignore_index, out):
+def ce_loss_grad_rows(z, targets, row_scale, inv_t, ignore_index, out, finite=None):
     """Cross-entropy of softmax(z / tau) per row (C,) float64 and its gradient (C, V) in one sweep.
 
     Twin of ``refimpl.distill.fused._ce_rows`` (which allocates ``out``); ignored rows give 0 and 0.
+    ``finite`` (C,) bool, if given, receives whether each row is all finite (ignored rows too).
     """
     n, v = z.shape
     loss = np.zeros(n)
@@ -205,8 +239,14 @@ def ce_loss_grad_rows(z, targets, row_scale, inv_t, ignore_index, out):
         if t == ignore_index:
             for j in range(v):
                 out[i, j] = 0.0
+            if finite is not None:
+                finite[i] = nonfinite(z[i]) == 0
             continue
-        m, ls = row_logsumexp(z, i, inv_t)
+        if finite is None:
+            m, ls = row_logsumexp(z, i, inv_t)
+        else:
+            m, ls, ok = row_logsumexp_checked(z, i, inv_t, True)
+            finite[i] = ok
         loss[i] = ls - (np.float64(z[i, t]) - m) * inv_t
         row_grad(z, i, t, m, ls, row_scale[i] * inv_t, inv_t, out)
     return loss, out

@@ -78,3 +78,27 @@ def test_extreme_rows_and_all_ignored(dtype):
     assert np.isfinite(dz).all() and not dz[:2].any()
     loss, dz = core.cross_entropy(z, np.full(3, -100), 1.0, backend="numba")
     assert loss == 0 and not dz.any()
+
+
+@given(rng=rst.seeds(), dtype=st.sampled_from([np.float32, np.float64]),
+       bad=st.sampled_from([np.nan, np.inf, -np.inf]), v=st.sampled_from([5, BLOCK + 3, 3 * BLOCK]),
+       ignored=st.booleans(), grad=st.booleans())
+def test_nonfinite_logits_raise_the_same_error_through_both_backends(rng, dtype, bad, v, ignored, grad):
+    """The numba path tests finiteness inside its row pass; NaN, inf or -inf anywhere in any row
+    (an ignored row too, in any block) raises the NumPy path's ValueError naming ``logits``."""
+    n = 4
+    z = rng.standard_normal((n, v)).astype(dtype)                         # (N, V)
+    t = rng.integers(0, v, size=n)
+    row, col = rng.integers(0, n), rng.integers(0, v)
+    z[row, col] = bad
+    if ignored:
+        t[row] = -100
+    messages = []
+    for backend in ("numpy", "numba"):
+        with pytest.raises(ValueError, match=r"^logits: contains NaN or inf") as e:
+            core.cross_entropy(z, t, backend=backend, grad=grad)
+        messages.append(str(e.value))
+    assert messages[0] == messages[1]
+    z[row, col] = 0.0                                                    # the same rows, finite: no error
+    close(core.cross_entropy(z, t, backend="numba", grad=grad)[0], core.cross_entropy(z, t, backend="numpy")[0],
+          dtype)
