@@ -8,7 +8,8 @@ greedy softmax routing with scale 1, float32. Cases:
   vs the same layer in torch written as HF does it (``torch.where`` per expert, ``index_add_``),
   differentiated by autograd. GEMM-bound: FLOPs are declared.
 * ``moe/experts-fwd+bwd`` -- only the per-expert GEMMs (forward + backward) on dispatched rows, to
-  read the fraction of the GEMM peak the expert loop reaches.
+  read the fraction of the GEMM peak the expert loop reaches; the Numba variant runs the SwiGLU
+  between the GEMMs as the fused twin (``experts_forward(..., backend="numba")``).
 * ``moe/dispatch+combine`` -- the data movement alone: plan, dispatch, combine and their backwards
   (the part with a Numba twin), every output written into a buffer reused from the previous call
   (``out=``; torch: ``out=`` and in-place index assignment), the steady state of a training loop;
@@ -150,12 +151,18 @@ def moe_experts(quick: bool) -> Case:
                             "forward + backward (3 + 6 GEMMs per expert).",
                 flops=18.0 * rows * cfg.hidden_size * cfg.moe_intermediate_size)
 
-    def fn():
-        ys, c = experts_forward(xs, params["experts"], plan.offsets)
-        dxs, dex = experts_backward(dys, c)
-        return ys, dxs, dex["gate_proj"], dex["down_proj"]
-    case.add(NUMPY, fn)
-    case.check = lambda outs: None              # one variant: nothing to compare against
+    def refimpl(backend):
+        def fn():
+            ys, c = experts_forward(xs, params["experts"], plan.offsets, backend=backend)
+            dxs, dex = experts_backward(dys, c)
+            return ys, dxs, dex["gate_proj"], dex["down_proj"]
+        return fn
+    case.add(NUMPY, refimpl("numpy"))
+    # the same GEMMs; the SwiGLU between them is the fused twin (refimpl.kernels.activations_nb)
+    case.add(NUMBA, refimpl("numba"), jit=numba_dispatchers(kernel("activations_nb")))
+    # float32 SwiGLU values differ by a few ulp (exp32 vs NumPy's tanh form), then go through GEMMs
+    case.check = lambda outs: assert_outputs_close(outs, rtol=1e-4, atol_scale=1e-5,
+                                                   labels=("ys", "dxs", "dgate_proj", "ddown_proj"))
     return case
 
 

@@ -22,7 +22,7 @@ import numpy as np
 
 from .._validate import check_int, check_integer
 from ..backend import kernel, resolve_backend
-from ..core.activations import swiglu_backward, swiglu_forward
+from ..core.activations import SwiGLUCache, swiglu_backward, swiglu_forward
 from ..core.linear import active_gemm
 
 
@@ -175,7 +175,7 @@ class ExpertsCache(NamedTuple):
     gemms: tuple | None = None  # low-precision GEMM providers of (gate, up, down), or None
 
 
-def experts_forward(xs, experts, offsets):
+def experts_forward(xs, experts, offsets, *, backend="numpy"):
     r"""Every routed expert's SwiGLU FFN on its block of rows: one GEMM per expert and projection.
 
     .. math:: \mathrm{FFN}_e(u) = W_2^{(e)}\bigl(\mathrm{silu}(W_1^{(e)} u) \odot W_3^{(e)} u\bigr)
@@ -184,6 +184,13 @@ def experts_forward(xs, experts, offsets):
     ``down_proj`` (E, D, I). Under a low-precision hook (:func:`refimpl.quant.fp8_autocast`, via
     :func:`refimpl.core.linear.active_gemm` on each stacked array) the per-expert GEMMs, forward and
     backward, go through the hook like any linear layer's.
+
+    ``backend``: ``"numba"`` (or ``"auto"``, ``None`` as in :mod:`refimpl.backend`) computes the
+    SwiGLU between the GEMMs with the fused twin :mod:`refimpl.kernels.activations_nb` (float32
+    only: with libm's scalar float64 ``exp`` the twin did not beat NumPy, so float64 stays on the
+    reference); the backward follows the forward's choice. The default is ``"numpy"``, not the
+    package default: :func:`refimpl.moe.moe_forward` calls this without ``backend``, so the MoE
+    layer's rounding (which the book's experiments depend on) is unchanged.
     Shapes: xs (A, D), offsets (E + 1,) -> ys (A, D), ExpertsCache.
     """
     wg, wu, wd = experts["gate_proj"], experts["up_proj"], experts["down_proj"]
@@ -197,7 +204,11 @@ def experts_forward(xs, experts, offsets):
     for e, r0, r1 in blocks:
         np.matmul(xs[r0:r1], wg[e].T, out=gate[r0:r1])                    # (n_e, I)
         np.matmul(xs[r0:r1], wu[e].T, out=up[r0:r1])                      # (n_e, I)
-    h, act = swiglu_forward(gate, up)                                     # (A, I)
+    if xs.dtype == np.float32 and resolve_backend(backend, work=gate.size) == "numba":
+        h = kernel("activations_nb").swiglu(gate, up)                     # (A, I) fused, one pass
+        act = SwiGLUCache(gate, up, None)         # no sig: the twin's backward recomputes it
+    else:
+        h, act = swiglu_forward(gate, up)                                 # (A, I)
     ys = np.empty((a, wd.shape[1]), dtype=xs.dtype)                       # (A, D)
     for e, r0, r1 in blocks:
         np.matmul(h[r0:r1], wd[e].T, out=ys[r0:r1])                       # (n_e, D)
@@ -220,7 +231,10 @@ def experts_backward(dys, cache):
         np.matmul(dys[r0:r1], wd[e], out=dh[r0:r1])                       # (n_e, I)
         np.matmul(dys[r0:r1].T, h[r0:r1], out=dwd[e])                     # (D, I)
     # forward: h = silu(gate) * up
-    dgate, dup = swiglu_backward(dh, act)                                 # (A, I)
+    if act.sig is None:                                                   # made by the Numba twin
+        dgate, dup = kernel("activations_nb").swiglu_grad(dh, act.gate, act.up)  # (A, I)
+    else:
+        dgate, dup = swiglu_backward(dh, act)                             # (A, I)
     dxs = np.empty_like(xs)                                               # (A, D)
     for e, r0, r1 in blocks:
         # forward: gate_e = xs_e @ wg[e].T,  up_e = xs_e @ wu[e].T
