@@ -9,8 +9,9 @@ function and the divergence's own options with their defaults (``beta`` of the g
 (:func:`~refimpl.distill.divergence_loss`), the fused LM head
 (:func:`~refimpl.distill.fused_linear_divergence`) and GKD (:func:`~refimpl.distill.gkd_loss`,
 ``GKDConfig.divergence``) take any entry by name. ``kernel_rows``, optional, is a Numba twin of the
-fused head's per-chunk pass for that divergence (only the generalized JSD has one; the others run
-the NumPy pass whatever ``backend`` says).
+fused head's per-chunk pass for that divergence (every built-in entry has one,
+:func:`refimpl.kernels.distill_nb.divergence_rows`; a registered divergence without one runs the
+NumPy pass whatever ``backend`` says).
 
 A new divergence is one :func:`register_divergence` call (or one line in :data:`DIVERGENCES`)
 plus its ``terms`` function. Hinton KD (hard labels) and sequence KD (cross-entropy on teacher
@@ -21,6 +22,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
+from functools import partial
 
 import numpy as np
 
@@ -98,19 +100,32 @@ def total_variation_terms(lq, q, lp, p):
     return 0.5 * np.abs(diff), 0.5 * np.sign(diff) * q                  # (N, V) each
 
 
+def divergence_kernel_rows(zs, zt, valid, row_scale, inv_t, *, divergence, **options):
+    """The Numba twin of the fused head's chunk pass for a built-in ``divergence``
+    (:func:`refimpl.kernels.distill_nb.divergence_rows`); ``options``: its one option, if any."""
+    param = next(iter(options.values()), 0.0)                          # beta or alpha
+    return kernel("distill_nb").divergence_rows(zs, np.ascontiguousarray(zt), valid, row_scale, divergence, param,
+                                                inv_t)
+
+
 def gjsd_kernel_rows(zs, zt, valid, row_scale, inv_t, beta):
     """The Numba twin of the fused head's generalized-JSD chunk pass (:mod:`refimpl.kernels.distill_nb`)."""
-    return kernel("distill_nb").gjsd_rows(zs, np.ascontiguousarray(zt), valid, row_scale, beta, inv_t)
+    return divergence_kernel_rows(zs, zt, valid, row_scale, inv_t, divergence="generalized_jsd", beta=beta)
 
 
 #: The divergences by name (TRL / paper names; ``generalized_jsd`` is GKD's, TRL's default loss).
 DIVERGENCES: dict[str, Divergence] = {
-    "forward_kl": Divergence("forward_kl", forward_kl_terms),
-    "reverse_kl": Divergence("reverse_kl", reverse_kl_terms),
+    "forward_kl": Divergence("forward_kl", forward_kl_terms, {},
+                             partial(divergence_kernel_rows, divergence="forward_kl")),
+    "reverse_kl": Divergence("reverse_kl", reverse_kl_terms, {},
+                             partial(divergence_kernel_rows, divergence="reverse_kl")),
     "generalized_jsd": Divergence("generalized_jsd", gjsd_terms, {"beta": 0.5}, gjsd_kernel_rows),
-    "skew_kl": Divergence("skew_kl", skew_kl_terms, {"alpha": 0.1}),
-    "skew_reverse_kl": Divergence("skew_reverse_kl", skew_reverse_kl_terms, {"alpha": 0.1}),
-    "total_variation": Divergence("total_variation", total_variation_terms),
+    "skew_kl": Divergence("skew_kl", skew_kl_terms, {"alpha": 0.1},
+                          partial(divergence_kernel_rows, divergence="skew_kl")),
+    "skew_reverse_kl": Divergence("skew_reverse_kl", skew_reverse_kl_terms, {"alpha": 0.1},
+                                  partial(divergence_kernel_rows, divergence="skew_reverse_kl")),
+    "total_variation": Divergence("total_variation", total_variation_terms, {},
+                                  partial(divergence_kernel_rows, divergence="total_variation")),
 }
 
 

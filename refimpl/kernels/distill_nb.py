@@ -18,29 +18,52 @@ from numba import njit, prange
 from .cross_entropy_nb import BLOCK, REDUCE, ce_grad_rows, ce_loss_grad_rows, logp_rows, row_logsumexp
 from .vecmath_nb import exp32, log32
 
-__all__ = ["gjsd_rows", "gjsd_rows32", "gjsd_rows64", "ce_rows", "logp_rows", "logp_grad_rows"]
+__all__ = ["divergence_rows", "gjsd_rows", "divergence_rows32", "divergence_rows64", "ce_rows", "logp_rows",
+           "logp_grad_rows"]
+
+
+#: Row modes of :func:`divergence_rows`: the table entries of :mod:`refimpl.distill.divergences`.
+MODES = {"forward_kl": 0, "reverse_kl": 1, "generalized_jsd": 2, "skew_kl": 3, "skew_reverse_kl": 4,
+         "total_variation": 5}
+
+
+def divergence_rows(zs, zt, valid, row_scale, divergence, param, inv_t):
+    """Divergence rows: loss (C,) float64 and d(sum_i row_scale[i] * loss_i)/dzs (C, V).
+
+    ``divergence``: a name of :data:`MODES`; ``param`` its option (beta of the generalized JSD,
+    alpha of the skew KLs, ignored otherwise). Rows with ``valid[i] == False`` give 0 and 0.
+    float32 logits go to :func:`divergence_rows32` (vectorised float32 exp/log, as the NumPy
+    reference computes in float32), float64 logits to :func:`divergence_rows64`.
+    """
+    mode = MODES[divergence]
+    if mode == 2 and param in (0.0, 1.0):       # TRL's special cases, as gjsd_terms
+        mode = 0 if param == 0.0 else 1
+    if zs.dtype == np.float32 and zt.dtype == np.float32:
+        return divergence_rows32(zs, zt, valid, row_scale, mode, float(param), inv_t)
+    return divergence_rows64(zs, zt, valid, row_scale, mode, float(param), inv_t)
 
 
 def gjsd_rows(zs, zt, valid, row_scale, beta, inv_t):
-    """Generalized JSD rows: loss (C,) float64 and d(sum_i row_scale[i] * loss_i)/dzs (C, V).
+    """Generalized JSD rows (:func:`divergence_rows` with ``beta``; 0 / 1 are forward / reverse KL)."""
+    return divergence_rows(zs, zt, valid, row_scale, "generalized_jsd", beta, inv_t)
 
-    ``beta`` 0 / 1 are forward / reverse KL exactly as in
-    :func:`refimpl.distill.losses.gjsd_terms`; rows with ``valid[i] == False`` give 0 and 0.
-    float32 logits go to :func:`gjsd_rows32` (vectorised float32 exp/log, as the NumPy reference
-    computes in float32), float64 logits to :func:`gjsd_rows64`.
-    """
-    if zs.dtype == np.float32 and zt.dtype == np.float32:
-        return gjsd_rows32(zs, zt, valid, row_scale, beta, inv_t)
-    return gjsd_rows64(zs, zt, valid, row_scale, beta, inv_t)
+
+@njit(cache=True)
+def logaddexp64(a, b):
+    """log(exp(a) + exp(b)) = max + log1p(exp(-|a - b|)), float64 (one of a, b finite)."""
+    return max(a, b) + np.log1p(np.exp(-abs(a - b)))
 
 
 @njit(cache=True)
 def jsd_block(x, y, u, q, e, cs, ls, ct, lt, sc, b, l1b, lb, mode):
     """One float32 block of a row: q = softmax(zs), u = dE/dlog q, e = E elementwise (fastmath off).
 
-    mode 0: forward KL, 1: reverse KL, 2: generalized JSD with log M = logaddexp(log q + log(1 - b),
-    log p + log b) written as ``max + log(1 + exp(-|a - b|))`` (exact in log space; no underflow
-    fallback needed). Three exp32 and one log32 per element, all vectorised.
+    ``mode`` (:data:`MODES`) 0: forward KL, 1: reverse KL, 2: generalized JSD with log M =
+    logaddexp(log q + log(1 - b), log p + log b) written as ``max + log(1 + exp(-|a - b|))`` (exact
+    in log space; no underflow fallback needed), 3 / 4: skew forward / reverse KL with ``b`` = alpha
+    (log M the same way, the formulas of :mod:`refimpl.distill.divergences`), 5: total variation.
+    ``lb``, ``l1b``: log b and log(1 - b) (-inf allowed: logaddexp then returns the other term).
+    At most four exp32 and one log32 per element, all vectorised.
     """
     one = np.float32(1.0)
     for j in range(x.shape[0]):
@@ -55,7 +78,7 @@ def jsd_block(x, y, u, q, e, cs, ls, ct, lt, sc, b, l1b, lb, mode):
             d = lq - lp
             e[j] = qj * d
             u[j] = qj * (d + one)
-        else:
+        elif mode == 2:
             a = lq + l1b
             c = lp + lb
             mx = a if a > c else c
@@ -63,6 +86,24 @@ def jsd_block(x, y, u, q, e, cs, ls, ct, lt, sc, b, l1b, lb, mode):
             uj = (one - b) * qj * (lq - lm)
             e[j] = b * pj * (lp - lm) + uj
             u[j] = uj
+        elif mode == 3:                         # skew KL: M = b p + (1 - b) q
+            a = lp + lb
+            c = lq + l1b
+            mx = a if a > c else c
+            lm = mx + log32(one + exp32(-abs(a - c)))
+            e[j] = pj * (lp - lm)
+            u[j] = -(one - b) * exp32(lp + lq - lm)
+        elif mode == 4:                         # skew reverse KL: M = (1 - b) p + b q
+            a = lp + l1b
+            c = lq + lb
+            mx = a if a > c else c
+            d = lq - (mx + log32(one + exp32(-abs(a - c))))
+            e[j] = qj * d
+            u[j] = qj * (d + one - exp32(lb + d))
+        else:                                   # total variation
+            diff = qj - pj
+            e[j] = np.float32(0.5) * abs(diff)
+            u[j] = np.float32(0.5) * np.sign(diff) * qj
         q[j] = qj
 
 
@@ -76,8 +117,8 @@ def sum32(x):
 
 
 @njit(cache=True, parallel=True)
-def gjsd_rows32(zs, zt, valid, row_scale, beta, inv_t):
-    """:func:`gjsd_rows` for float32 logits: per row two one-read log-sum-exps
+def divergence_rows32(zs, zt, valid, row_scale, mode, beta, inv_t):
+    """:func:`divergence_rows` for float32 logits: per row two one-read log-sum-exps
     (:func:`~refimpl.kernels.cross_entropy_nb.row_logsumexp`), one blockwise pass of vectorised
     float32 exp32/log32 producing the loss terms, q and dE/dlog q (block sums accumulate in float64),
     and one pass writing the gradient. Per-element arithmetic is float32, as the NumPy reference's.
@@ -85,10 +126,9 @@ def gjsd_rows32(zs, zt, valid, row_scale, beta, inv_t):
     n, v = zs.shape
     loss = np.zeros(n)
     out = np.empty_like(zs)
-    mode = 0 if beta == 0.0 else (1 if beta == 1.0 else 2)
     b = np.float32(beta)
-    lb = np.float32(np.log(beta) if beta > 0.0 else 0.0)
-    l1b = np.float32(np.log1p(-beta) if beta < 1.0 else 0.0)
+    lb = np.float32(np.log(beta) if beta > 0.0 else -np.inf)
+    l1b = np.float32(np.log1p(-beta) if beta < 1.0 else -np.inf)
     sc = np.float32(inv_t)
     for i in prange(n):
         o = out[i]
@@ -117,11 +157,11 @@ def gjsd_rows32(zs, zt, valid, row_scale, beta, inv_t):
 
 
 @njit(cache=True, parallel=True)
-def gjsd_rows64(zs, zt, valid, row_scale, beta, inv_t):
-    """:func:`gjsd_rows` for float64 logits (float64 arithmetic, libm exp/log).
+def divergence_rows64(zs, zt, valid, row_scale, mode, beta, inv_t):
+    """:func:`divergence_rows` for float64 logits (float64 arithmetic, libm exp/log).
 
-    ``beta`` 0 / 1 are forward / reverse KL exactly as in
-    :func:`refimpl.distill.losses.gjsd_terms`; rows with ``valid[i] == False`` give 0 and 0.
+    ``mode`` as :func:`jsd_block`'s, ``beta`` the divergence's parameter (alpha of the skew KLs);
+    rows with ``valid[i] == False`` give 0 and 0.
     Without SVML numba's exp/log are scalar calls, so the row's exponentials are kept in two
     float64 row buffers (3 transcendental calls per element instead of 7), and
     log M is ``log((1-beta) q + beta p)`` when that mixture is a normal float64
@@ -131,8 +171,8 @@ def gjsd_rows64(zs, zt, valid, row_scale, beta, inv_t):
     n, v = zs.shape
     loss = np.zeros(n)
     out = np.empty_like(zs)
-    lb = np.log(beta) if beta > 0.0 else 0.0
-    l1b = np.log1p(-beta) if beta < 1.0 else 0.0
+    lb = np.log(beta) if beta > 0.0 else -np.inf
+    l1b = np.log1p(-beta) if beta < 1.0 else -np.inf
     for i in prange(n):
         if not valid[i]:
             for j in range(v):
@@ -162,23 +202,32 @@ def gjsd_rows64(zs, zt, valid, row_scale, beta, inv_t):
             q = eq[j] / ss
             p = ep[j] / st
             eq[j] = q
-            if beta == 0.0:                     # forward KL(p || q)
+            if mode == 0:                       # forward KL(p || q)
                 e = p * (lp - lq)
                 u = -p
-            elif beta == 1.0:                   # reverse KL(q || p)
+            elif mode == 1:                     # reverse KL(q || p)
                 d = lq - lp
                 e = q * d
                 u = q * (d + 1.0)
-            else:
+            elif mode == 2:
                 mix = (1.0 - beta) * q + beta * p
                 if mix > 1e-300:
                     lm = np.log(mix)
                 else:
-                    a = lq + l1b
-                    b = lp + lb
-                    lm = max(a, b) + np.log1p(np.exp(-abs(a - b)))
+                    lm = logaddexp64(lq + l1b, lp + lb)
                 u = (1.0 - beta) * q * (lq - lm)
                 e = beta * p * (lp - lm) + u
+            elif mode == 3:                     # skew KL: M = beta p + (1 - beta) q (beta = alpha)
+                lm = logaddexp64(lp + lb, lq + l1b)
+                e = p * (lp - lm)
+                u = -(1.0 - beta) * np.exp(lp + lq - lm)
+            elif mode == 4:                     # skew reverse KL: M = (1 - beta) p + beta q
+                d = lq - logaddexp64(lp + l1b, lq + lb)
+                e = q * d
+                u = q * (d + 1.0 - np.exp(lb + d))
+            else:                               # total variation
+                e = 0.5 * abs(q - p)
+                u = 0.5 * np.sign(q - p) * q
             acc += e
             sum_u += u
             ep[j] = u
