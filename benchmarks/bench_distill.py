@@ -1,5 +1,7 @@
 """Chunked fused LM head + generalized JSD: refimpl chunked (NumPy, Numba) vs unchunked NumPy vs torch.
 
+(``distill/divergence-rows``, at the end, times only the row pass of the table's other divergences.)
+
 The distillation step of a small student on a large vocabulary: N = 8192 positions (4 sequences of
 2048), hidden size D = 1024, vocabulary V = 32768, float32, teacher given by its own hidden states
 (D_T = 1024) and LM head, GKD's generalized JSD with beta = 0.5, temperature 1, ``batchmean`` over
@@ -108,6 +110,37 @@ def fused_linear_jsd(quick: bool) -> Case:
         assert_outputs_close(outputs, reference=NUMPY, rtol=1e-4, atol_scale=1e-5, labels=("loss", "dh", "dW"))
 
     case.check = check
+    return case
+
+
+#: The table entries besides the generalized JSD (which has the case above), with their options.
+OTHER_DIVERGENCES = ("forward_kl", "reverse_kl", "skew_kl", "skew_reverse_kl", "total_variation")
+
+
+@register("distill/divergence-rows")
+def divergence_rows(quick: bool) -> Case:
+    """Only the per-chunk row pass (softmaxes, loss, dlogits) of every other divergence, no GEMMs."""
+    from refimpl.distill.divergences import divergence_options, get_divergence
+    from refimpl.distill.fused import divergence_rows as numpy_rows
+    n, v = (256, 4096) if quick else (1024, 32768)
+    rng = np.random.default_rng(4)
+    zs = 2.0 * rng.standard_normal((n, v), dtype=np.float32)            # (C, V) one chunk of logits
+    zt = 3.0 * rng.standard_normal((n, v), dtype=np.float32)            # (C, V)
+    valid = rng.random(n) > 0.1                                         # (C,)
+    row_scale = (valid / valid.sum()).astype(np.float32)                # (C,)
+    case = Case(params={"C": n, "V": v, "dtype": "float32", "divergences": ", ".join(OTHER_DIVERGENCES)},
+                bytes_moved=len(OTHER_DIVERGENCES) * 3 * zs.nbytes,
+                description="The fused head's per-chunk pass (two softmaxes, loss rows, dlogits) of forward KL, "
+                            "reverse KL, skew KL, skew reverse KL and total variation, one after another.")
+    entries = [(get_divergence(d), divergence_options(d)) for d in OTHER_DIVERGENCES]
+    case.add(NUMPY, lambda: tuple(numpy_rows(zs, zt, valid, row_scale, e.terms, o, 1.0) for e, o in entries))
+    case.add(NUMBA, lambda: tuple(e.kernel_rows(zs, zt, valid, row_scale, 1.0, **o) for e, o in entries),
+             jit=numba_dispatchers(kernel("distill_nb")))
+    case.skip(TORCH, "no torch counterpart of the row pass alone (the JSD case has the whole head)")
+    labels = tuple(f"{d}.{x}" for d in OTHER_DIVERGENCES for x in ("loss", "dz"))
+    # float32 per element on both sides (exp32/log32 vs NumPy's SIMD exp/log): as the JSD case
+    case.check = lambda outs: assert_outputs_close({k: sum(v, ()) for k, v in outs.items()}, rtol=1e-4,
+                                                   atol_scale=1e-5, labels=labels)
     return case
 
 
