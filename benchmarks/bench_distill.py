@@ -137,10 +137,16 @@ def divergence_rows(quick: bool) -> Case:
     case.add(NUMBA, lambda: tuple(e.kernel_rows(zs, zt, valid, row_scale, 1.0, **o) for e, o in entries),
              jit=numba_dispatchers(kernel("distill_nb")))
     case.skip(TORCH, "no torch counterpart of the row pass alone (the JSD case has the whole head)")
-    labels = tuple(f"{d}.{x}" for d in OTHER_DIVERGENCES for x in ("loss", "dz"))
-    # float32 per element on both sides (exp32/log32 vs NumPy's SIMD exp/log): as the JSD case
-    case.check = lambda outs: assert_outputs_close({k: sum(v, ()) for k, v in outs.items()}, rtol=1e-4,
-                                                   atol_scale=1e-5, labels=labels)
+    def check(outs):
+        for i, d in enumerate(OTHER_DIVERGENCES):
+            # float32 per element on both sides (exp32/log32 vs NumPy's SIMD exp/log): as the JSD case.
+            # Total variation's subgradient sign(q - p) q / 2 jumps by q where q and p agree to
+            # rounding, and the two sides round q differently: at full size 4 of 33.5M elements
+            # differed by up to 5e-4 of the largest entry, so its dz is compared at 1e-3 of the scale.
+            atol = 1e-3 if d == "total_variation" else 1e-5
+            assert_outputs_close({k: v[i] for k, v in outs.items()}, rtol=1e-4, atol_scale=atol,
+                                 labels=(f"{d}.loss", f"{d}.dz"))
+    case.check = check
     return case
 
 

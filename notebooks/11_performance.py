@@ -196,7 +196,8 @@ assert len(twin) >= 3, "every benchmark with a Numba twin should have run"
 #   fits in cache and a parallel region's start-up weighs more, so the margins shrink; the full-shape
 #   run (`make bench`) is the one to judge a twin by.
 # * **Where the work is a few large matrix products** (the MLA prefill, the expert GEMMs), both
-#   variants call the same BLAS and a twin has little to win; those cases have no twin.
+#   variants call the same BLAS and a twin has little to win: the MLA prefill has no twin, and the
+#   experts' twin (`moe/experts-fwd+bwd`) only fuses the SwiGLU between the GEMMs.
 # * **PyTorch is the bar for the fused losses.** Its CPU kernels are vectorised C++; a ratio below 1
 #   against torch is a known gap, shown here rather than hidden.
 # * **Small shapes exaggerate overheads.** A call of tens of microseconds weighs Python dispatch and

@@ -75,10 +75,12 @@ def test_every_divergence_row_twin_matches_numpy(data, name, dtype, temperature,
     kw = dict(divergence=name, teacher_hidden=zt, teacher_weight=eye, temperature=temperature, chunk_size=3, **opts)
     want = distill.fused_linear_divergence(zs, eye, labels, backend="numpy", **kw)
     got = distill.fused_linear_divergence(zs, eye, labels, backend="numba", **kw)
-    for g, w in zip(got, want, strict=True):
+    for k, (g, w) in enumerate(zip(got, want, strict=True)):
         assert g.dtype == dtype and np.isfinite(g).all()
         # float64: rounding of a different evaluation order only; float32: both sides compute per
-        # element in float32 (see test_gjsd_rows32_matches_numpy for the 1e-4 of the scale)
-        t = 1e-9 if dtype == np.float64 else 1e-4
-        np.testing.assert_allclose(g, w, rtol=t, atol=t * max(1.0, np.abs(w).max()))
+        # element in float32 (see test_gjsd_rows32_matches_numpy: 1e-4 of the scale for the loss and
+        # dh = dZ, 1e-3 for dW = dZ^T h, which multiplies dZ's rounding by the logits, up to ~100)
+        t = 1e-9 if dtype == np.float64 else (1e-3 if k == 2 else 1e-4)
+        np.testing.assert_allclose(g, w, rtol=1e-9 if dtype == np.float64 else 1e-4,
+                                   atol=t * max(1.0, np.abs(w).max()))
     assert not got[1][labels == -100].any()                              # masked rows: no gradient
