@@ -60,6 +60,14 @@ def logaddexp64(a, b):
 
 
 @njit(cache=True)
+def probs(x, y, j, cs, ls, ct, lt, sc):
+    """(log q, log p, q, p) at element j of a float32 block (shifts, log-sums and scale as jsd_block's)."""
+    lq = (x[j] - cs) * sc - ls
+    lp = (y[j] - ct) * sc - lt
+    return lq, lp, exp32(lq), exp32(lp)
+
+
+@njit(cache=True)
 def jsd_block(x, y, u, q, e, cs, ls, ct, lt, sc, b, l1b, lb, mode):
     """One float32 block of a row: q = softmax(zs), u = dE/dlog q, e = E elementwise (fastmath off).
 
@@ -68,48 +76,61 @@ def jsd_block(x, y, u, q, e, cs, ls, ct, lt, sc, b, l1b, lb, mode):
     in log space; no underflow fallback needed), 3 / 4: skew forward / reverse KL with ``b`` = alpha
     (log M the same way, the formulas of :mod:`refimpl.distill.divergences`), 5: total variation.
     ``lb``, ``l1b``: log b and log(1 - b) (-inf allowed: logaddexp then returns the other term).
-    At most four exp32 and one log32 per element, all vectorised.
+    At most four exp32 and one log32 per element. One loop per mode, the branch outside: with the
+    six-way branch inside one loop LLVM vectorised none of them (measured 47 ms against 5.6 ms for
+    200 rows of 32768, forward KL), and the log-space sum is written out in each loop because
+    through a helper function the loop did not vectorise either (183 ms against 16 ms, JSD).
     """
     one = np.float32(1.0)
-    for j in range(x.shape[0]):
-        lq = (x[j] - cs) * sc - ls
-        lp = (y[j] - ct) * sc - lt
-        qj = exp32(lq)
-        pj = exp32(lp)
-        if mode == 0:
+    n = x.shape[0]
+    if mode == 0:                               # forward KL(p || q)
+        for j in range(n):
+            lq, lp, qj, pj = probs(x, y, j, cs, ls, ct, lt, sc)
             e[j] = pj * (lp - lq)
             u[j] = -pj
-        elif mode == 1:
+            q[j] = qj
+    elif mode == 1:                             # reverse KL(q || p)
+        for j in range(n):
+            lq, lp, qj, pj = probs(x, y, j, cs, ls, ct, lt, sc)
             d = lq - lp
             e[j] = qj * d
             u[j] = qj * (d + one)
-        elif mode == 2:
+            q[j] = qj
+    elif mode == 2:                             # generalized JSD
+        for j in range(n):
+            lq, lp, qj, pj = probs(x, y, j, cs, ls, ct, lt, sc)
             a = lq + l1b
             c = lp + lb
-            mx = a if a > c else c
-            lm = mx + log32(one + exp32(-abs(a - c)))
+            lm = (a if a > c else c) + log32(one + exp32(-abs(a - c)))
             uj = (one - b) * qj * (lq - lm)
             e[j] = b * pj * (lp - lm) + uj
             u[j] = uj
-        elif mode == 3:                         # skew KL: M = b p + (1 - b) q
+            q[j] = qj
+    elif mode == 3:                             # skew KL: M = b p + (1 - b) q
+        for j in range(n):
+            lq, lp, qj, pj = probs(x, y, j, cs, ls, ct, lt, sc)
             a = lp + lb
             c = lq + l1b
-            mx = a if a > c else c
-            lm = mx + log32(one + exp32(-abs(a - c)))
+            lm = (a if a > c else c) + log32(one + exp32(-abs(a - c)))
             e[j] = pj * (lp - lm)
             u[j] = -(one - b) * exp32(lp + lq - lm)
-        elif mode == 4:                         # skew reverse KL: M = (1 - b) p + b q
+            q[j] = qj
+    elif mode == 4:                             # skew reverse KL: M = (1 - b) p + b q
+        for j in range(n):
+            lq, lp, qj, pj = probs(x, y, j, cs, ls, ct, lt, sc)
             a = lp + l1b
             c = lq + lb
-            mx = a if a > c else c
-            d = lq - (mx + log32(one + exp32(-abs(a - c))))
+            d = lq - ((a if a > c else c) + log32(one + exp32(-abs(a - c))))
             e[j] = qj * d
             u[j] = qj * (d + one - exp32(lb + d))
-        else:                                   # total variation
+            q[j] = qj
+    else:                                       # total variation
+        for j in range(n):
+            lq, lp, qj, pj = probs(x, y, j, cs, ls, ct, lt, sc)
             diff = qj - pj
             e[j] = np.float32(0.5) * abs(diff)
             u[j] = np.float32(0.5) * np.sign(diff) * qj
-        q[j] = qj
+            q[j] = qj
 
 
 @njit(cache=True, fastmath=REDUCE)
