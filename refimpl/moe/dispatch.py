@@ -12,6 +12,8 @@ all-to-all of expert parallelism sends, V3 §3.2.2). The bookkeeping is a :class
 Both directions are written as *gathers* indexed by ``pos`` (never scatter-adds), so the Numba
 twins in :mod:`refimpl.kernels.moe_nb` run over tokens in parallel without races. Optional V2-style
 device-level token dropping (:func:`capacity_keep`) decides which copies are dispatched at all.
+The four data-movement functions take an optional ``out=`` buffer (validated by :func:`check_out`),
+so a training loop can reuse its (A, D) and (N, D) arrays instead of faulting in fresh pages.
 """
 
 from __future__ import annotations
