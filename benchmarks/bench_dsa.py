@@ -1,6 +1,7 @@
 """DSA decode vs dense MLA decode (DeepSeek-V3.2 sparse attention), refimpl-NumPy vs torch.
 
-One new token against a cache of S = 4k or 16k earlier tokens, batch 1, float32, one layer with
+One new token against a cache of S = 4k (``dsa/decode-medium``) or 16k (``dsa/decode-long``) earlier
+tokens (the quick shapes use 1/16 of each, hence names that do not state a size), batch 1, float32, one layer with
 DeepSeek-V3's attention shapes (H = 128, Dq = 1536, Dc = 512, Dr = 64, Dn = Dv = 128) and V3.2's
 indexer (64 heads of 128, ``index_topk`` = 2048); the hidden size is cut to 1024 (it only sizes the
 token's own projections, which do not grow with S). Variants:
@@ -92,6 +93,7 @@ def _to_torch(torch, tree):
 
 
 def _decode_case(context, quick):
+    # names say medium / long, not a size: the quick page runs each at 1/16 of its context
     s = context // 16 if quick else context
     cfg = dsa_bench_config(quick)
     k, di = int(cfg.extra["index_topk"]), int(cfg.extra["index_head_dim"])
@@ -136,11 +138,11 @@ def _decode_case(context, quick):
     return case
 
 
-@register("dsa/decode-4k")
-def decode_4k(quick: bool) -> Case:
+@register("dsa/decode-medium")
+def decode_medium(quick: bool) -> Case:
     return _decode_case(4096, quick)
 
 
-@register("dsa/decode-16k")
-def decode_16k(quick: bool) -> Case:
+@register("dsa/decode-long")
+def decode_long(quick: bool) -> Case:
     return _decode_case(16384, quick)
