@@ -10,25 +10,52 @@ same order) with the same batch size and learning rate, and differ in their targ
 * **think first**: ``47+85=`` → ``<think>7+5=12,4+8+1=13</think><answer>132</answer>`` — the
   column sums, least significant first, carries written (:class:`~refimpl.tasks.AdditionTask`).
 
-The direct model gets ``direct_steps`` (5×) the think-first model's ``steps``: an answer of a few
-tokens carries little training signal per example, and with equal steps the direct model learns
-nothing at all (an earlier version of this recipe: 0.5% at every length), which says little about
-*length*. With the larger budget it learns the short sums, and the comparison is about how
-accuracy falls with the number of digits. Both are evaluated greedily on held-out problems whose
-two operands both have ``d`` digits, for each ``d`` in ``eval_digits``, including lengths longer
-than any training problem (``train_max_digits``); held-out prompts are kept out of the training data.
+Training problems: both operands have ``d`` digits, ``d`` uniform in 1..``train_max_digits`` (4 by
+default), so each trained length gets a quarter of the rows. With operand lengths drawn
+independently (``equal_lengths=False``: only 1/16 of the rows have two 4-digit operands) the direct
+model failed to learn even the 2-digit sums in two seeds of three (5% and 9% after 5000 steps).
+Evaluation: greedy, on held-out problems whose operands both have ``d`` digits, for each ``d`` in
+``eval_digits`` (2..6 by default: 2, 3, 4 trained, 5 and 6 longer than any training problem);
+held-out prompts are kept out of the training data. "Overall" is the mean over the evaluated
+lengths; ``_seen`` and ``_beyond`` split it.
+
+Budgets: the direct model gets more steps, ``direct_steps=5000`` against ``steps=3000``: an answer
+of a few tokens carries little training signal per example, and with equal steps the direct model
+learned nothing at all (an earlier version: 0.5% at every length). Its rows are shorter (14 tokens
+on average against 33), so it still trains on fewer tokens (about 0.7×, the result's ``tokens``):
+this is not an equal-compute comparison but an equal-data one, with the steps tilted towards the
+direct model. At 1500 think-first steps the model that thinks first had not yet learned the 4-digit
+sums in one seed of two (2%), hence 3000.
 
 Why the gap should grow with length: a direct answer must produce the leading digit first, and
 it depends on every carry below it, all computed in one forward pass; the trace turns the sum
 into a chain of one-digit additions, each depending only on two prompt digits and the previous
 carry, the same work at every length.
 
-**Measured** (``python -m refimpl cot-ablation``, defaults: 20000 training problems of 1..3 digits
-per operand, 1000 steps of 32 rows for think first and 5000 for direct, 64 held-out problems per
-length, seed 0): think first 98.4% and 89.1% at 2 and 3 digits, direct 93.8% and 39.1%: the gap
-grows from 5 to 50 points. Beyond the training lengths (4 and 5 digits) both score 0%: neither
-model generalises to numbers longer than it has seen. Over the trained lengths 93.8% against
-66.4%; over all four lengths 46.9% against 33.2%.
+**Measured** (the defaults, i.e. ``python -m refimpl cot-ablation --seeds 3``, each seed run as its
+own call with ``seeds=1``; default backend, one thread; 20000 training problems, 3000 and 5000
+steps of 32 rows, 64 held-out problems per length). Held-out accuracy, think first / direct, in %:
+
+=======  ===========  ===========  ===========  ============  ===========================
+seed     2 digits     3 digits     4 digits     5, 6 digits   all five lengths (gap)
+=======  ===========  ===========  ===========  ============  ===========================
+0        100 / 85.9   100 / 3.1    100 / 0      0 / 0         60.0 / 17.8 (+42.2)
+1        100 / 95.3   100 / 6.2    100 / 3.1    0 / 0         60.0 / 20.9 (+39.1)
+2        100 / 70.3   98.4 / 1.6   96.9 / 0     0 / 0         59.1 / 14.4 (+44.7)
+=======  ===========  ===========  ===========  ============  ===========================
+
+Overall gap 42.0 ± 1.6 points (mean ± standard error over the three seeds), at least 39 in each;
+over the trained lengths 99.5% against 29.5%. Within the training lengths the gap grows with
+length in every seed (2 → 4 digits: 14 → 100, 5 → 97, 30 → 97 points): the direct model learns
+the 2-digit sums and little else. Beyond them (5 and 6 digits) both models score 0 in every seed:
+neither generalises to numbers longer than it has seen, so there the gap is 0 and the claim "the
+gap grows with length" holds over the trained lengths only. Earlier designs, for comparison (seed
+0 unless said): operands of 1..3 digits, think first 1000 steps: gap +13.7 over 2..5 digits (3, 4,
+5 beyond, all 0); 1..5 digits with 1000 think-first steps: the think-first model lost to the direct
+one at 3..5 digits (-7.2 overall); 1..4 digits drawn independently: the direct model at 5% and 9%
+on 2-digit sums in seeds 0 and 1 (gap roughly flat). The runs took ~1400 s per seed on a machine
+shared with several other jobs (2 cores, load 7 to 10); not measured on an idle machine, nor with
+``REFIMPL_BACKEND=numpy``.
 """
 
 from __future__ import annotations
@@ -47,7 +74,7 @@ from ._cache import mean_se
 from .r1 import SOURCES, r1_model_config
 
 COT_SOURCES = SOURCES + ("recipes/cot.py",)
-STEPS, DIRECT_STEPS = 1500, 5000     # the defaults: think first, direct
+STEPS, DIRECT_STEPS = 3000, 5000     # the defaults: think first, direct
 MAX_DIGITS = 9                       # AdditionTask's longest operands; their rows fit cot_model_config
 
 
