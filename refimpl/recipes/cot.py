@@ -133,8 +133,8 @@ def cot_ablation_seed(steps, seed, progress, cache_dir, *, direct_steps, n_train
     if cache_dir is not None and (hit := _cache.load(cache_dir, key, config, ["direct", "think"])) is not None:
         return {**hit[1], "cached": True}
     t0 = time.perf_counter()
-    data = dict(zip(("direct", "think"), cot_data(n_train, seed, train_max_digits, eval_digits, eval_n,
-                                                              equal_lengths=equal_lengths), strict=True))
+    pairs = cot_data(n_train, seed, train_max_digits, eval_digits, eval_n, equal_lengths=equal_lengths)
+    data = dict(zip(("direct", "think"), pairs, strict=True))
     init = init_params(config, np.random.default_rng(seed), np.float32)
     trained, history, tokens = {}, {}, {}
     for style, pairs in data.items():
@@ -181,7 +181,8 @@ def cot_ablation_run(steps=STEPS, seed=0, progress=True, cache_dir=None, *, seed
     :func:`~refimpl.rl.trainer.sft_train` (``steps`` steps for think first, ``direct_steps`` for
     direct) on ``batch_size`` rows drawn with the same seed (loss on the completion only), learning
     rate ``lr`` with warmup and cosine decay, on ``n_train`` problems whose operands have
-    1..``train_max_digits`` digits. Evaluation: greedy, ``eval_n`` held-out problems per number of
+    1..``train_max_digits`` digits (both the same number, unless ``equal_lengths`` is False; see
+    :func:`cot_data`). Evaluation: greedy, ``eval_n`` held-out problems per number of
     digits in ``eval_digits``.
 
     Returns a dict: ``accuracy_with_cot``, ``accuracy_without_cot`` and ``gap`` (held-out accuracy,
