@@ -295,16 +295,16 @@ print(m, logits.dtype, logits.shape)
 # before the answer gets more answers right than one that answers at once. The recipe
 # `refimpl.recipes.cot` measures it with everything else held fixed. Two copies of one
 # initialisation of the policy of {doc}`07_r1` (this chapter's model without its MTP module)
-# are fine-tuned on the same training problems, drawn in the same order, and differ in the target:
-# `<answer>132</answer>` (**direct**) or `<think>7+5=12,4+8+1=13</think><answer>132</answer>`
+# are fine-tuned on the same training problems, drawn in the same order, and differ only in the
+# target: `<answer>132</answer>` (**direct**) or `<think>7+5=12,4+8+1=13</think><answer>132</answer>`
 # (**think first**). An answer of a few tokens carries little signal per example, and with equal
-# steps the direct model learned nothing at any length; so it gets five times the steps of the
-# model that thinks first, enough to learn two-digit sums, and the question becomes how accuracy
-# falls with length. Both are evaluated greedily on held-out problems whose two operands both
-# have $d$ digits; the training operands have at most three digits, so four and five digits lie
-# beyond anything either model saw. The chapter runs the command line's defaults
-# (`python -m refimpl cot-ablation`: 1000 steps for think first, 5000 for direct, a few minutes
-# of CPU), cached in `notebooks/_cache`.
+# steps the direct model learned nothing at any length; so it gets more steps than the model that
+# thinks first (the cell below prints both budgets, and the tokens each model trained on). Both
+# are then evaluated greedily on held-out problems whose two operands both have $d$ digits, for
+# lengths inside the training range and beyond it. The chapter runs the command line's defaults
+# (`python -m refimpl cot-ablation`, one seed; `--seeds 3` repeats the run with other
+# initialisations and draws of the training problems and reports means with standard errors),
+# cached in `notebooks/_cache`.
 
 # %%
 from refimpl.recipes.cot import cot_ablation_run  # noqa: E402
@@ -312,31 +312,33 @@ from refimpl.recipes.cot import cot_ablation_run  # noqa: E402
 t0 = time.perf_counter()
 cot = cot_ablation_run(cache_dir="_cache", progress=False)   # the CLI's defaults
 print(f"{'loaded from the cache' if cot['cached'] else 'trained'} in {time.perf_counter() - t0:.0f} s "
-      f"({cot['seconds']:.0f} s when computed); steps: {cot['steps']}")
+      f"({cot['seconds']:.0f} s when computed); seeds: {[s['seed'] for s in cot['per_seed']]}; steps: "
+      f"{cot['steps']}; training tokens: {cot['tokens']}; training operands of 1 to {cot['train_max_digits']} digits")
 rows = cot["per_length"]
 for r in rows:
     print(f"{r['digits']} digits{' (beyond training)' if r['beyond_training'] else '':20s} "
-          f"think first {r['with_cot']:6.1%}   direct {r['without_cot']:6.1%}   "
-          f"gap {100 * (r['with_cot'] - r['without_cot']):+4.0f} points")
-print(f"trained lengths: think first {cot['accuracy_with_cot_seen']:.1%}, direct "
-      f"{cot['accuracy_without_cot_seen']:.1%}; all lengths: {cot['accuracy_with_cot']:.1%} against "
-      f"{cot['accuracy_without_cot']:.1%}")
+          f"think first {r['with_cot']:6.1%}   direct {r['without_cot']:6.1%}   gap {100 * r['gap']:+4.0f} points")
+for where, label in (("", "all lengths"), ("_seen", "trained lengths"), ("_beyond", "beyond training")):
+    print(f"{label:16s} think first {cot['accuracy_with_cot' + where]:6.1%}   direct "
+          f"{cot['accuracy_without_cot' + where]:6.1%}   gap {100 * cot['gap' + where]:+5.1f} points")
 for style in ("direct", "think"):
     print(f"{style}, 3 digits:", *(f"{p}{c} {'✓' if ok else '✗'}" for p, c, ok in cot["samples"][f"{style}/3"][:2]))
 seen = [r for r in rows if not r["beyond_training"]]
-gaps = [r["with_cot"] - r["without_cot"] for r in seen]
-assert len(seen) >= 2 and all(g >= 0 for g in gaps)        # thinking first never loses on trained lengths
-assert gaps[-1] > gaps[0]                                  # and its lead is larger on the longest trained sums
-assert seen[0]["without_cot"] >= 0.8                       # the direct model has learned the short sums
-assert all(r["with_cot"] <= 0.05 and r["without_cot"] <= 0.05 for r in rows if r["beyond_training"])
+beyond = [r for r in rows if r["beyond_training"]]
+assert len(seen) >= 2 and beyond and rows[-1]["digits"] >= 6   # trained lengths and longer ones, up to 6 digits
+assert cot["gap"] >= 0.20                                   # thinking first wins by 20 points or more overall
+assert seen[-1]["gap"] > seen[0]["gap"]                     # and its lead is larger on the longest trained sums
+assert cot["tokens"]["direct"] > 0 and cot["steps"]["direct"] > cot["steps"]["think"]
+assert all(r["with_cot"] <= 0.05 and r["without_cot"] <= 0.05 for r in beyond)   # both fail beyond training
 
 # %% tags=["hide-input"]
 d = np.array([r["digits"] for r in rows])
 fig, ax = plt.subplots(figsize=(6.5, 3.4))
 ax.plot(d, [r["with_cot"] for r in rows], marker="o", label="think first (<think> column sums)")
-ax.plot(d, [r["without_cot"] for r in rows], marker="s", label="direct answer (5× the steps)")
+ax.plot(d, [r["without_cot"] for r in rows], marker="s",
+        label=f"direct answer ({cot['steps']['direct'] / cot['steps']['think']:.3g}× the steps)")
 ax.axvspan(cot["train_max_digits"] + 0.5, d.max() + 0.5, color="0.9", label="longer than any training problem")
-ax.set_xlim(d.min() - 0.5, d.max() + 0.5), ax.set_ylim(0, 1.02), ax.set_xticks(d)
+ax.set_xlim(0, d.max() + 0.5), ax.set_ylim(0, 1.02), ax.set_xticks(d)
 ax.set_xlabel("digits per operand"), ax.set_ylabel("held-out accuracy (greedy)"), ax.legend(fontsize=8)
 plt.tight_layout()
 plt.show()
@@ -345,22 +347,26 @@ plt.show()
 from IPython.display import Markdown, display  # noqa: E402
 
 short, long_ = seen[0], seen[-1]
-lead_all = 100 * (cot["accuracy_with_cot"] - cot["accuracy_without_cot"])
+tokens = cot["tokens"]["direct"] / cot["tokens"]["think"]
 display(Markdown(
-    f"On {short['digits']}-digit sums the direct model, with five times the steps, reaches "
-    f"{short['without_cot']:.0%} against {short['with_cot']:.0%} for the model that thinks first; on "
-    f"{long_['digits']}-digit sums it reaches {long_['without_cot']:.0%} against {long_['with_cot']:.0%}. The lead "
-    f"of thinking first grows from {100 * gaps[0]:.0f} to {100 * gaps[-1]:.0f} points as the sums get longer, as "
-    "the argument predicts: the direct model has to produce the leading digit first, although it depends on "
-    "every carry below it, in one forward pass per token, while the model thinking first only ever adds two "
-    "digits and a carry. Two caveats. This is one seed, and a single run of the direct model is sensitive "
-    "to details as small as floating-point rounding, so read the size of the gap as an example, its sign "
-    "and its growth as the finding. And in the grey band, beyond the training lengths, both fail completely: "
-    "the tiny model has not learned to find the k-th digit of a number longer than it has seen, so here the "
-    "chain of thought helps with the work per step, not with length generalisation; averaged over all "
-    f"{len(rows)} lengths, the zeros included, thinking first leads by only {lead_all:.0f} "
-    "points. The chapters on reinforcement learning start from here: they take for granted that the trace "
-    "pays, and ask how a model can learn to write it without being shown."))
+    f"On {short['digits']}-digit sums the direct model reaches {short['without_cot']:.0%} against "
+    f"{short['with_cot']:.0%} for the model that thinks first; on {long_['digits']}-digit sums, the longest "
+    f"it was trained on, {long_['without_cot']:.0%} against {long_['with_cot']:.0%}. The lead of thinking first "
+    f"grows from {100 * short['gap']:.0f} to {100 * long_['gap']:.0f} points as the sums get longer, as the "
+    "argument predicts: the direct model has to produce the leading digit first, although it depends on every "
+    "carry below it, in one forward pass per token, while the model thinking first only ever adds two digits "
+    f"and a carry. Over all {len(rows)} lengths thinking first leads by {100 * cot['gap']:.0f} points "
+    f"({cot['accuracy_with_cot']:.0%} against {cot['accuracy_without_cot']:.0%}), although the direct model had "
+    f"{cot['steps']['direct'] / cot['steps']['think']:.3g} times the steps (its rows being shorter, "
+    f"{tokens:.0%} of the tokens of the model that thinks first). In the grey band, beyond the training "
+    "lengths, both fail: "
+    f"{max(max(r['with_cot'], r['without_cot']) for r in beyond):.0%} at best. The tiny model has not learned "
+    "to find the k-th digit of a number longer than any it has seen, so here the chain of thought helps with "
+    "the work per step, not with length generalisation. This is one seed, and a run of these tiny models is "
+    "sensitive to details as small as floating-point rounding: read the sizes as an example, the sign and "
+    "the growth as the finding (the recipe's documentation lists the other seeds measured). The chapters on "
+    "reinforcement learning start from here: they take for granted that the trace pays, and ask how a model "
+    "can learn to write it without being shown."))
 
 # %% [markdown]
 # The same model, scaled up to V3's configuration, is what the later chapters train with

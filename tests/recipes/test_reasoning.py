@@ -1,4 +1,6 @@
-"""Reasoning, measured (issue 18): the chain-of-thought ablation, the "aha" miniature and their detectors.
+"""Reasoning, measured (issue 18): the "aha" miniature, the language reward and their detectors.
+
+The chain-of-thought ablation is tested in test_cot.py.
 
 Tiny budgets only: these check the returned keys, determinism for a seed, the corpora's design and
 the detectors on handcrafted transcripts. The targets themselves are checked by running the CLI.
@@ -9,7 +11,7 @@ import pytest
 
 from refimpl.__main__ import RECIPES
 from refimpl.model.transformer import init_params
-from refimpl.recipes import aha, cot, language, r1
+from refimpl.recipes import aha, language, r1
 from refimpl.rl import GRPOConfig, format_reward, grpo_train, sft_train
 from refimpl.rl.rewards import extract_answer
 from refimpl.tasks import AdditionTask, Example, eval_set
@@ -73,37 +75,6 @@ def test_reflective_corpus_has_the_designed_mixture():
     assert aha.column_drill(Example("47+85=", "132")) == "sum 47+85: 7+5=12,4+8+1=13 so 132."
     drills = np.mean([d.startswith("sum ") for d in aha.aha_corpus(400, 0, p_drill=0.5)])
     assert 0.4 < drills < 0.6 and not any(d.startswith("sum ") for d in aha.aha_corpus(100, 0))
-
-
-def test_cot_data_share_prompts_and_leave_out_held_out_sets():
-    direct, think = cot.cot_data(200, 0, 3, (2, 4), 16)
-    assert [p for p, _ in direct] == [p for p, _ in think] and len(direct) == 200
-    banned = {e.prompt for d in (2, 4) for e in eval_set(AdditionTask(d, d), 16)}
-    assert not banned & {p for p, _ in direct}
-    assert all(c.startswith("<answer>") and "<think>" not in c for _, c in direct)
-    assert all(c.startswith("<think>") for _, c in think)
-    assert format_reward([c for _, c in think]).all()
-
-
-def test_cot_ablation_tiny_run_keys_determinism_and_cache(tmp_path):
-    kw = dict(steps=3, direct_steps=2, n_train=40, eval_digits=(2, 6), eval_n=2, batch_size=4, progress=False)
-    a = cot.cot_ablation_run(**kw)
-    for key in ("accuracy_with_cot", "accuracy_without_cot", "gap", "per_length", "history", "samples"):
-        assert key in a
-    assert len(a["history"]["think"]) == 3 and len(a["history"]["direct"]) == 2   # each model its own budget
-    assert [r["digits"] for r in a["per_length"]] == [2, 6] and [r["beyond_training"] for r in a["per_length"]] \
-        == [False, True]
-    b = cot.cot_ablation_run(**kw)
-    assert a["history"] == b["history"] and a["per_length"] == b["per_length"] and a["samples"] == b["samples"]
-    c = cot.cot_ablation_run(**kw, cache_dir=tmp_path)
-    d = cot.cot_ablation_run(**kw, cache_dir=tmp_path)
-    assert not c["cached"] and d["cached"] and c["history"] == d["history"] == a["history"]
-    with pytest.raises(ValueError, match="eval_digits"):
-        cot.cot_ablation_run(eval_digits=(8,), steps=0)
-    with pytest.raises(ValueError, match="steps"):
-        cot.cot_ablation_run(steps=-1)
-    with pytest.raises(TypeError, match="direct_steps"):
-        cot.cot_ablation_run(direct_steps=1.5)
 
 
 def test_aha_tiny_run_keys_and_determinism(tmp_path):
