@@ -27,6 +27,10 @@ NOTEBOOKS = Path(__file__).resolve().parents[1] / "notebooks"
 # Calls that share cached stages (the R1 base, the R1 teacher) run one after another in one worker,
 # in this order, so that two workers never compute the same stage at once.
 CHAINS = (("r1_zero_run", "r1_run", "distill_run"),)
+# The longest single jobs (about 4-6 minutes each on one thread), started first so that the short
+# ones fill the gaps at the end (longest first: with chapter order, R1's stages started last and
+# the pool waited about two minutes on it alone).
+LONG_FIRST = ("r1_stages_run", "cot_ablation_run", "aha_run")
 
 
 def book_calls(notebooks=NOTEBOOKS):
@@ -58,15 +62,18 @@ def book_calls(notebooks=NOTEBOOKS):
     return calls
 
 
-def jobs_of(calls, chains=CHAINS):
-    """Group ``calls`` into jobs: each chain's calls form one job (in chain order), the rest one each."""
+def jobs_of(calls, chains=CHAINS, long_first=LONG_FIRST):
+    """Group ``calls`` into jobs: each chain's calls form one job (in chain order), the rest one each;
+    the jobs of ``long_first`` come first, in that order, then the rest in their original order."""
     jobs, chained = [], set()
     for chain in chains:
         job = [c for name in chain for c in calls if c[1] == name]
         chained.update(id(c) for c in job)
         if job:
             jobs.append(job)
-    return jobs + [[c] for c in calls if id(c) not in chained]
+    jobs += [[c] for c in calls if id(c) not in chained]
+    rank = {name: i for i, name in enumerate(long_first)}
+    return sorted(jobs, key=lambda job: rank.get(job[0][1], len(rank)))   # stable: the rest keep their order
 
 
 def run_job(job):

@@ -27,8 +27,18 @@ def test_finds_every_cached_call_of_the_chapters_with_its_arguments():
 
 def test_chains_keep_shared_stages_in_one_job_in_order():
     calls = [("m", "distill_run", {}), ("m", "aha_run", {}), ("m", "r1_zero_run", {}), ("m", "r1_run", {"a": 1})]
-    jobs = warm.jobs_of(calls)
+    jobs = warm.jobs_of(calls, long_first=())
     assert [[c[1] for c in job] for job in jobs] == [["r1_zero_run", "r1_run", "distill_run"], ["aha_run"]]
+
+
+def test_long_jobs_start_first_and_the_rest_keep_their_order():
+    calls = [("m", "language_seeds_run", {}), ("m", "r1_zero_run", {}), ("m", "aha_run", {}),
+             ("m", "moe_rl_stability_run", {}), ("m", "r1_stages_run", {}), ("m", "r1_run", {})]
+    jobs = warm.jobs_of(calls, long_first=("r1_stages_run", "aha_run"))
+    assert [[c[1] for c in job] for job in jobs] == [["r1_stages_run"], ["aha_run"], ["r1_zero_run", "r1_run"],
+                                                     ["language_seeds_run"], ["moe_rl_stability_run"]]
+    names = {c[1] for c in warm.book_calls()}
+    assert set(warm.LONG_FIRST) <= names            # the names are the chapters' calls, not stale ones
 
 
 @pytest.mark.parametrize("line", ["x = r1_run(3, cache_dir='_cache')", "x = r1_run(cache_dir=CACHE)"])
