@@ -21,12 +21,14 @@ A sample of the base gets a product with two carries right with probability ~``p
 R1-Zero's exploration rarely finds the right habit there.
 
 **Runs** (per seed, from the same base): *R1-Zero*, ``steps`` GRPO steps, accuracy and format
-rewards; *R1*, cold start (``cold_start_examples`` reference traces, ``cold_start_steps`` SFT
-steps) → ``steps_rl1`` GRPO steps with the language reward (``language_weight``, the share of the
-``<think>`` characters in :data:`TARGET_ALPHABET`) → rejection sampling (``rs_generations`` samples
-of ``rs_prompts`` fresh prompts; kept if correct, well formatted *and* entirely in digits) and
-``rs_sft_steps`` SFT steps continuing from the RL checkpoint (R1 retrains the base; deviation kept
-for the budget) → ``steps - steps_rl1`` more GRPO steps. Both runs use ``steps`` RL steps in all.
+rewards, at the learning rate of :data:`refimpl.recipes.r1.GRPO_DEFAULTS` (3e-4); *R1*, cold start
+(``cold_start_examples`` reference traces, ``cold_start_steps`` SFT steps) → ``steps_rl1`` GRPO
+steps with the language reward (``language_weight``, the share of the ``<think>`` characters in
+:data:`TARGET_ALPHABET`) at learning rate ``rl_lr`` → rejection sampling (``rs_generations``
+samples of ``rs_prompts`` fresh prompts; kept if correct, well formatted *and* entirely in digits)
+and ``rs_sft_steps`` SFT steps continuing from the RL checkpoint (R1 retrains the base; deviation
+kept for the budget) → ``steps - steps_rl1`` more GRPO steps, as stage 2. Both runs use ``steps``
+RL steps in all.
 
 **Measures** (greedy, ``eval_n`` held-out problems, after every stage): accuracy, format rate and
 *readability*, the share of completions that are well formatted and whose ``<think>`` is entirely
@@ -137,12 +139,13 @@ def stages_base(base_steps=2500, n_corpus=4000, corpus_options=None, progress=Tr
 
 
 def r1_stages_seed(seed=0, progress=True, cache_dir=None, *, steps=40, steps_rl1=20, base_steps=2500,
-                   n_corpus=4000, corpus_options=None, cold_start_examples=300, cold_start_steps=30,
+                   n_corpus=4000, corpus_options=None, cold_start_examples=2000, cold_start_steps=100,
                    cold_start_lr=1e-3, rs_prompts=256, rs_generations=4, rs_sft_steps=60, rs_sft_lr=3e-4,
-                   language_weight=0.5, eval_n=128, max_completion_length=56, **overrides):
+                   language_weight=0.5, rl_lr=1e-4, eval_n=256, max_completion_length=56, **overrides):
     """One seed of :func:`r1_stages_run`: the base, R1-Zero, and R1's four stages, each measured
     (:func:`measure`). Returns ``dict(measures, n_rejection_kept, n_rejection_sampled, corpus_examples,
-    cold_start_examples, seconds, cached)``; ``measures[name]`` for each of :data:`CHECKPOINTS`."""
+    cold_start_examples, seconds, budget, cached)``; ``measures[name]`` for each of :data:`CHECKPOINTS`;
+    ``budget`` the run's arguments (seed, stage budgets, ``rl_lr``, ...) but the GRPO settings."""
     if not (isinstance(steps_rl1, int) and 0 <= steps_rl1 <= steps):
         raise ValueError(f"steps_rl1: expected an int in 0..steps={steps}, got {steps_rl1!r}")
     gc = r1_zero_grpo_config(steps, seed, **{"max_completion_length": max_completion_length, "eval_n": eval_n,
@@ -152,7 +155,7 @@ def r1_stages_seed(seed=0, progress=True, cache_dir=None, *, steps=40, steps_rl1
     args = dict(seed=seed, steps_rl1=steps_rl1, base_steps=base_steps, n_corpus=n_corpus, corpus=corpus_options,
                 cold_start_examples=cold_start_examples, cold_start_steps=cold_start_steps, cold_start_lr=cold_start_lr,
                 rs_prompts=rs_prompts, rs_generations=rs_generations, rs_sft_steps=rs_sft_steps, rs_sft_lr=rs_sft_lr,
-                language_weight=language_weight, gc=dataclasses.asdict(gc))
+                language_weight=language_weight, rl_lr=rl_lr, gc=dataclasses.asdict(gc))
     key = _cache.cache_key("r1_stages", args, STAGES_SOURCES)
     if cache_dir is not None and (hit := _cache.load(cache_dir, key, config, list(CHECKPOINTS))) is not None:
         return {**hit[1], "cached": True}
@@ -167,7 +170,7 @@ def r1_stages_seed(seed=0, progress=True, cache_dir=None, *, steps=40, steps_rl1
                                     lr=cold_start_lr, warmup_steps=min(10, cold_start_steps), seed=seed,
                                     progress=progress)["params"]
     seconds["cold_start"], t0 = time.perf_counter() - t0, time.perf_counter()
-    g_lc = gc.replace(language_weight=language_weight)
+    g_lc = gc.replace(language_weight=language_weight, lr=rl_lr)
     trees["rl1"] = (grpo_train(trees["cold_start"], config, TASK, g_lc.replace(steps=steps_rl1), progress=progress,
                                eval_every=0)["params"] if steps_rl1 else trees["cold_start"])
     seconds["rl1"], t0 = time.perf_counter() - t0, time.perf_counter()
@@ -185,14 +188,14 @@ def r1_stages_seed(seed=0, progress=True, cache_dir=None, *, steps=40, steps_rl1
     measures = {name: measure(trees[name], config, eval_n, L) for name in CHECKPOINTS}
     meta = _cache.plain({"measures": measures, "n_rejection_kept": len(kept), "n_rejection_sampled": len(sampled),
                          "corpus_examples": base["corpus_examples"], "cold_start_examples": cold[:4],
-                         "seconds": seconds})
+                         "seconds": seconds, "budget": {k: v for k, v in args.items() if k != "gc"}})
     if cache_dir is not None:
         _cache.save(cache_dir, key, trees, meta)
     return {**meta, "cached": False}
 
 
 def r1_stages_run(steps=40, seeds=3, progress=True, cache_dir=None, *, steps_rl1=20, base_steps=2500,
-                  eval_n=128, **kwargs):
+                  eval_n=256, **kwargs):
     """R1-Zero and R1's four stages (see the module docstring) for seeds ``0..seeds-1``.
 
     ``kwargs`` go to :func:`r1_stages_seed` (stage budgets, ``corpus_options``, GRPOConfig fields).
