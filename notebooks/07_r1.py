@@ -356,8 +356,8 @@ def mse(key):
 table(["model", "consistent (greedy)", "consistent (sampled)", "accuracy (greedy)"],
       [(label, mse(f"consistency_{k}"), mse(f"sampled_consistency_{k}"), mse(f"accuracy_{k}"))
        for k, label in runs.items()])
-for k in ("zero", "lc"):
-    print(f"{runs[k]}:", *(f"{p}{c}" for p, c, _ in lang0[k]["sampled_samples"][:2]))
+for run in ("zero", "lc"):
+    print(f"{runs[run]}:", *(f"{p}{c}" for p, c, _ in lang0[run]["sampled_samples"][:2]))
 print(f"accuracy cost of the language reward (greedy, paired over {lang['seeds']} seeds): "
       f"{lang['accuracy_cost']:+.1%} ± {lang['accuracy_cost_se']:.1%}")
 assert lang["consistency_before"] < 0.5 and lang["consistency_lc"] >= 0.95
@@ -491,7 +491,7 @@ ahead = ("R1 ends ahead of R1-Zero" if stages["r1_minus_zero"] > 0 else "R1 ends
 later = {"the reasoning RL": ("rl1", rl1_beyond), "rejection sampling with SFT": ("rejection_sft", rs_beyond),
          "the second RL": ("rl2", rl2_beyond)}
 paid = [name for name, (g, beyond) in later.items() if beyond and stages[f"gain_{g}"] > 0]
-hurt = [name for name, (g, beyond) in later.items() if beyond and stages[f"gain_{g}"] < 0]
+hurt = " and ".join(name for name, (g, beyond) in later.items() if beyond and stages[f"gain_{g}"] < 0)
 n_samples = budget["rs_prompts"] * budget["rs_generations"]
 accept = np.mean([r["n_rejection_sampled"] / n_samples for r in stages["per_seed"]])
 display(Markdown(
@@ -505,7 +505,7 @@ display(Markdown(
     f"{rl1}; rejection sampling with SFT: {rs}; the second RL stage: {rl2}. "
     + (f"Of the later stages, {' and '.join(paid)} paid beyond twice the error bar. " if paid else
        "None of the three later stages paid beyond twice its error bar. ")
-    + (f"{' and '.join(hurt).capitalize()} lost accuracy beyond it. " if hurt else "")
+    + (f"{hurt[:1].upper() + hurt[1:]} lost accuracy by more than twice its error bar. " if hurt else "")
     + f"With the same number of RL steps, {ahead} ({vs_zero}; per seed "
     f"{', '.join(f'{100 * d:+.1f}' for d in r1_minus_zero)}): the issue's target, R1 at least five points above "
     f"R1-Zero, {'is met in every seed' if min(r1_minus_zero) >= 0.05 else 'is not met in every seed'}."))
