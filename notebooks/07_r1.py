@@ -400,7 +400,7 @@ assert all(r["accuracy_cost"] > 0 for r in lang["per_seed"]) and lang["accuracy_
 #   formatted and entirely in digits, and a short SFT on them; (4) GRPO again for the second half.
 #   R1's two RL stages use a third of R1-Zero's learning rate (1e-4): they start from a model that
 #   is already right on most problems, and in exploratory runs at 3e-4 (recorded in the recipe's
-#   docstring) both RL stages lost accuracy, stage 4 most.
+#   docstring) both RL stages lost accuracy, in both backends.
 #
 # Every checkpoint is measured greedily on the same 256 held-out problems: accuracy (also apart
 # on additions and on products), format rate, and *readability*, the share of completions well
