@@ -20,7 +20,7 @@ def test_finds_every_cached_call_of_the_chapters_with_its_arguments():
     for expected in ("r1_zero_run", "r1_run", "distill_run", "aha_run", "r1_stages_run", "cot_ablation_run"):
         assert expected in names
     stages = next(kw for _, name, kw in calls if name == "r1_stages_run")
-    assert stages["seeds"] == 2 and stages["cache_dir"] == "_cache"
+    assert stages["seeds"] == 3 and stages["cache_dir"] == "_cache"
     for module, name, kwargs in calls:          # each call binds to the recipe's real signature
         inspect.signature(getattr(importlib.import_module(module), name)).bind(**kwargs)
 

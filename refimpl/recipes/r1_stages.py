@@ -21,32 +21,58 @@ A sample of the base gets a product with two carries right with probability ~``p
 R1-Zero's exploration rarely finds the right habit there.
 
 **Runs** (per seed, from the same base): *R1-Zero*, ``steps`` GRPO steps, accuracy and format
-rewards; *R1*, cold start (``cold_start_examples`` reference traces, ``cold_start_steps`` SFT
-steps) → ``steps_rl1`` GRPO steps with the language reward (``language_weight``, the share of the
-``<think>`` characters in :data:`TARGET_ALPHABET`) → rejection sampling (``rs_generations`` samples
-of ``rs_prompts`` fresh prompts; kept if correct, well formatted *and* entirely in digits) and
-``rs_sft_steps`` SFT steps continuing from the RL checkpoint (R1 retrains the base; deviation kept
-for the budget) → ``steps - steps_rl1`` more GRPO steps. Both runs use ``steps`` RL steps in all.
+rewards, at the learning rate of :data:`refimpl.recipes.r1.GRPO_DEFAULTS` (3e-4); *R1*, cold start
+(``cold_start_examples`` reference traces, ``cold_start_steps`` SFT steps) → ``steps_rl1`` GRPO
+steps with the language reward (``language_weight``, the share of the ``<think>`` characters in
+:data:`TARGET_ALPHABET`) at learning rate ``rl_lr`` → rejection sampling (``rs_generations``
+samples of ``rs_prompts`` fresh prompts; kept if correct, well formatted *and* entirely in digits)
+and ``rs_sft_steps`` SFT steps continuing from the RL checkpoint (R1 retrains the base; deviation
+kept for the budget) → ``steps - steps_rl1`` more GRPO steps, as stage 2. Both runs use ``steps``
+RL steps in all.
 
 **Measures** (greedy, ``eval_n`` held-out problems, after every stage): accuracy, format rate and
 *readability*, the share of completions that are well formatted and whose ``<think>`` is entirely
 in the digit script. Means over ``seeds`` seeds with standard errors (sample std / √n), and the
 per-seed paired differences of each stage with theirs.
 
-**Measured** (defaults: base 2500 steps; 40 RL steps, 20 + 20 for R1; 128 held-out problems;
-seed 0; a busy 2-core machine took ~16 minutes of wall time for one seed, an idle one ~3):
-base 24.2% (readability 95%), R1-Zero 48.4% (readability 84%: RL alone lets the letters back
-in); R1 cold start 53.1%, reasoning RL 57.0%, rejection sampling + SFT 57.8% (166 of 175 right
-samples kept as readable), second RL 56.2% (readability 100% throughout): R1 − R1-Zero = +7.8
-points. The cold start pays by far the most; the later stages move the accuracy by a few points,
-about the size of the noise of 128 problems. Two seeds (the chapter "The R1 recipe"): R1-Zero
-48.0 ± 0.4%, R1 55.5 ± 0.8% (+7.4 ± 0.4 points); stage effects +28.9 ± 0.0, +3.1 ± 0.8,
-−1.2 ± 2.0, +0.4 ± 2.0 points. Products stay at ~25% in every run: the cold start teaches the
-habit of writing a product's carry, not the arithmetic it needs (a product plus a carry, almost
-absent from the base corpus), and RL only re-weights what the policy samples; the gain is in the
-additions.
+**Measured** (defaults: base 2500 steps; 40 RL steps, 20 + 20 for R1; 256 held-out problems;
+seeds 0-2; one thread per run; accuracy %, additions/products in brackets):
+
+=========  ====  ============  ============  ============  ============  ============  ============  =========
+backend    seed  base          R1-Zero       cold start    RL 1          RS + SFT      RL 2          R1 − Zero
+=========  ====  ============  ============  ============  ============  ============  ============  =========
+default    0     23.8 (31/17)  49.6 (79/19)  70.7 (95/45)  66.4 (92/40)  64.5 (91/37)  65.2 (92/38)  +15.6
+default    1     23.8 (31/17)  50.4 (82/17)  65.2 (91/39)  66.4 (94/38)  65.2 (98/32)  64.1 (95/33)  +13.7
+default    2     23.8 (31/17)  46.9 (76/17)  67.6 (92/43)  66.8 (92/40)  64.8 (91/38)  65.2 (91/39)  +18.4
+numpy      0     25.4 (34/17)  47.3 (77/17)  65.2 (94/36)  63.3 (92/33)  64.1 (92/35)  65.2 (95/35)  +18.0
+numpy      1     25.4 (34/17)  46.5 (75/17)  62.1 (91/33)  65.6 (92/39)  61.7 (91/32)  60.9 (90/31)  +14.5
+numpy      2     25.4 (34/17)  50.4 (80/20)  64.8 (92/37)  62.9 (90/35)  65.2 (91/39)  65.2 (88/41)  +14.8
+=========  ====  ============  ============  ============  ============  ============  ============  =========
+
+(the last column: R1 after stage 4 minus R1-Zero, points). Means ± SE over the 3 seeds, default backend
+(``REFIMPL_BACKEND=numpy`` in brackets): R1 − R1-Zero +15.9 ± 1.4 (+15.8 ± 1.1) points; stage
+effects: cold start +44.0 ± 1.6 (+38.7 ± 1.0), reasoning RL −1.3 ± 1.6 (−0.1 ± 1.8), rejection
+sampling + SFT −1.7 ± 0.3 (−0.3 ± 1.9), second RL +0.0 ± 0.6 (+0.1 ± 0.6). Readability: base 95%
+(97%), R1-Zero 82 ± 5% (84 ± 4%), every R1 checkpoint 100%; format 100% from R1-Zero on. Rejection
+sampling found 170-196 right samples of 1024 (17-19%, while the same checkpoint is right greedily
+on ~65%) and kept all but 1-7 as readable. The cold start carries R1's lead: it teaches the table
+of a product plus a carry (products 17% → 35-45%), which R1-Zero cannot find (its products stay
+at 17-20%: the base almost never writes a product's carry, ``p_carry_mul`` 0.05); the three later
+stages move the greedy accuracy by a few points either way. A busy 2-core machine (load ~8) took
+~9 minutes of wall time per seed; an idle one about a minute (estimate: ~60 s of RL, SFT and
+evaluation per seed, ~110 s for the base).
+
+How the defaults were chosen (seed 0 unless said). With the earlier cold start (300 traces, 30
+SFT steps, 128 held-out problems) products stayed at ~25% for every checkpoint, and R1 − R1-Zero
+was +7.4 ± 0.4 in one 2-seed build but −0.4 ± 2.0 in another that differed only in float32
+rounding (the second RL stage lost 6.6 points there). SFT of the base on 2000 traces (lr 1e-3)
+reaches 71% (products 49%) after 100 steps and 87% (75%) after 500. With that cold start and
+R1's RL stages at R1-Zero's learning rate 3e-4, the RL stages lost accuracy: default backend
+70.7 → 67.2 → 66.0 → 60.2, numpy 65.2 → 58.6 → 62.9 → 60.9 (cold start → RL 1 → RS + SFT → RL 2).
+Stage 4 rerun from the same RS + SFT checkpoint (66.0%): warm-up over 5 steps 63.7%, β = 0.04
+(KL to that checkpoint) 58.2%, lr 1e-4 65.6%; hence ``rl_lr`` = 1e-4 for both of R1's RL stages.
 Without the rare multiplication carries (``p_carry_mul`` 0.15) R1-Zero learned products too and
-matched R1 (67% both, base 3000 steps), so the stages could not be told apart.
+matched R1 (67% both, base 3000 steps, earlier design), so the stages could not be told apart.
 """
 
 from __future__ import annotations
@@ -137,12 +163,13 @@ def stages_base(base_steps=2500, n_corpus=4000, corpus_options=None, progress=Tr
 
 
 def r1_stages_seed(seed=0, progress=True, cache_dir=None, *, steps=40, steps_rl1=20, base_steps=2500,
-                   n_corpus=4000, corpus_options=None, cold_start_examples=300, cold_start_steps=30,
+                   n_corpus=4000, corpus_options=None, cold_start_examples=2000, cold_start_steps=100,
                    cold_start_lr=1e-3, rs_prompts=256, rs_generations=4, rs_sft_steps=60, rs_sft_lr=3e-4,
-                   language_weight=0.5, eval_n=128, max_completion_length=56, **overrides):
+                   language_weight=0.5, rl_lr=1e-4, eval_n=256, max_completion_length=56, **overrides):
     """One seed of :func:`r1_stages_run`: the base, R1-Zero, and R1's four stages, each measured
     (:func:`measure`). Returns ``dict(measures, n_rejection_kept, n_rejection_sampled, corpus_examples,
-    cold_start_examples, seconds, cached)``; ``measures[name]`` for each of :data:`CHECKPOINTS`."""
+    cold_start_examples, seconds, budget, cached)``; ``measures[name]`` for each of :data:`CHECKPOINTS`;
+    ``budget`` the run's arguments (seed, stage budgets, ``rl_lr``, ...) but the GRPO settings."""
     if not (isinstance(steps_rl1, int) and 0 <= steps_rl1 <= steps):
         raise ValueError(f"steps_rl1: expected an int in 0..steps={steps}, got {steps_rl1!r}")
     gc = r1_zero_grpo_config(steps, seed, **{"max_completion_length": max_completion_length, "eval_n": eval_n,
@@ -152,7 +179,7 @@ def r1_stages_seed(seed=0, progress=True, cache_dir=None, *, steps=40, steps_rl1
     args = dict(seed=seed, steps_rl1=steps_rl1, base_steps=base_steps, n_corpus=n_corpus, corpus=corpus_options,
                 cold_start_examples=cold_start_examples, cold_start_steps=cold_start_steps, cold_start_lr=cold_start_lr,
                 rs_prompts=rs_prompts, rs_generations=rs_generations, rs_sft_steps=rs_sft_steps, rs_sft_lr=rs_sft_lr,
-                language_weight=language_weight, gc=dataclasses.asdict(gc))
+                language_weight=language_weight, rl_lr=rl_lr, gc=dataclasses.asdict(gc))
     key = _cache.cache_key("r1_stages", args, STAGES_SOURCES)
     if cache_dir is not None and (hit := _cache.load(cache_dir, key, config, list(CHECKPOINTS))) is not None:
         return {**hit[1], "cached": True}
@@ -167,7 +194,7 @@ def r1_stages_seed(seed=0, progress=True, cache_dir=None, *, steps=40, steps_rl1
                                     lr=cold_start_lr, warmup_steps=min(10, cold_start_steps), seed=seed,
                                     progress=progress)["params"]
     seconds["cold_start"], t0 = time.perf_counter() - t0, time.perf_counter()
-    g_lc = gc.replace(language_weight=language_weight)
+    g_lc = gc.replace(language_weight=language_weight, lr=rl_lr)
     trees["rl1"] = (grpo_train(trees["cold_start"], config, TASK, g_lc.replace(steps=steps_rl1), progress=progress,
                                eval_every=0)["params"] if steps_rl1 else trees["cold_start"])
     seconds["rl1"], t0 = time.perf_counter() - t0, time.perf_counter()
@@ -185,14 +212,14 @@ def r1_stages_seed(seed=0, progress=True, cache_dir=None, *, steps=40, steps_rl1
     measures = {name: measure(trees[name], config, eval_n, L) for name in CHECKPOINTS}
     meta = _cache.plain({"measures": measures, "n_rejection_kept": len(kept), "n_rejection_sampled": len(sampled),
                          "corpus_examples": base["corpus_examples"], "cold_start_examples": cold[:4],
-                         "seconds": seconds})
+                         "seconds": seconds, "budget": {k: v for k, v in args.items() if k != "gc"}})
     if cache_dir is not None:
         _cache.save(cache_dir, key, trees, meta)
     return {**meta, "cached": False}
 
 
 def r1_stages_run(steps=40, seeds=3, progress=True, cache_dir=None, *, steps_rl1=20, base_steps=2500,
-                  eval_n=128, **kwargs):
+                  eval_n=256, **kwargs):
     """R1-Zero and R1's four stages (see the module docstring) for seeds ``0..seeds-1``.
 
     ``kwargs`` go to :func:`r1_stages_seed` (stage budgets, ``corpus_options``, GRPOConfig fields).

@@ -71,6 +71,13 @@ def test_r1_stages_tiny_run_keys_determinism_and_cache(tmp_path):
         r1_stages.r1_stages_run(steps=2, steps_rl1=3)
 
 
+def test_r1_stages_rl_lr_and_budget_record():
+    frozen = r1_stages.r1_stages_seed(0, rl_lr=0.0, **TINY)             # R1's two RL stages cannot move
+    m = frozen["measures"]
+    assert m["rl1"] == m["cold_start"] and m["rl2"] == m["rejection_sft"]
+    assert frozen["budget"]["rl_lr"] == 0.0 and frozen["budget"]["cold_start_examples"] == 8
+
+
 def test_language_seeds_tiny_run(tmp_path):
     kw = dict(steps=1, base_steps=2, n_corpus=20, eval_n=2, max_completion_length=10, num_generations=2,
               prompts_per_step=2, progress=False)
