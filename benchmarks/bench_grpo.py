@@ -9,14 +9,18 @@ token-level normaliser and clip-higher (ε 0.2 / 0.28). Both variants return the
 * ``refimpl-numpy``: :func:`refimpl.rl.grpo_loss_from_logits` — log-probs and entropies gathered
   row-chunk by row-chunk (no (B, T, V) temporaries besides the gradient), the loss and its gradient
   with respect to the log-probs in closed form, and the chunked log-softmax backward.
+* ``refimpl-numba``: the same call with ``backend="numba"``: the log-prob/entropy pass and its
+  backward run as the twin :mod:`refimpl.kernels.logprobs_nb` (one read of each row for the forward,
+  one sweep per row writing the gradient, rows in parallel); the loss in between is the same NumPy.
 * ``torch``: TRL's way — ``logsumexp`` per row and ``gather`` for the log-probs, the clipped
   surrogate and k3 written with tensor ops, ``torch.autograd.grad`` for the gradient, in
   micro-batches of ``MICRO`` = 8 sequences with the whole batch's token count as the DAPO
   normaliser (TRL's ``num_items_in_batch``), so the micro-batch gradients are exactly the batch
   gradient; the entropy under ``no_grad`` in row chunks (as TRL's ``entropy_from_logits``).
 
-There is no Numba twin: the work is exp-bound passes over N*V and the NumPy path already avoids the
-extra (B, T, V) tensors autograd keeps. The target of issue 6: refimpl no slower than torch.
+The work is exp-bound passes over N*V; the NumPy path already avoids the extra (B, T, V) tensors
+autograd keeps, and the twin also drops NumPy's separate validation pass and the (chunk, V)
+temporaries' traffic. The targets of issues 6 and 17: refimpl no slower than torch.
 Memory at full size: the logits (4 GiB, shared) and one 4 GiB gradient per call, plus torch's
 per-micro-batch temporaries (~1.5 GiB); one whole-batch autograd pass would add two more 4 GiB
 tensors (the gathered one-hot scatter and the softmax of ``logsumexp``'s backward) and was
@@ -32,7 +36,7 @@ import numpy as np
 
 from refimpl.rl import group_advantages, grpo_loss_from_logits, logps_entropy_forward
 
-from .harness import NUMPY, TORCH, Case, assert_outputs_close, import_torch, register
+from .harness import NUMBA, NUMPY, TORCH, Case, assert_outputs_close, import_torch, numba_dispatchers, register
 
 OPTS = dict(loss_type="dapo", epsilon=0.2, epsilon_high=0.28, beta=0.04, kl_estimator="k3")
 MICRO = 8                                      # torch: sequences per autograd pass
@@ -82,6 +86,11 @@ def _keep(dz):
     return np.concatenate([np.asarray(dz[:1]), np.asarray(dz[-1:])]).copy()
 
 
+def _jit():
+    from refimpl.backend import kernel
+    return numba_dispatchers(kernel("logprobs_nb"))
+
+
 @register("grpo/loss+grad")
 def grpo_loss_grad(quick: bool) -> Case:
     logits, ids, old, ref, adv, mask, params = _data(quick)
@@ -92,10 +101,13 @@ def grpo_loss_grad(quick: bool) -> Case:
     if not quick:
         case.notes.append("peak memory not traced at full size (tracemalloc over 8 GiB of allocations is slow)")
 
-    def refimpl_fn():
-        loss, dz, info = grpo_loss_from_logits(logits, ids, old, ref, adv, mask, **OPTS)
-        return np.asarray(loss), _keep(dz)
-    case.add(NUMPY, refimpl_fn)
+    def refimpl(backend):
+        def fn():
+            loss, dz, info = grpo_loss_from_logits(logits, ids, old, ref, adv, mask, backend=backend, **OPTS)
+            return np.asarray(loss), _keep(dz)
+        return fn
+    case.add(NUMPY, refimpl("numpy"))
+    case.add(NUMBA, refimpl("numba"), jit=_jit())
 
     torch = import_torch()
     if torch is None:
@@ -144,8 +156,11 @@ def _main(argv=None):
     for name, r in var.items():
         print(f"{name:16s} best {r['best_s']:8.3f} s  median {r['median_s']:8.3f} s  "
               f"user CPU/call {r.get('user_s_per_call', float('nan')):.3f} s")
-    if TORCH in var:
-        print(f"refimpl vs torch: {var[TORCH]['best_s'] / var[NUMPY]['best_s']:.2f}x (> 1: refimpl faster)")
+    for name in (NUMPY, NUMBA):
+        if TORCH in var and name in var:
+            print(f"{name} vs torch: {var[TORCH]['best_s'] / var[name]['best_s']:.2f}x (> 1: refimpl faster)")
+    if NUMBA in var:
+        print(f"numba vs numpy: {var[NUMPY]['best_s'] / var[NUMBA]['best_s']:.2f}x")
     return res
 
 

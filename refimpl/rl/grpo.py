@@ -67,6 +67,7 @@ from __future__ import annotations
 import numpy as np
 
 from .._validate import check_float, check_int, check_real, check_same_dtype
+from ..backend import resolve_backend
 from .logprobs import logps_entropy_backward, logps_entropy_forward
 from .loss_types import LOSS_TABLE, get_loss_type, loss_options
 
@@ -292,7 +293,7 @@ def entropy_bonus(entropies, mask, *, entropy_coef, loss_type="dapo", num_items_
 
 
 def grpo_loss_from_logits(logits, completion_ids, old_logps, ref_logps, advantages, mask, *, temperature=1.0,
-                          entropy_coef=0.0, **loss_kwargs):
+                          entropy_coef=0.0, backend="numpy", **loss_kwargs):
     r"""Log-prob gathering + :func:`grpo_loss` + entropy bonus, with the gradient into the logits.
 
     .. math:: J = J_{\mathrm{GRPO}}(\ell(z/\tau)) - c\,\bar H(z/\tau),\qquad
@@ -300,17 +301,22 @@ def grpo_loss_from_logits(logits, completion_ids, old_logps, ref_logps, advantag
               - h_t\pi_{t,k}(\log\pi_{t,k}+H_t)}{\tau}
 
     with :math:`g = \partial J/\partial\ell` from :func:`grpo_loss` and :math:`h = \partial J/\partial H`.
-    ``loss_kwargs`` are :func:`grpo_loss`'s options.
+    ``loss_kwargs`` are :func:`grpo_loss`'s options. ``backend``: of the log-prob/entropy pass and its
+    backward (:func:`~refimpl.rl.logps_entropy_forward`, whose docstring says why the default is
+    ``"numpy"`` rather than the package default).
 
     Shapes: logits (B, T, V), completion_ids (B, T) int64, old_logps / ref_logps (B, T) or None,
     advantages (B,) or (B, T), mask (B, T) -> loss (), dlogits (B, T, V), info (adds ``entropy``).
     """
-    check_float("logits", logits, ndim=3)
+    check_float("logits", logits, ndim=3, scan=False)
+    if resolve_backend(backend, work=logits.size) == "numpy":   # the numba twin tests the values itself
+        check_float("logits", logits, ndim=3)
     completion_ids = check_int("completion_ids", completion_ids, low=0, high=logits.shape[-1])
     if completion_ids.shape != logits.shape[:-1]:
         raise ValueError(f"completion_ids: expected shape {logits.shape[:-1]} to match logits, "
                          f"got {completion_ids.shape}")
-    logps, ent, cache = logps_entropy_forward(logits, completion_ids, temperature=temperature)  # (B, T) each
+    logps, ent, cache = logps_entropy_forward(logits, completion_ids, temperature=temperature,
+                                              backend=backend)          # (B, T) each
     loss, dlogps, info = grpo_loss(logps, old_logps, ref_logps, advantages, mask, **loss_kwargs)
     m = _check_mask(mask, logps.shape)
     lt = loss_kwargs.get("loss_type", "dapo")

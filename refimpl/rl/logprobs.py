@@ -21,6 +21,11 @@ probability tensor is kept between forward and backward; the only temporaries ar
 near-certain token keeps its digits even in float32.
 
 Logits must be finite (no ``-inf`` vocabulary masks). Extreme logits (``|z| ~ 1e4``) stay finite.
+
+A Numba twin (:mod:`refimpl.kernels.logprobs_nb`, ``backend="numba"``) reads each row once for the
+forward and writes each row of the gradient in one sweep; it keeps the ``log1p`` property. The
+default backend of these functions is ``"numpy"``, not the package default (see
+:func:`logps_entropy_forward`).
 """
 
 from __future__ import annotations
@@ -30,6 +35,8 @@ from typing import NamedTuple
 import numpy as np
 
 from .._validate import check_float, check_int, check_integer, check_positive_real, check_upstream
+from ..backend import kernel, resolve_backend
+from ..core.cross_entropy import NONFINITE_LOGITS
 
 CHUNK_ROWS = 32  # rows per pass: (32, V) buffers stay in cache for V ~ 32k
 
@@ -37,27 +44,41 @@ CHUNK_ROWS = 32  # rows per pass: (32, V) buffers stay in cache for V ~ 32k
 class LogProbCache(NamedTuple):
     logits: np.ndarray      # (N, V) the input logits, rows flattened (a view, not a copy)
     ids: np.ndarray         # (N,) int64 sampled token ids
-    rowmax: np.ndarray      # (N,) max_k z_k / temperature
+    rowmax: np.ndarray      # (N,) max_k z_k / temperature (numba backend: max_k z_k, float64)
     log_s: np.ndarray       # (N,) log sum_k exp(z_k / temperature - rowmax); lse = rowmax + log_s
+    #                         (numba backend: log sum_k exp((z_k - rowmax) / temperature), float64)
     entropy: np.ndarray     # (N,) entropy of softmax(logits / temperature)
     temperature: float
     shape: tuple            # leading shape (B, T)
+    backend: str = "numpy"  # the forward's backend, which the backward follows
 
 
 def _check_temperature(temperature) -> float:
     return check_positive_real("temperature", temperature)
 
 
-def logps_entropy_forward(logits, ids, *, temperature=1.0, chunk_rows=CHUNK_ROWS):
+def logps_entropy_forward(logits, ids, *, temperature=1.0, chunk_rows=CHUNK_ROWS, backend="numpy"):
     r"""Log-probabilities of ``ids`` and entropies under :math:`\pi = \mathrm{softmax}(z/\tau)`.
 
     .. math:: \ell_t = \frac{z_{t,o_t}}{\tau} - \log\sum_k e^{z_{t,k}/\tau},\qquad
               H_t = -\sum_k \pi_{t,k}\log\pi_{t,k}
 
+    ``backend``: ``"numba"`` (or ``"auto"``, ``None`` as in :mod:`refimpl.backend`) runs the twin
+    :func:`refimpl.kernels.logprobs_nb.logps_entropy_rows` (same values within float rounding; it
+    tests the logits' finiteness in its own pass and raises the same ValueError); the cache records
+    the choice and :func:`logps_entropy_backward` follows it. The default is ``"numpy"``, not the
+    package default: the trainer, the rollout and :mod:`refimpl.rl.stable` call this without
+    ``backend``, and the book's small RL experiments are rounding-sensitive (a different backend
+    changes float32 rounding and, over hundreds of steps, their outcomes), so they stay bit for bit
+    on the reference. ``chunk_rows`` applies to the NumPy path only.
+
     Shapes: logits (..., V), ids (...) int64 -> logps (...), entropy (...), cache. Outputs have the
     logits' dtype.
     """
-    check_float("logits", logits, min_ndim=1)
+    check_float("logits", logits, min_ndim=1, scan=False)
+    backend = resolve_backend(backend, work=logits.size)
+    if backend == "numpy":
+        check_float("logits", logits, min_ndim=1)
     tau = _check_temperature(temperature)
     V = logits.shape[-1]
     ids = check_int("ids", ids, low=0, high=V)
@@ -67,6 +88,9 @@ def logps_entropy_forward(logits, ids, *, temperature=1.0, chunk_rows=CHUNK_ROWS
     z = logits.reshape(-1, V)                                           # (N, V)
     o = ids.reshape(-1)                                                 # (N,)
     N = z.shape[0]
+    if backend == "numba":
+        check_integer("chunk_rows", chunk_rows, low=1)
+        return _forward_numba(z, o, tau, lead)
     rowmax = np.empty(N, dtype=z.dtype)                                 # (N,)
     logs = np.empty(N, dtype=z.dtype)                                   # (N,)
     ent = np.empty(N, dtype=z.dtype)                                    # (N,)
@@ -98,20 +122,29 @@ def logps_entropy_forward(logits, ids, *, temperature=1.0, chunk_rows=CHUNK_ROWS
     return logp.reshape(lead), ent.reshape(lead), cache
 
 
-def logps_entropy_backward(dlogps, dentropy, cache, *, chunk_rows=CHUNK_ROWS):
+def logps_entropy_backward(dlogps, dentropy, cache, *, chunk_rows=CHUNK_ROWS, backend=None):
     r"""Gradient of :func:`logps_entropy_forward` with respect to the logits.
 
-    ``dlogps`` or ``dentropy`` may be None (no gradient through that output).
+    ``dlogps`` or ``dentropy`` may be None (no gradient through that output). ``backend``: None
+    follows the forward (the cache's statistics differ between the two); any other value must
+    resolve to the forward's backend (ValueError otherwise). ``chunk_rows``: NumPy path only.
 
     Shapes: dlogps (...), dentropy (...) -> dlogits (..., V) in the logits' dtype.
     """
-    z, o, rowmax, logs, ent, tau, lead = cache
+    z, o, rowmax, logs, ent, tau, lead = cache[:7]
     N, V = z.shape
+    if backend is not None and resolve_backend(backend, work=z.size) != cache.backend:
+        raise ValueError(f"backend: the cache was made by the {cache.backend!r} forward, which the backward "
+                         f"must follow; got {backend!r}")
     for name, d in (("dlogps", dlogps), ("dentropy", dentropy)):
         if d is not None:
             check_upstream(name, d, lead)
     g = np.zeros(N) if dlogps is None else np.asarray(dlogps, dtype=np.float64).reshape(N)      # (N,)
     h = np.zeros(N) if dentropy is None else np.asarray(dentropy, dtype=np.float64).reshape(N)  # (N,)
+    if cache.backend == "numba":
+        dz = kernel("logprobs_nb").logps_entropy_grad_rows(z, o, rowmax, logs, ent, g, h, 1.0 / tau,
+                                                           np.empty_like(z))  # (N, V)
+        return dz.reshape(*lead, V)                                     # (..., V)
     dz = np.empty_like(z)                                               # (N, V)
     tau_ = z.dtype.type(tau)
     chunk_rows = check_integer("chunk_rows", chunk_rows, low=1)
@@ -142,6 +175,22 @@ def logps_entropy_backward(dlogps, dentropy, cache, *, chunk_rows=CHUNK_ROWS):
         blk[r, o[a:b]] = -ga[:, 0] * np.expm1(lo) - ha[:, 0] * np.exp(lo) * (lo + ent[a:b])
         np.divide(blk, tau_, out=dz[a:b])
     return dz.reshape(*lead, V)                                         # (..., V)
+
+
+def _forward_numba(z, o, tau, lead):
+    """The twin's forward (rows in parallel, finiteness tested in the same pass)."""
+    z = np.ascontiguousarray(z)                                         # (N, V)
+    N = z.shape[0]
+    logp = np.empty(N, dtype=z.dtype)                                   # (N,)
+    ent = np.empty(N, dtype=z.dtype)                                    # (N,)
+    rowmax = np.empty(N)                                                # (N,) raw row maximum, float64
+    logs = np.empty(N)                                                  # (N,) float64
+    finite = np.empty(N, dtype=bool)                                    # (N,)
+    kernel("logprobs_nb").logps_entropy_rows(z, o, 1.0 / tau, logp, rowmax, logs, ent, finite)
+    if not finite.all():
+        raise ValueError(NONFINITE_LOGITS)
+    cache = LogProbCache(z, o, rowmax, logs, ent, tau, lead, "numba")
+    return logp.reshape(lead), ent.reshape(lead), cache
 
 
 def selective_log_softmax_forward(logits, ids, *, temperature=1.0):
