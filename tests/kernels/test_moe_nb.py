@@ -40,8 +40,13 @@ def test_dispatch_combine_many_tokens(rng, dtype):
     np.testing.assert_array_equal(dispatch(x, pa, backend="numba"), xs)
     ys = (xs * 1.5).astype(dtype)
     np.testing.assert_allclose(combine(ys, w, pa, backend="numba"), combine(ys, w, pa, backend="numpy"), **t)
-    for u, v in zip(combine_backward(dy, ys, w, pa, backend="numba"),
-                    combine_backward(dy, ys, w, pa, backend="numpy"), strict=True):
-        np.testing.assert_allclose(u, v, **t)
+    (dys_nb, dw_nb), (dys_np, dw_np) = (combine_backward(dy, ys, w, pa, backend=b) for b in ("numba", "numpy"))
+    np.testing.assert_allclose(dys_nb, dys_np, **t)
+    # dweights[n, k] = <dy[n], ys[pos[n, k]]>, a D-term dot product that can cancel to near 0; the two
+    # backends sum it in different orders, so its rounding error scales with sum_d |dy| |ys|, not with
+    # the result (a saved float32 example: -0.0088 off by 1.25e-6, 1.4e-4 relative)
+    mag = np.einsum("nd,nkd->nk", np.abs(dy), np.abs(ys[np.where(pa.pos >= 0, pa.pos, 0)])).astype(np.float64)
+    err = np.abs(dw_nb.astype(np.float64) - dw_np)                      # (N, K)
+    assert (err <= t["atol"] + t["rtol"] * mag).all(), float((err / (t["atol"] + t["rtol"] * mag)).max())
     np.testing.assert_allclose(dispatch_backward(ys, pa, backend="numba"), dispatch_backward(ys, pa, backend="numpy"),
                                **t)
