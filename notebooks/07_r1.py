@@ -507,8 +507,8 @@ display(Markdown(
        "None of the three later stages paid beyond twice its error bar. ")
     + (f"{hurt[:1].upper() + hurt[1:]} lost accuracy by more than twice its error bar. " if hurt else "")
     + f"With the same number of RL steps, {ahead} ({vs_zero}; per seed "
-    f"{', '.join(f'{100 * d:+.1f}' for d in r1_minus_zero)}): the issue's target, R1 at least five points above "
-    f"R1-Zero, {'is met in every seed' if min(r1_minus_zero) >= 0.05 else 'is not met in every seed'}."))
+    f"{', '.join(f'{100 * d:+.1f}' for d in r1_minus_zero)}): R1 is "
+    f"{'at least' if min(r1_minus_zero) >= 0.05 else 'not'} five points above R1-Zero in every seed."))
 
 # %% [markdown]
 # Why the later stages have little to add here, and what R1's have that these lack. The
