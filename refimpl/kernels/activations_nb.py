@@ -55,10 +55,10 @@ def swiglu_grad_rows(dy, gate, up, dgate, dup, one):
 def swiglu(gate, up):
     """Twin of the SwiGLU forward on 2-D float arrays: h (R, I) (one thread below
     :data:`refimpl.kernels.moe_nb.PARALLEL_MIN_WORK` elements, as the MoE kernels around it)."""
-    return run_sized(swiglu_rows, gate.size, gate, up, np.empty_like(gate), gate.dtype.type(1.0))
+    return run_sized(swiglu_rows, gate.size, gate, up, np.empty_like(gate), gate.dtype.type(1.0), serial=False)
 
 
 def swiglu_grad(dy, gate, up):
     """Twin of the SwiGLU backward on 2-D float arrays: dgate, dup (R, I) (threads as :func:`swiglu`)."""
     return run_sized(swiglu_grad_rows, gate.size, dy, gate, up, np.empty_like(gate), np.empty_like(gate),
-                     gate.dtype.type(1.0))
+                     gate.dtype.type(1.0), serial=False)

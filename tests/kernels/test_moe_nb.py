@@ -50,3 +50,34 @@ def test_dispatch_combine_many_tokens(rng, dtype):
     assert (err <= t["atol"] + t["rtol"] * mag).all(), float((err / (t["atol"] + t["rtol"] * mag)).max())
     np.testing.assert_allclose(dispatch_backward(ys, pa, backend="numba"), dispatch_backward(ys, pa, backend="numpy"),
                                **t)
+
+
+def test_serial_twins_match_the_parallel_kernels_bit_for_bit(rng):
+    """Below PARALLEL_MIN_WORK the MoE entry points run each kernel's serial compilation: same loops, same
+    order of arithmetic, so every output must equal the parallel kernel's exactly (float32, with
+    dropped copies), and the copy must be a separate cached function without ``parallel``."""
+    from refimpl.kernels import moe_nb
+    n, e, k, d = 200, 8, 3, 33
+    idx = np.argsort(rng.random((n, e)), axis=1)[:, :k]
+    keep = rng.random((n, k)) < 0.9
+    plan = make_plan(idx, e, keep, backend="numpy")
+    f32 = lambda *s: rng.standard_normal(s).astype(np.float32)  # noqa: E731
+    x, dy, w, ys = f32(n, d), f32(n, d), rng.random((n, k)).astype(np.float32), f32(plan.token.size, d)
+    sel = f32(n, 64)
+    calls = [
+        (moe_nb.select_experts_jit, lambda: (sel, 6, 8, 4, 2, -np.inf)),
+        (moe_nb.dispatch_jit, lambda: (x, plan.token, np.empty_like(ys))),
+        (moe_nb.combine_jit, lambda: (ys, w, plan.pos, np.empty_like(x))),
+        (moe_nb.combine_backward_jit, lambda: (dy, ys, w, plan.pos, plan.token, np.empty_like(ys),
+                                               np.empty_like(w))),
+        (moe_nb.dispatch_backward_jit, lambda: (ys, plan.pos, np.empty_like(x))),
+    ]
+    for fn, args in calls:
+        twin = moe_nb.serial_twin(fn)
+        assert twin is moe_nb.serial_twin(fn) and twin is not fn
+        assert twin.py_func.__name__ == fn.py_func.__name__ + "_serial"
+        assert "parallel" not in twin.targetoptions
+        assert twin.targetoptions.get("fastmath") == fn.targetoptions.get("fastmath")
+        a, b = fn(*args()), twin(*args())
+        for u, v in zip(a if isinstance(a, tuple) else (a,), b if isinstance(b, tuple) else (b,), strict=True):
+            np.testing.assert_array_equal(u.view(np.uint8), v.view(np.uint8))
