@@ -7,7 +7,8 @@ Every function with a Numba twin takes ``backend=`` with one of:
 * ``"auto"`` — numba when it imports, else numpy.
 
 ``None`` means "use the default": the ``REFIMPL_BACKEND`` environment variable if set, else
-``"auto"``. ``"auto"`` also falls back to numpy when the caller says the problem is small
+the site's default, which is ``"auto"`` except at the three sites listed under "Sites whose default
+is the reference" below. ``"auto"`` also falls back to numpy when the caller says the problem is small
 (``work`` below :data:`AUTO_MIN_WORK` elements): a kernel call's fixed cost (argument unboxing,
 thread wake-up) can exceed NumPy's whole computation on a tiny input.
 
@@ -33,6 +34,19 @@ lost at 2^12). Every twin wins clearly from 2^14; the threshold stays at 2^16, w
 call, and the book's tiny training runs have most of their calls in that range, where switching
 the backend changes float32 rounding and, through hundreds of steps, the runs' trajectories (a
 recipe's result is deterministic for a given threshold, and the chapters assert what it shows).
+
+Sites whose default is the reference
+------------------------------------
+Three functions resolve ``None`` to ``"numpy"`` when ``REFIMPL_BACKEND`` is unset (they pass
+``default="numpy"`` to :func:`resolve_backend`): :func:`refimpl.moe.dispatch.experts_forward` (the
+SwiGLU twin between the expert GEMMs), :func:`refimpl.rl.logps_entropy_forward` and
+:func:`refimpl.rl.grpo_loss_from_logits` (the log-prob/entropy twin). Their twins came after the
+book's training runs were fixed; they agree with the reference within float32 rounding, but a
+different rounding at every step changes a run of hundreds of steps as a different seed would, and
+the chapters state what their runs show. The training loops that reach these sites (the MoE layer,
+the GRPO trainer, the rollout's log-probs) pass their own ``backend`` through unresolved, so their
+default (``None``) keeps the reference there, while an explicit choice reaches the twins like any
+other: a ``backend=`` argument, :class:`refimpl.rl.GRPOConfig`'s ``backend``, or ``REFIMPL_BACKEND``.
 
 Nothing is imported or compiled until a twin is first called: ``import refimpl`` never touches
 numba, and each kernel compiles on first use with ``cache=True`` so later processes load
@@ -111,16 +125,19 @@ def numba_available() -> bool:
     return True
 
 
-def resolve_backend(backend: str | None = None, work: int | None = None) -> str:
+def resolve_backend(backend: str | None = None, work: int | None = None, *, default: str = "auto") -> str:
     """Map ``backend`` (or the ``REFIMPL_BACKEND`` default) to ``"numpy"`` or ``"numba"``.
 
     ``work``: the number of elements the call will touch, if the caller knows it; with ``"auto"``
-    a small ``work`` selects numpy.
+    a small ``work`` selects numpy. ``default``: what ``None`` means when ``REFIMPL_BACKEND`` is unset
+    (``"numpy"`` at the sites listed in the module docstring).
     """
+    if default not in BACKENDS:
+        raise ValueError(f"default: expected one of {BACKENDS}, got {default!r}")
     source = "backend"
     if backend is None:
-        backend = os.environ.get("REFIMPL_BACKEND", "auto")
-        source = "REFIMPL_BACKEND"
+        source = "REFIMPL_BACKEND" if "REFIMPL_BACKEND" in os.environ else "default"
+        backend = os.environ.get("REFIMPL_BACKEND", default)
     if backend not in BACKENDS:
         raise ValueError(f"{source}: expected one of {BACKENDS}, got {backend!r}")
     if backend == "auto":

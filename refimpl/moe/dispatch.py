@@ -177,7 +177,7 @@ class ExpertsCache(NamedTuple):
     gemms: tuple | None = None  # low-precision GEMM providers of (gate, up, down), or None
 
 
-def experts_forward(xs, experts, offsets, *, backend="numpy"):
+def experts_forward(xs, experts, offsets, *, backend=None):
     r"""Every routed expert's SwiGLU FFN on its block of rows: one GEMM per expert and projection.
 
     .. math:: \mathrm{FFN}_e(u) = W_2^{(e)}\bigl(\mathrm{silu}(W_1^{(e)} u) \odot W_3^{(e)} u\bigr)
@@ -187,12 +187,13 @@ def experts_forward(xs, experts, offsets, *, backend="numpy"):
     :func:`refimpl.core.linear.active_gemm` on each stacked array) the per-expert GEMMs, forward and
     backward, go through the hook like any linear layer's.
 
-    ``backend``: ``"numba"`` (or ``"auto"``, ``None`` as in :mod:`refimpl.backend`) computes the
-    SwiGLU between the GEMMs with the fused twin :mod:`refimpl.kernels.activations_nb` (float32
-    only: with libm's scalar float64 ``exp`` the twin did not beat NumPy, so float64 stays on the
-    reference); the backward follows the forward's choice. The default is ``"numpy"``, not the
-    package default: :func:`refimpl.moe.moe_forward` calls this without ``backend``, so the MoE
-    layer's rounding (which the book's experiments depend on) is unchanged.
+    ``backend``: ``"numba"`` (or ``"auto"``) computes the SwiGLU between the GEMMs with the fused
+    twin :mod:`refimpl.kernels.activations_nb` (float32 only: with libm's scalar float64 ``exp`` the
+    twin did not beat NumPy, so float64 stays on the reference); the backward follows the forward's
+    choice. ``None`` is ``REFIMPL_BACKEND`` if set, else ``"numpy"``, not the package's ``"auto"``:
+    :func:`refimpl.moe.moe_forward` passes its own ``backend`` through unresolved, and with its
+    default the MoE layer's rounding, which the book's experiments depend on, stays the reference's
+    (:mod:`refimpl.backend`, "Sites whose default is the reference").
     Shapes: xs (A, D), offsets (E + 1,) -> ys (A, D), ExpertsCache.
     """
     wg, wu, wd = experts["gate_proj"], experts["up_proj"], experts["down_proj"]
@@ -206,7 +207,7 @@ def experts_forward(xs, experts, offsets, *, backend="numpy"):
     for e, r0, r1 in blocks:
         np.matmul(xs[r0:r1], wg[e].T, out=gate[r0:r1])                    # (n_e, I)
         np.matmul(xs[r0:r1], wu[e].T, out=up[r0:r1])                      # (n_e, I)
-    if xs.dtype == np.float32 and resolve_backend(backend, work=gate.size) == "numba":
+    if xs.dtype == np.float32 and resolve_backend(backend, work=gate.size, default="numpy") == "numba":
         h = kernel("activations_nb").swiglu(gate, up)                     # (A, I) fused, one pass
         act = SwiGLUCache(gate, up, None)         # no sig: the twin's backward recomputes it
     else:

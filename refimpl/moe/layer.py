@@ -112,6 +112,9 @@ def moe_forward(x, params, config, *, capacity_factor=None, n_devices=None, mask
     mask_value : float
         Selection value of experts in excluded groups (``-inf``; ``0.0`` reproduces the old HF bug).
     backend : "auto", "numpy", "numba" or None.
+        One choice for routing, dispatch and combine (and their backwards). The SwiGLU between the
+        expert GEMMs gets the argument unresolved, so that ``None`` keeps it on the reference
+        (:func:`~refimpl.moe.dispatch.experts_forward`); an explicit choice reaches its twin too.
     routes : (..., K) int array, optional
         Keep Routing (DeepSeek-V3.2 §3.1): the experts recorded at sampling time (``info["idx"]``
         of that forward), used instead of the router's choice; the gate values are recomputed from
@@ -134,7 +137,7 @@ def moe_forward(x, params, config, *, capacity_factor=None, n_devices=None, mask
     e, k = config.n_routed_experts, config.num_experts_per_tok
     lead = x.shape[:-1]
     u = x.reshape(-1, x.shape[-1])                                        # (N, D)
-    backend = resolve_backend(backend, work=u.size * k)                   # one choice for every step
+    requested, backend = backend, resolve_backend(backend, work=u.size * k)  # one choice for every step
     if routes is not None:
         routes = np.asarray(routes)
         if routes.shape[:-1] != lead:
@@ -149,7 +152,7 @@ def moe_forward(x, params, config, *, capacity_factor=None, n_devices=None, mask
         keep, info = capacity_keep(routing.idx, affinity, e, n_devices or config.n_group, capacity_factor)
     plan = make_plan(routing.idx, e, keep, backend=backend)
     xs = dispatch(u, plan, backend=backend)                               # (A, D)
-    ys, ecache = experts_forward(xs, params["experts"], plan.offsets)     # (A, D)
+    ys, ecache = experts_forward(xs, params["experts"], plan.offsets, backend=requested)  # (A, D)
     y = combine(ys, routing.weights, plan, backend=backend)               # (N, D)
     scache = None
     if config.n_shared_experts:

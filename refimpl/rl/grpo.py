@@ -293,7 +293,7 @@ def entropy_bonus(entropies, mask, *, entropy_coef, loss_type="dapo", num_items_
 
 
 def grpo_loss_from_logits(logits, completion_ids, old_logps, ref_logps, advantages, mask, *, temperature=1.0,
-                          entropy_coef=0.0, backend="numpy", **loss_kwargs):
+                          entropy_coef=0.0, backend=None, **loss_kwargs):
     r"""Log-prob gathering + :func:`grpo_loss` + entropy bonus, with the gradient into the logits.
 
     .. math:: J = J_{\mathrm{GRPO}}(\ell(z/\tau)) - c\,\bar H(z/\tau),\qquad
@@ -302,14 +302,14 @@ def grpo_loss_from_logits(logits, completion_ids, old_logps, ref_logps, advantag
 
     with :math:`g = \partial J/\partial\ell` from :func:`grpo_loss` and :math:`h = \partial J/\partial H`.
     ``loss_kwargs`` are :func:`grpo_loss`'s options. ``backend``: of the log-prob/entropy pass and its
-    backward (:func:`~refimpl.rl.logps_entropy_forward`, whose docstring says why the default is
-    ``"numpy"`` rather than the package default).
+    backward (:func:`~refimpl.rl.logps_entropy_forward`, whose docstring says why ``None`` means
+    ``"numpy"`` there, unless ``REFIMPL_BACKEND`` is set, rather than the package's ``"auto"``).
 
     Shapes: logits (B, T, V), completion_ids (B, T) int64, old_logps / ref_logps (B, T) or None,
     advantages (B,) or (B, T), mask (B, T) -> loss (), dlogits (B, T, V), info (adds ``entropy``).
     """
     check_float("logits", logits, ndim=3, scan=False)
-    if resolve_backend(backend, work=logits.size) == "numpy":   # the numba twin tests the values itself
+    if resolve_backend(backend, work=logits.size, default="numpy") == "numpy":  # the twin tests values itself
         check_float("logits", logits, ndim=3)
     completion_ids = check_int("completion_ids", completion_ids, low=0, high=logits.shape[-1])
     if completion_ids.shape != logits.shape[:-1]:

@@ -24,7 +24,7 @@ Logits must be finite (no ``-inf`` vocabulary masks). Extreme logits (``|z| ~ 1e
 
 A Numba twin (:mod:`refimpl.kernels.logprobs_nb`, ``backend="numba"``) reads each row once for the
 forward and writes each row of the gradient in one sweep; it keeps the ``log1p`` property. The
-default backend of these functions is ``"numpy"``, not the package default (see
+default backend of these functions is ``"numpy"`` unless ``REFIMPL_BACKEND`` says otherwise (see
 :func:`logps_entropy_forward`).
 """
 
@@ -57,26 +57,28 @@ def _check_temperature(temperature) -> float:
     return check_positive_real("temperature", temperature)
 
 
-def logps_entropy_forward(logits, ids, *, temperature=1.0, chunk_rows=CHUNK_ROWS, backend="numpy"):
+def logps_entropy_forward(logits, ids, *, temperature=1.0, chunk_rows=CHUNK_ROWS, backend=None):
     r"""Log-probabilities of ``ids`` and entropies under :math:`\pi = \mathrm{softmax}(z/\tau)`.
 
     .. math:: \ell_t = \frac{z_{t,o_t}}{\tau} - \log\sum_k e^{z_{t,k}/\tau},\qquad
               H_t = -\sum_k \pi_{t,k}\log\pi_{t,k}
 
-    ``backend``: ``"numba"`` (or ``"auto"``, ``None`` as in :mod:`refimpl.backend`) runs the twin
+    ``backend``: ``"numba"`` (or ``"auto"``) runs the twin
     :func:`refimpl.kernels.logprobs_nb.logps_entropy_rows` (same values within float rounding; it
     tests the logits' finiteness in its own pass and raises the same ValueError); the cache records
-    the choice and :func:`logps_entropy_backward` follows it. The default is ``"numpy"``, not the
-    package default: the trainer, the rollout and :mod:`refimpl.rl.stable` call this without
-    ``backend``, and the book's small RL experiments are rounding-sensitive (a different backend
-    changes float32 rounding and, over hundreds of steps, their outcomes), so they stay bit for bit
-    on the reference. ``chunk_rows`` applies to the NumPy path only.
+    the choice and :func:`logps_entropy_backward` follows it. ``None`` is ``REFIMPL_BACKEND`` if set,
+    else ``"numpy"``, not the package's ``"auto"``: the trainer and the rollout pass their own
+    ``backend`` (None by default) and :mod:`refimpl.rl.stable` passes none, and the book's small RL
+    experiments are rounding-sensitive (a different backend changes float32 rounding and, over
+    hundreds of steps, their outcomes), so by default they stay bit for bit on the reference
+    (:mod:`refimpl.backend`, "Sites whose default is the reference"). ``chunk_rows`` applies to the
+    NumPy path only.
 
     Shapes: logits (..., V), ids (...) int64 -> logps (...), entropy (...), cache. Outputs have the
     logits' dtype.
     """
     check_float("logits", logits, min_ndim=1, scan=False)
-    backend = resolve_backend(backend, work=logits.size)
+    backend = resolve_backend(backend, work=logits.size, default="numpy")
     if backend == "numpy":
         check_float("logits", logits, min_ndim=1)
     tau = _check_temperature(temperature)

@@ -179,7 +179,8 @@ class RolloutBatch:
 def completion_logps(params, config, batch, temperature, backend=None):
     """Per-token log-probs of the sampled completion tokens under ``params`` (no gradient)."""
     logits = model_forward(batch.ids, params, config, backend=backend)[0]  # (B, T, V)
-    return logps_entropy_forward(batch.gather(logits), batch.comp, temperature=temperature)[0]  # (B, Tc)
+    return logps_entropy_forward(batch.gather(logits), batch.comp, temperature=temperature,
+                                 backend=backend)[0]                                   # (B, Tc)
 
 
 def evaluate(params, config, task, n=128, temperature=0.0, *, max_new_tokens=48, seed=0, backend=None):

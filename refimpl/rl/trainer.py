@@ -92,7 +92,9 @@ class GRPOConfig:
     DAPO's overlong penalty with that buffer. ``dynamic_sampling``: DAPO's filter of zero-std
     groups with at most ``max_resample_rounds`` extra generation rounds per step. ``eval_n``:
     held-out prompts for the periodic greedy evaluation. ``backend``: None (the ``REFIMPL_BACKEND``
-    default), ``"auto"``, ``"numpy"`` or ``"numba"``.
+    default), ``"auto"``, ``"numpy"`` or ``"numba"``, for the model and the loss's log-prob pass (with
+    None that pass stays on the reference unless ``REFIMPL_BACKEND`` is set: :mod:`refimpl.backend`,
+    "Sites whose default is the reference"; the V3.2 loss of :mod:`refimpl.rl.stable` always does).
     DeepSeek-V3.2 §3.1 (:mod:`refimpl.rl.stable`): ``use_bias_correction_kl``,
     ``off_policy_mask_threshold`` (TRL's names), ``keep_routing``, ``keep_sampling_mask``.
     ``language_weight`` > 0 adds R1's language-consistency reward (§2.3.2) with that weight: the
@@ -221,7 +223,7 @@ def grpo_objective(params, config, batch, advantages, old_logps, ref_logps, cfg,
               **(cfg.loss_options or {}))
     args = (batch.gather(logits), batch.comp, old_logps, ref_logps, advantages.astype(logits.dtype), batch.mask)
     if record is None:
-        loss, dlc, info = grpo_loss_from_logits(*args, **kw)
+        loss, dlc, info = grpo_loss_from_logits(*args, backend=cfg.backend, **kw)
     else:
         loss, dlc, info = v32_grpo_loss_from_logits(
             *args, sampling_mask=record.vocab_mask, sampling_logps=record.logps,

@@ -111,6 +111,25 @@ def test_objective_gradient_is_zero_for_masked_rows_and_flat_groups():
     assert any(np.any(g != 0) for g in _leaves(grads))
 
 
+@pytest.mark.parametrize("backend", [None, "numpy", "numba"])
+def test_objective_passes_its_backend_to_the_loss_unresolved(monkeypatch, backend):
+    """GRPOConfig.backend reaches the loss's log-prob pass as given: None keeps that pass on the
+    reference (refimpl.backend, "Sites whose default is the reference"), an explicit choice is honoured."""
+    seen = []
+    real = trainer.grpo_loss_from_logits
+
+    def spy(*args, **kw):
+        seen.append(kw["backend"])
+        return real(*args, **kw)
+    monkeypatch.setattr(trainer, "grpo_loss_from_logits", spy)
+    rng = np.random.default_rng(1)
+    cfg = tiny_config()
+    params = init_params(cfg, rng, np.float64)
+    gc = small_gc(backend=backend)
+    grpo_objective(params, cfg, random_batch(rng, gc), rng.standard_normal(4), None, None, gc)
+    assert seen == [backend]
+
+
 def _leaves(tree):
     from refimpl.tree import tree_flatten
     return tree_flatten(tree)[0]
