@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 import platform
 import statistics
+import subprocess
 import sys
 import time
 from collections.abc import Callable, Iterator
@@ -131,8 +132,23 @@ def machine_info() -> dict:
         "loadavg": list(os.getloadavg()) if hasattr(os, "getloadavg") else None,
         "openmp": openmp_info(),
         "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "commit": git_commit(),
     }
     return info
+
+
+def git_commit() -> str | None:
+    """The measured code's commit (short hash, ``+changes`` when refimpl/ or benchmarks/ differ from it),
+    or None outside a git checkout."""
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    try:
+        run = lambda *a: subprocess.run(["git", *a], cwd=root, capture_output=True, text=True,  # noqa: E731
+                                        timeout=10, check=True).stdout.strip()
+        head = run("rev-parse", "--short=12", "HEAD")
+        dirty = run("status", "--porcelain", "--untracked-files=no", "--", "refimpl", "benchmarks")
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return head + ("+changes" if dirty else "")
 
 
 def gemm_peak(n: int = 2048, repeats: int = 7, dtype=np.float32) -> dict:

@@ -82,7 +82,9 @@ use_saved = bool(saved and not saved.get("quick") and not saved.get("selected") 
                  and all(b["status"] == "ok" for b in saved["benchmarks"]))
 if use_saved:
     results, returncode, stderr = saved, 0, ""
-    source = f"the latest full run (`make bench`, saved {saved['machine']['time']})"
+    commit = saved["machine"].get("commit")
+    source = (f"the latest full run (`make bench`, saved {saved['machine']['time']}"
+              + (f", code at commit `{commit}`" if commit else "") + ")")
 else:
     out = Path(tempfile.mkdtemp(prefix="refimpl-bench-"))
     # every variant gets the same thread count: the usable cores, capped by Numba's pool (NUMBA_NUM_THREADS)

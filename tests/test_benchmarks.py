@@ -150,3 +150,33 @@ def test_thread_limits_are_restored():
     with harness.thread_limits(1) as info:
         assert info["threads"] == 1 and numba.get_num_threads() == 1
     assert numba.get_num_threads() == before
+
+
+def test_machine_info_names_the_measured_commit(tmp_path, monkeypatch):
+    """The saved run says which code it measured: HEAD's short hash, ``+changes`` when refimpl/ or
+    benchmarks/ differ from it; None outside a git checkout."""
+    import shutil
+    import subprocess
+    from pathlib import Path
+
+    from benchmarks import machine
+    if shutil.which("git") is None:
+        pytest.skip("git is not installed")
+    repo = tmp_path / "repo"
+    (repo / "benchmarks").mkdir(parents=True)
+    (repo / "refimpl").mkdir()
+    (repo / "refimpl" / "a.py").write_text("x = 1\n")
+    shutil.copy(machine.__file__, repo / "benchmarks" / "machine.py")
+    git = lambda *a: subprocess.run(["git", "-c", "user.name=t", "-c", "user.email=t@t", *a], cwd=repo,  # noqa: E731
+                                    check=True, capture_output=True, text=True).stdout.strip()
+    git("init", "-q")
+    git("add", "-A")
+    git("commit", "-qm", "c")
+    head = git("rev-parse", "--short=12", "HEAD")
+    monkeypatch.setattr(machine, "__file__", str(repo / "benchmarks" / "machine.py"))
+    assert machine.git_commit() == head
+    (repo / "refimpl" / "a.py").write_text("x = 2\n")
+    assert machine.git_commit() == head + "+changes"
+    assert machine.machine_info()["commit"] == head + "+changes"
+    monkeypatch.setattr(machine, "__file__", str(Path(tmp_path / "elsewhere" / "benchmarks" / "machine.py")))
+    assert machine.git_commit() is None
