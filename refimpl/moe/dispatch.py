@@ -29,6 +29,10 @@ from ..core.linear import active_gemm
 
 
 class DispatchPlan(NamedTuple):
+    """What :func:`make_plan` returns. The data-movement functions check a plan's shapes and index
+    bounds (:func:`check_plan`), which is what keeps the Numba twins' unchecked indexing in memory;
+    they do not check that a hand-made plan is consistent (``token[pos[n, k]] == n``)."""
+
     pos: np.ndarray        # (N, K) int64 row of each (token, slot) in the expert-sorted layout, -1 if dropped
     token: np.ndarray      # (A,) int64 source token of each sorted row (A = kept copies)
     offsets: np.ndarray    # (E + 1,) int64 rows offsets[e]:offsets[e+1] belong to expert e
@@ -61,6 +65,29 @@ def make_plan(idx, n_experts, keep=None, *, backend=None):
     return DispatchPlan(pos.reshape(n, k), (order // k).astype(np.int64), offsets)
 
 
+def check_plan(plan):
+    """Raise ValueError unless ``plan`` has :class:`DispatchPlan`'s fields with integer arrays of the
+    right shapes and every index in bounds: ``pos`` (N, K) in [-1, A), ``token`` (A,) in [0, N).
+
+    Four min/max reductions over the plan's N*K + A integers (about 30 us for 4096 x 6), so each
+    data-movement call can afford it; the Numba twins index without bounds checks, and NumPy's
+    gathers would wrap a negative index or clip (``np.take(mode="clip")``) instead of failing.
+    """
+    if not (isinstance(plan, tuple) and len(plan) == 3):
+        raise ValueError(f"plan: expected a DispatchPlan (pos, token, offsets), got {type(plan).__name__}")
+    pos, token, _ = plan
+    for name, a, nd in (("plan.pos", pos, 2), ("plan.token", token, 1)):
+        if not isinstance(a, np.ndarray) or a.ndim != nd or a.dtype.kind not in "iu":
+            raise ValueError(f"{name}: expected a {nd}-D integer array, got "
+                             f"{getattr(a, 'dtype', type(a).__name__)} of shape {np.shape(a)}")
+    n, a = pos.shape[0], token.size
+    if pos.size and (pos.min() < -1 or pos.max() >= a):
+        raise ValueError(f"plan.pos: rows must be in [-1, {a}) (A = {a} kept copies), got "
+                         f"[{pos.min()}, {pos.max()}]")
+    if token.size and (token.min() < 0 or token.max() >= n):
+        raise ValueError(f"plan.token: tokens must be in [0, {n}) (N = {n}), got [{token.min()}, {token.max()}]")
+
+
 def _rows(name, a, n, what):
     """Shape guard: the Numba twins index without bounds checks."""
     if np.ndim(a) != 2 or a.shape[0] != n:
@@ -90,6 +117,7 @@ def dispatch(x, plan, *, backend=None, out=None):
     ``out``: an (A, D) array of x's dtype to write the result into (e.g. reused from the previous
     step, which saves the first-touch page faults of a fresh buffer), or None for a new array.
     """
+    check_plan(plan)
     _rows("x", x, plan.pos.shape[0], "N tokens of the plan")
     shape = (plan.token.size, x.shape[1])
     out = check_out("out", out, shape, x.dtype, (x, *plan))
@@ -108,6 +136,7 @@ def dispatch_backward(dxs, plan, *, backend=None, out=None):
 
     ``out``: an (N, D) array of dxs's dtype for the result, or None (see :func:`dispatch`).
     """
+    check_plan(plan)
     _rows("dxs", dxs, plan.token.size, "A kept copies of the plan")
     shape = (plan.pos.shape[0], dxs.shape[1])
     out = check_out("out", out, shape, dxs.dtype, (dxs, *plan))
@@ -126,6 +155,7 @@ def combine(ys, weights, plan, *, backend=None, out=None):
     Dropped copies contribute nothing. Shapes: ys (A, D), weights (N, K) -> y (N, D).
     ``out``: an (N, D) array of ys's dtype for the result, or None (see :func:`dispatch`).
     """
+    check_plan(plan)
     _rows("ys", ys, plan.token.size, "A kept copies of the plan")
     if np.shape(weights) != plan.pos.shape:
         raise ValueError(f"weights: expected shape {plan.pos.shape} (N, K), got {np.shape(weights)}")
@@ -146,6 +176,7 @@ def combine_backward(dy, ys, weights, plan, *, backend=None, out=None):
     ``out``: a pair ``(dys, dweights)`` of arrays to write the results into (dtypes of ys and of
     weights), or None (see :func:`dispatch`).
     """
+    check_plan(plan)
     _rows("dy", dy, plan.pos.shape[0], "N tokens of the plan")
     _rows("ys", ys, plan.token.size, "A kept copies of the plan")
     if out is not None and (not isinstance(out, tuple | list) or len(out) != 2):

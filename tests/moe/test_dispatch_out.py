@@ -96,3 +96,39 @@ def test_bad_out_raises_naming_out(backend):
         combine_backward(dy, ys, w, plan, backend=backend, out=(dys, dys.reshape(-1)[:w.size].reshape(w.shape)))
     with pytest.raises(ValueError, match=r"^out: expected a pair"):
         combine_backward(dy, ys, w, plan, backend=backend, out=np.empty((a, d), np.float32))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_plan_out_of_bounds_raises_naming_the_field(backend):
+    """A hand-made plan is checked for bounds before any kernel indexes with it (the Numba twins do
+    not bounds-check; NumPy would wrap a negative index): a ValueError naming plan.pos / plan.token."""
+    from refimpl.moe.dispatch import DispatchPlan
+    plan, x, ys, w, dy = _problem(np.random.default_rng(1), np.float32)
+    n, a = x.shape[0], ys.shape[0]
+    calls = {
+        "dispatch": lambda p: dispatch(x, p, backend=backend),
+        "combine": lambda p: combine(ys, w, p, backend=backend),
+        "combine_backward": lambda p: combine_backward(dy, ys, w, p, backend=backend),
+        "dispatch_backward": lambda p: dispatch_backward(ys, p, backend=backend),
+    }
+    for value, where in ((a, 0), (-2, 1)):                               # first row past the end; below -1
+        pos = plan.pos.copy()
+        pos.flat[where] = value
+        for call in calls.values():
+            with pytest.raises(ValueError, match=r"^plan\.pos: rows must be in \[-1, "):
+                call(plan._replace(pos=pos))
+    for value in (n, -1):
+        token = plan.token.copy()
+        token[3] = value
+        for call in calls.values():
+            with pytest.raises(ValueError, match=r"^plan\.token: tokens must be in \[0, "):
+                call(plan._replace(token=token))
+    for bad, field in ((plan._replace(pos=plan.pos.astype(float)), "plan.pos"),
+                       (plan._replace(token=plan.token[:, None]), "plan.token")):
+        with pytest.raises(ValueError, match=rf"^{field}: expected a"):
+            dispatch(x, bad, backend=backend)
+    with pytest.raises(ValueError, match=r"^plan: expected a DispatchPlan"):
+        combine(ys, w, (plan.pos, plan.token), backend=backend)
+    assert isinstance(plan, DispatchPlan)                              # and a valid plan still runs
+    for call in calls.values():
+        call(plan)
