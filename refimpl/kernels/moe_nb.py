@@ -254,8 +254,7 @@ def serial_twin(fn):
         copy.__qualname__ = name
         copy.__doc__ = py.__doc__
         options = {k: v for k, v in fn.targetoptions.items() if k not in ("parallel", "nopython")}
-        cached = type(fn._cache).__name__ != "NullCache"           # njit(cache=True) on the original
-        twin = _SERIAL[fn] = njit(cache=cached, **options)(copy)
+        twin = _SERIAL[fn] = njit(cache=True, **options)(copy)       # the kernels here all cache
     return twin
 
 
