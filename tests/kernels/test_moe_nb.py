@@ -66,10 +66,10 @@ def test_serial_twins_match_the_parallel_kernels_bit_for_bit(rng):
     sel = f32(n, 64)
     calls = [
         (moe_nb.select_experts_jit, lambda: (sel, 6, 8, 4, 2, -np.inf)),
-        (moe_nb.dispatch_jit, lambda: (x, plan.token, np.empty_like(ys))),
+        (moe_nb.dispatch_jit, lambda: (x, plan.token, np.empty_like(ys), False)),
         (moe_nb.combine_jit, lambda: (ys, w, plan.pos, np.empty_like(x))),
         (moe_nb.combine_backward_jit, lambda: (dy, ys, w, plan.pos, plan.token, np.empty_like(ys),
-                                               np.empty_like(w))),
+                                               np.empty_like(w), False)),
         (moe_nb.dispatch_backward_jit, lambda: (ys, plan.pos, np.empty_like(x))),
     ]
     for fn, args in calls:
@@ -81,3 +81,32 @@ def test_serial_twins_match_the_parallel_kernels_bit_for_bit(rng):
         a, b = fn(*args()), twin(*args())
         for u, v in zip(a if isinstance(a, tuple) else (a,), b if isinstance(b, tuple) else (b,), strict=True):
             np.testing.assert_array_equal(u.view(np.uint8), v.view(np.uint8))
+
+
+@given(rst.seeds(), st.sampled_from([np.float32, np.float64]), st.integers(1, 7), st.sampled_from([1, 5, 64, 300]),
+       st.sampled_from([0.0, 0.5, 0.9, 1.0]), st.booleans())
+def test_combine_twins_sum_in_slot_order_bit_for_bit(rng, dtype, k, d, keep_p, serial):
+    """combine and dispatch_backward read two copies per sweep of a token's row, but the sum is still
+    ((0 + w0 y0) + w1 y1) + ... over the kept slots in slot order: written out here in NumPy one slot
+    at a time (a dropped slot adds nothing, not even a 0), the twins must match it to the bit."""
+    from refimpl.kernels import moe_nb
+    n, e = 150, 8
+    idx = np.argsort(rng.random((n, e)), axis=1)[:, :k]
+    plan = make_plan(idx, e, rng.random((n, k)) < keep_p, backend="numpy")
+    ys = rng.standard_normal((plan.token.size, d)).astype(dtype)
+    w = rng.standard_normal((n, k)).astype(dtype)
+    want_y = np.zeros((n, d), dtype)
+    want_dx = np.zeros((n, d), dtype)
+    padded = np.concatenate([ys, np.zeros((1, d), dtype)])             # row A stands in for a dropped copy
+    for s in range(k):
+        kept = (plan.pos[:, s] >= 0)[:, None]
+        rows = padded[np.where(plan.pos[:, s] >= 0, plan.pos[:, s], ys.shape[0])]  # (N, D)
+        want_y = np.where(kept, want_y + w[:, s:s + 1] * rows, want_y)
+        want_dx = np.where(kept, want_dx + rows, want_dx)
+    comb, dbwd = moe_nb.combine_jit, moe_nb.dispatch_backward_jit
+    if serial:
+        comb, dbwd = moe_nb.serial_twin(comb), moe_nb.serial_twin(dbwd)
+    got_y = comb(ys, w, plan.pos, np.full((n, d), np.nan, dtype))
+    got_dx = dbwd(ys, plan.pos, np.full((n, d), np.nan, dtype))
+    np.testing.assert_array_equal(got_y.view(np.uint8), want_y.view(np.uint8))
+    np.testing.assert_array_equal(got_dx.view(np.uint8), want_dx.view(np.uint8))
