@@ -73,6 +73,7 @@ TASK = AdditionTask(min_digits=2, max_digits=3)
 #: refimpl sources a run depends on (hashed into the cache keys): everything it executes, and
 #: nothing else, so that editing e.g. the distillation losses does not invalidate a trained teacher.
 SOURCES = ("core", "attention", "moe", "model", "rl", "tasks", "kernels/cross_entropy_nb.py", "kernels/moe_nb.py",
+           "kernels/vecmath_nb.py", "kernels/stream_nb.py",       # the two kernels' own imports
            "optim.py", "tree.py", "config.py", "backend.py", "_validate.py", "recipes/tiny_v3.py", "recipes/r1.py")
 
 #: the recipes' GRPO settings (:class:`~refimpl.rl.trainer.GRPOConfig` fields): DAPO loss and

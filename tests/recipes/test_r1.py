@@ -89,6 +89,23 @@ def test_cache_source_hash_follows_the_files(tmp_path):
         _cache.source_hash(["no_such_module.py"])
 
 
+def test_cache_sources_include_the_kernels_own_imports():
+    """A kernel module in SOURCES runs the kernel modules it imports: they must be hashed too, or an
+    edit to one of them (say the vectorised exp) would leave stale results in the cache."""
+    import ast
+    from pathlib import Path
+    root = Path(_cache.__file__).resolve().parents[1]
+    listed = [s for s in r1.SOURCES if s.startswith("kernels/")]
+    assert listed
+    for entry in listed:
+        tree = ast.parse((root / entry).read_text())
+        for node in ast.walk(tree):
+            if isinstance(node, ast.ImportFrom) and node.level == 1:
+                names = [node.module] if node.module else [a.name for a in node.names]
+                for name in names:
+                    assert f"kernels/{name}.py" in r1.SOURCES, (entry, name)
+
+
 def test_unknown_override_is_an_error():
     with pytest.raises(TypeError):
         r1.r1_zero_run(steps=1, progress=False, bogus=3)
