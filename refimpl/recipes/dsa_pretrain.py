@@ -35,7 +35,12 @@ from ..attention.dsa import attention_target, dsa_indexer_loss
 from ..core import IGNORE_INDEX
 from ..model.transformer import init_params, loss_backward, loss_forward, model_forward
 from ..optim import adamw_init, adamw_update, clip_grad_norm
+from . import _cache
 from .tiny_v3 import tiny_v3_config
+
+#: refimpl sources the run executes (hashed into the cache key, see :mod:`refimpl.recipes._cache`)
+DSA_SOURCES = ("core", "attention", "moe", "model", "kernels", "optim.py", "tree.py", "config.py", "backend.py",
+               "_validate.py", "recipes/tiny_v3.py", "recipes/dsa_pretrain.py")
 
 N_PLAIN = 16                  # plain token ids 0..15; marked copies 16..31
 
@@ -121,16 +126,40 @@ def indexer_step(params, config, ids, opt, lr):
 
 
 def dsa_pretrain_run(seq_len=64, topk=8, batch_size=16, pretrain_steps=200, warmup_steps=60, sparse_steps=60,
-                     lr=1e-2, index_lr=1e-2, n_query=8, eval_every=10, seed=0, dtype=np.float32):
+                     lr=1e-2, index_lr=1e-2, n_query=8, eval_every=10, seed=0, dtype=np.float32, cache_dir=None):
     """Stage 0 (dense LM), 1 (indexer warm-up), 2 (sparse LM + indexer KL); returns a dict of the measurements.
 
     ``accuracy``: answer accuracy on a held-out batch for ``dense`` (after stage 0),
     ``sparse_untrained`` (top-k with the random indexer), ``sparse_after_warmup`` and
     ``sparse_final`` (dense attention re-measured at the end too, ``dense_final``). ``recall``:
-    ``(step, indexer recall)`` pairs over stages 1-2; ``index_loss`` per step; ``attended_fraction``.
+    ``[step, indexer recall]`` pairs over stages 1-2; ``index_loss`` and ``lm_loss`` per step;
+    ``attended_fraction``; ``stages`` (steps per stage); ``config``; ``params`` (the final weights);
+    ``cached``.
+
+    ``cache_dir``: load the result of an earlier call with the same arguments and the same refimpl
+    sources from there, or compute and store it.
     """
-    rng = np.random.default_rng(seed)
     cfg = dsa_config(seq_len, topk)
+    args = dict(seq_len=seq_len, topk=topk, batch_size=batch_size, pretrain_steps=pretrain_steps,
+                warmup_steps=warmup_steps, sparse_steps=sparse_steps, lr=lr, index_lr=index_lr, n_query=n_query,
+                eval_every=eval_every, seed=seed, dtype=np.dtype(dtype).name)
+    key = _cache.cache_key("dsa_pretrain", args, DSA_SOURCES)
+    hit = None if cache_dir is None else _cache.load(cache_dir, key, cfg, ["params"])
+    if hit is not None:
+        params, meta = hit[0]["params"], hit[1]
+    else:
+        result = _dsa_pretrain(cfg, **{**args, "dtype": dtype})
+        params = result.pop("params")
+        meta = _cache.plain(result)
+        if cache_dir is not None:
+            _cache.save(cache_dir, key, {"params": params}, meta)
+    return {**meta, "config": cfg, "params": params, "cached": hit is not None}
+
+
+def _dsa_pretrain(cfg, *, seq_len, topk, batch_size, pretrain_steps, warmup_steps, sparse_steps, lr, index_lr,
+                  n_query, eval_every, seed, dtype):
+    """The three stages of :func:`dsa_pretrain_run`; returns its result without ``config`` and ``cached``."""
+    rng = np.random.default_rng(seed)
     dense = with_topk(cfg, seq_len)
     params = init_params(cfg, np.random.default_rng(seed), dtype)
     ev_ids, ev_lab = retrieval_batch(np.random.default_rng(10_000 + seed), 128, seq_len, n_query)
@@ -173,6 +202,6 @@ def dsa_pretrain_run(seq_len=64, topk=8, batch_size=16, pretrain_steps=200, warm
             recall.append((s, indexer_recall(params, cfg, rec_ids, topk, n_query)))
     acc["sparse_final"] = answer_accuracy(params, cfg, ev_ids, ev_lab)
     acc["dense_final"] = answer_accuracy(params, dense, ev_ids, ev_lab)
-    return {"config": cfg, "params": params, "accuracy": acc, "recall": recall, "index_loss": index_loss,
+    return {"params": params, "accuracy": acc, "recall": recall, "index_loss": index_loss,
             "lm_loss": lm, "attended_fraction": attended_fraction(seq_len, topk, n_query),
             "stages": {"pretrain": pretrain_steps, "warmup": warmup_steps, "sparse": sparse_steps}}

@@ -33,7 +33,15 @@ from ..model.transformer import init_params, loss_forward
 from ..quant import bf16_autocast, fp8_autocast
 from ..tasks import AdditionTask
 from ..tree import tree_flatten
+from . import _cache
 from .tiny_v3 import addition_batches, tiny_v3_config
+
+#: refimpl sources the runs execute (hashed into the cache key, see :mod:`refimpl.recipes._cache`)
+FP8_SOURCES = ("core", "attention", "moe", "model", "quant", "tasks", "kernels", "optim.py", "tree.py", "config.py",
+               "backend.py", "_validate.py", "recipes/tiny_v3.py", "recipes/fp8_train.py")
+#: the result's per-step curves: stored as JSON lists, returned as float64 arrays (None without ``control``)
+_CURVES = ("loss_fp32", "loss_fp8", "loss_bf16", "loss_fp64", "relative_error", "relative_error_vs_bf16",
+           "bf16_relative_error", "control_relative_error")
 
 
 def relative_loss_error(loss_fp8, loss_ref, window=1):
@@ -58,7 +66,7 @@ def relative_loss_error(loss_fp8, loss_ref, window=1):
 
 
 def fp8_train_run(steps=150, seed=0, tile=32, fmt="e4m3", backward=True, batch_size=16, lr=3e-3, max_digits=2,
-                  window=10, control=True, progress=True):
+                  window=10, control=True, progress=True, cache_dir=None):
     """Train the tiny V3 in float32 and in FP8 from the same start on the same batches.
 
     Parameters are those of :func:`refimpl.recipes.tiny_v3.tiny_v3_run` plus ``tile``, ``fmt`` and
@@ -75,16 +83,39 @@ def fp8_train_run(steps=150, seed=0, tile=32, fmt="e4m3", backward=True, batch_s
     (a dataset of another seed; with at most two digits, some problems recur) of each final model
     (``"fp32 weights"``, ``"fp8 weights"``, and with ``control`` ``"bf16 weights"``,
     ``"fp32 weights, other data order"``), each read with a
-    ``"float"`` and an ``"fp8"`` forward pass; ``seconds`` wall time per run; ``gemms`` the FP8 GEMMs
-    of one step as ``(kind, m, n, k)``; ``config``, ``train_config``, ``tile``, ``fmt``.
+    ``"float"`` and an ``"fp8"`` forward pass; ``seconds`` wall time per run (of the run that computed
+    the result, when it comes from the cache); ``gemms`` the FP8 GEMMs of one step as
+    ``(kind, m, n, k)``; ``config``, ``train_config``, ``tile``, ``fmt``; ``cached``.
+
+    ``cache_dir``: load the result of an earlier call with the same arguments and the same refimpl
+    sources from there, or compute and store it (the curves round-trip through JSON exactly).
     """
     if not (isinstance(steps, int) and steps >= window >= 1):
         raise ValueError(f"steps: expected an integer >= window ({window}), got {steps!r}")
     config = tiny_v3_config()
-    task = AdditionTask(min_digits=1, max_digits=max_digits)
-    batch_fn = addition_batches(task, batch_size, seed=seed)
     tc = TrainConfig(steps=steps, lr=lr, min_lr=lr / 10, warmup_steps=max(steps // 20, 1), bias_update_speed=1e-3,
                      backend="numpy")
+    args = dict(steps=steps, seed=seed, tile=tile, fmt=fmt, backward=backward, batch_size=batch_size, lr=lr,
+                max_digits=max_digits, window=window, control=control)
+    key = _cache.cache_key("fp8_train", args, FP8_SOURCES)
+    hit = None if cache_dir is None else _cache.load(cache_dir, key, config, [])
+    if hit is not None:
+        meta = hit[1]
+    else:
+        result = _fp8_train(config, tc, **args, progress=progress)
+        meta = _cache.plain({k: v.tolist() if isinstance(v, np.ndarray) else v for k, v in result.items()})
+        if cache_dir is not None:
+            _cache.save(cache_dir, key, {}, meta)
+    curves = {k: None if meta[k] is None else np.asarray(meta[k], dtype=np.float64) for k in _CURVES}
+    return {**meta, **curves, "config": config, "train_config": tc, "cached": hit is not None}
+
+
+def _fp8_train(config, tc, *, steps, seed, tile, fmt, backward, batch_size, lr, max_digits, window, control,
+               progress):
+    """The runs of :func:`fp8_train_run`; returns its result without ``config``, ``train_config``
+    and ``cached`` (curves as arrays, the rest plain Python)."""
+    task = AdditionTask(min_digits=1, max_digits=max_digits)
+    batch_fn = addition_batches(task, batch_size, seed=seed)
     modes = ("fp32", "fp8", "bf16", "fp64", "fp32-reordered") if control else ("fp32", "fp8")
     losses, seconds, gemms, finals = {}, {}, [], {}
     bar = None
@@ -138,8 +169,7 @@ def fp8_train_run(steps=150, seed=0, tile=32, fmt="e4m3", backward=True, batch_s
             "loss_fp64": losses.get("fp64"), "relative_error": rel, "final_relative_error": final,
             "relative_error_vs_bf16": None, "final_relative_error_vs_bf16": None, "bf16_relative_error": None,
             "control_relative_error": None, **vs_bf16,
-            "eval_loss": evals, "seconds": seconds, "gemms": gemms, "config": config, "train_config": tc,
-            "tile": tile, "fmt": fmt}
+            "eval_loss": evals, "seconds": seconds, "gemms": gemms, "tile": tile, "fmt": fmt}
 
 
 def _eval_loss(params, config, batch, fp8=None):

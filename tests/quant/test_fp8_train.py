@@ -393,6 +393,25 @@ def test_short_fp8_training_run_stays_close_to_float32():
     assert 0 <= r["final_relative_error"] < 2.0**-4
 
 
+def test_fp8_train_run_cache_returns_the_computed_result(tmp_path):
+    """With ``cache_dir`` a second call with the same arguments loads the first call's result: the
+    same curves to the bit (float64 arrays; None without the yardstick runs), the same scalars and
+    GEMM list, the config rebuilt; other arguments miss the cache."""
+    from refimpl.recipes.fp8_train import fp8_train_run
+    kw = dict(steps=8, batch_size=4, window=2, control=False, progress=False, cache_dir=tmp_path)
+    a, b = fp8_train_run(**kw), fp8_train_run(**kw)
+    assert (a["cached"], b["cached"]) == (False, True)
+    assert a.keys() == b.keys()
+    for k in a:
+        if isinstance(a[k], np.ndarray):
+            assert a[k].dtype == b[k].dtype == np.float64 and a[k].tobytes() == b[k].tobytes(), k
+        elif k != "cached":
+            assert a[k] == b[k], k
+    assert a["loss_bf16"] is None and a["relative_error_vs_bf16"] is None
+    assert a["loss_fp8"].shape == (8,) and a["config"] == b["config"]
+    assert not fp8_train_run(**{**kw, "seed": 1})["cached"]
+
+
 def test_relative_loss_error_and_its_moving_average():
     from refimpl.recipes.fp8_train import relative_loss_error
     a, b = np.array([1.1, 2.0, 2.7, 4.4]), np.array([1.0, 2.0, 3.0, 4.0])

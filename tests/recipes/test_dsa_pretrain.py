@@ -54,3 +54,20 @@ def test_small_run_is_deterministic_and_reports_every_stage():
     assert [s for s, _ in a["recall"]] == [0, 1, 2, 3, 4]
     assert len(a["index_loss"]) == 4 and len(a["lm_loss"]) == 5
     assert all(0 <= r <= 1 for _, r in a["recall"])
+
+
+def test_cache_returns_the_computed_result(tmp_path):
+    """With ``cache_dir`` a second call with the same arguments loads the first one's measurements and
+    final weights, equal to the bit; other arguments miss the cache."""
+    kw = dict(seq_len=16, topk=4, batch_size=4, pretrain_steps=3, warmup_steps=2, sparse_steps=2, eval_every=1,
+              n_query=2, cache_dir=tmp_path)
+    a, b = dsa_pretrain_run(**kw), dsa_pretrain_run(**kw)
+    assert (a["cached"], b["cached"]) == (False, True)
+    for k in a.keys() - {"cached", "params"}:
+        assert a[k] == b[k], k
+    pa, pb = dict(zip(tree_paths(a["params"]), tree_flatten(a["params"])[0], strict=True)), \
+        dict(zip(tree_paths(b["params"]), tree_flatten(b["params"])[0], strict=True))
+    assert pa.keys() == pb.keys() and any("indexer" in p for p in pa)
+    for p in pa:
+        assert pa[p].dtype == pb[p].dtype and pa[p].tobytes() == pb[p].tobytes(), p
+    assert not dsa_pretrain_run(**{**kw, "seed": 1})["cached"]
