@@ -275,7 +275,7 @@ assert fd_err < 1e-6
 # with `index_topk` = 8: each query row reads 8 of its 56-63 earlier tokens.
 
 # %%
-run = dsa_pretrain_run(cache_dir="_cache")
+run = dsa_pretrain_run(progress=False, cache_dir="_cache")
 acc, recall = run["accuracy"], run["recall"]
 assert run["config"].max_position_embeddings == 64 and run["config"].extra["index_topk"] == 8
 assert (64 - 8 - 1, 64 - 2 + 1) == (55, 63)                      # query rows t = 55..62 see 56..63 keys

@@ -17,12 +17,13 @@ def test_finds_every_cached_call_of_the_chapters_with_its_arguments():
     calls = warm.book_calls()
     names = [name for _, name, _ in calls]
     assert len(names) == len(set(names)), "r1_zero_run is called by two chapters and must be listed once"
-    for expected in ("r1_zero_run", "r1_run", "distill_run", "aha_run", "r1_stages_run", "cot_ablation_run"):
+    for expected in ("r1_zero_run", "r1_run", "distill_run", "aha_run", "r1_stages_run", "cot_ablation_run",
+                     "fp8_train_run", "dsa_pretrain_run"):
         assert expected in names
     stages = next(kw for _, name, kw in calls if name == "r1_stages_run")
     assert stages["seeds"] == 3 and stages["cache_dir"] == "_cache"
-    for module, name, kwargs in calls:          # each call binds to the recipe's real signature
-        inspect.signature(getattr(importlib.import_module(module), name)).bind(**kwargs)
+    for module, name, kwargs in calls:          # each call, as run_job makes it, binds to the real signature
+        inspect.signature(getattr(importlib.import_module(module), name)).bind(**{**kwargs, "progress": False})
 
 
 def test_chains_keep_shared_stages_in_one_job_in_order():

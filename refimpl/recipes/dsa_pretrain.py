@@ -126,7 +126,8 @@ def indexer_step(params, config, ids, opt, lr):
 
 
 def dsa_pretrain_run(seq_len=64, topk=8, batch_size=16, pretrain_steps=200, warmup_steps=60, sparse_steps=60,
-                     lr=1e-2, index_lr=1e-2, n_query=8, eval_every=10, seed=0, dtype=np.float32, cache_dir=None):
+                     lr=1e-2, index_lr=1e-2, n_query=8, eval_every=10, seed=0, dtype=np.float32, progress=True,
+                     cache_dir=None):
     """Stage 0 (dense LM), 1 (indexer warm-up), 2 (sparse LM + indexer KL); returns a dict of the measurements.
 
     ``accuracy``: answer accuracy on a held-out batch for ``dense`` (after stage 0),
@@ -136,8 +137,9 @@ def dsa_pretrain_run(seq_len=64, topk=8, batch_size=16, pretrain_steps=200, warm
     ``attended_fraction``; ``stages`` (steps per stage); ``config``; ``params`` (the final weights);
     ``cached``.
 
-    ``cache_dir``: load the result of an earlier call with the same arguments and the same refimpl
-    sources from there, or compute and store it.
+    ``progress``: a progress bar over the steps of the three stages. ``cache_dir``: load the result
+    of an earlier call with the same arguments and the same refimpl sources from there, or compute
+    and store it.
     """
     cfg = dsa_config(seq_len, topk)
     args = dict(seq_len=seq_len, topk=topk, batch_size=batch_size, pretrain_steps=pretrain_steps,
@@ -148,7 +150,7 @@ def dsa_pretrain_run(seq_len=64, topk=8, batch_size=16, pretrain_steps=200, warm
     if hit is not None:
         params, meta = hit[0]["params"], hit[1]
     else:
-        result = _dsa_pretrain(cfg, **{**args, "dtype": dtype})
+        result = _dsa_pretrain(cfg, **{**args, "dtype": dtype}, progress=progress)
         params = result.pop("params")
         meta = _cache.plain(result)
         if cache_dir is not None:
@@ -157,8 +159,13 @@ def dsa_pretrain_run(seq_len=64, topk=8, batch_size=16, pretrain_steps=200, warm
 
 
 def _dsa_pretrain(cfg, *, seq_len, topk, batch_size, pretrain_steps, warmup_steps, sparse_steps, lr, index_lr,
-                  n_query, eval_every, seed, dtype):
+                  n_query, eval_every, seed, dtype, progress):
     """The three stages of :func:`dsa_pretrain_run`; returns its result without ``config`` and ``cached``."""
+    bar = None
+    if progress:
+        from tqdm import tqdm  # plain text: tqdm.auto warns in a kernel without ipywidgets
+        bar = tqdm(total=pretrain_steps + warmup_steps + sparse_steps, desc="dense, warm-up, sparse", leave=False)
+    tick = bar.update if bar is not None else (lambda n=1: None)
     rng = np.random.default_rng(seed)
     dense = with_topk(cfg, seq_len)
     params = init_params(cfg, np.random.default_rng(seed), dtype)
@@ -174,6 +181,7 @@ def _dsa_pretrain(cfg, *, seq_len, topk, batch_size, pretrain_steps, warmup_step
         main, mopt = adamw_update(main, g, mopt, lr=lr, weight_decay=0.0)
         params = _merge(main, _indexers(params))
         lm.append(float(loss))
+        tick()
     acc = {"dense": answer_accuracy(params, dense, ev_ids, ev_lab),
            "sparse_untrained": answer_accuracy(params, cfg, ev_ids, ev_lab)}
     recall, index_loss = [(0, indexer_recall(params, cfg, rec_ids, topk, n_query))], []
@@ -183,6 +191,7 @@ def _dsa_pretrain(cfg, *, seq_len, topk, batch_size, pretrain_steps, warmup_step
         ids, _ = retrieval_batch(rng, batch_size, seq_len, n_query)
         params, iopt, li, _ = indexer_step(params, dense, ids, iopt, index_lr)
         index_loss.append(li)
+        tick()
         if s % eval_every == 0:
             recall.append((s, indexer_recall(params, cfg, rec_ids, topk, n_query)))
     acc["sparse_after_warmup"] = answer_accuracy(params, cfg, ev_ids, ev_lab)
@@ -198,10 +207,13 @@ def _dsa_pretrain(cfg, *, seq_len, topk, batch_size, pretrain_steps, warmup_step
         params = _merge(main, new_ix)
         lm.append(float(loss))
         index_loss.append(float(sum(losses)))
+        tick()
         if s % eval_every == 0:
             recall.append((s, indexer_recall(params, cfg, rec_ids, topk, n_query)))
     acc["sparse_final"] = answer_accuracy(params, cfg, ev_ids, ev_lab)
     acc["dense_final"] = answer_accuracy(params, dense, ev_ids, ev_lab)
+    if bar is not None:
+        bar.close()
     return {"params": params, "accuracy": acc, "recall": recall, "index_loss": index_loss,
             "lm_loss": lm, "attended_fraction": attended_fraction(seq_len, topk, n_query),
             "stages": {"pretrain": pretrain_steps, "warmup": warmup_steps, "sparse": sparse_steps}}
