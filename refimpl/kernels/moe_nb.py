@@ -35,7 +35,7 @@ import numpy as np
 from numba import njit, prange
 
 from . import stream_nb
-from .stream_nb import copy_row, scale_row, store_fence
+from .stream_nb import store_fence, stream_row, stream_scaled_row
 from .vecmath_nb import cast_like
 
 #: rows per parallel task of the row-wise kernels (each task ends with one store fence when streaming)
@@ -157,7 +157,7 @@ def dispatch_jit(x, token, out, stream):
     if stream:
         for b in prange((a + ROWS - 1) // ROWS):
             for r in range(b * ROWS, min(a, b * ROWS + ROWS)):
-                copy_row(out[r], x[token[r]], True)
+                stream_row(out[r], x[token[r]])
             store_fence()                   # this task's rows reach memory before the region ends
     else:
         for r in prange(a):
@@ -221,8 +221,9 @@ def combine_backward_jit(dy, ys, weights, pos, token, dys, dw, stream):
     single product ``w * dy``, which no flag of that set can change. With ``stream`` (an output
     larger than the cache) the product row goes to ``dys`` through streaming stores and the dot
     product takes a second sweep over the two rows (dy's row is then in L1); measured in the
-    sequence of the four data-movement kernels (2 threads, medians of 30): 6.9-10.5 ms against
-    8.7-10.3 ms, the spread being the shared machine's. Both paths give the same bits (tested).
+    sequence of the four data-movement kernels (2 threads, medians of 30, three runs): 7.2-10.9 ms
+    against 8.7-10.5 ms, a gain within the shared machine's spread (dispatch gains more). Both
+    paths give the same bits (tested).
     """
     n, k = pos.shape
     d = ys.shape[1]
@@ -237,7 +238,7 @@ def combine_backward_jit(dy, ys, weights, pos, token, dys, dw, stream):
             w = weights[t, s]
             acc = 0.0
             if stream:
-                scale_row(dys[r], dy[t], w, True)                   # dys[r, j] = w * dy[t, j]
+                stream_scaled_row(dys[r], dy[t], w)                 # dys[r, j] = w * dy[t, j]
                 for j in range(d):
                     acc += np.float64(dy[t, j]) * np.float64(ys[r, j])
             else:                                                   # one loop: dy[t] is read once

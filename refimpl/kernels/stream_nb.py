@@ -5,8 +5,8 @@ An ordinary store first reads the cache line it writes into (the CPU must own th
 written line then evicts something else from the caches. For an output far larger than the
 last-level cache neither is useful: nothing will read the line from cache again before it is
 evicted. A *streaming* store (LLVM's ``!nontemporal`` hint; ``vmovntps`` and friends on x86,
-``stnp`` on AArch64) writes a whole line straight to memory. :func:`copy_row` and
-:func:`scale_row` write one row that way: ordinary stores up to the first 64-byte boundary of the
+``stnp`` on AArch64) writes a whole line straight to memory. :func:`stream_row` and
+:func:`stream_scaled_row` write one row that way: ordinary stores up to the first 64-byte boundary of the
 destination, one aligned vector store per full 64-byte line, ordinary stores for the tail. Values
 are those of the plain loops ``dst[j] = src[j]`` and ``dst[j] = w * src[j]`` bit for bit (one
 product per element, rounded once); only the route to memory differs.
@@ -121,16 +121,16 @@ def store_fence(typingctx):
     return sig, codegen
 
 
-def copy_row(dst, src, stream):
-    """``dst[:] = src[:len(dst)]``. In numba-compiled code, with ``stream`` true and contiguous
-    float rows of one dtype, through streaming stores; otherwise (and from Python) a plain copy."""
+def stream_row(dst, src):
+    """``dst[:] = src[:len(dst)]``, in numba-compiled code through streaming stores when both are
+    contiguous float rows of one dtype (otherwise, and from Python, a plain copy)."""
     dst[:] = src[:len(dst)]
 
 
-def scale_row(dst, src, w, stream):
-    """``dst[:] = w * src[:len(dst)]``, streamed as :func:`copy_row` is when ``w`` has the rows'
-    dtype too (a float64 ``w`` times float32 rows multiplies in float64 and rounds the product, so
-    that case keeps the plain loop, which does the same)."""
+def stream_scaled_row(dst, src, w):
+    """``dst[:] = w * src[:len(dst)]``, streamed as :func:`stream_row` when ``w`` has the rows' dtype
+    too (a float64 ``w`` times float32 rows multiplies in float64 and rounds the product, so that
+    case takes the plain loop, which does the same)."""
     dst[:] = w * src[:len(dst)]
 
 
@@ -145,15 +145,11 @@ def _head(dst):
     return min(((-a) & (LINE - 1)) // isz, d)
 
 
-@overload(copy_row, inline="always")
-def _copy_row(dst, src, stream):
+@overload(stream_row, inline="always")
+def _stream_row(dst, src):
     if _row_type_ok(dst, src):
-        def impl(dst, src, stream):
+        def impl(dst, src):
             d = dst.shape[0]
-            if not stream:
-                for j in range(d):
-                    dst[j] = src[j]
-                return
             n = LINE // dst.itemsize
             h = _head(dst)
             for j in range(h):
@@ -166,21 +162,17 @@ def _copy_row(dst, src, stream):
                 dst[i] = src[i]
         return impl
 
-    def plain(dst, src, stream):
+    def plain(dst, src):
         for j in range(dst.shape[0]):
             dst[j] = src[j]
     return plain
 
 
-@overload(scale_row, inline="always")
-def _scale_row(dst, src, w, stream):
+@overload(stream_scaled_row, inline="always")
+def _stream_scaled_row(dst, src, w):
     if _row_type_ok(dst, src) and w == dst.dtype:
-        def impl(dst, src, w, stream):
+        def impl(dst, src, w):
             d = dst.shape[0]
-            if not stream:
-                for j in range(d):
-                    dst[j] = w * src[j]
-                return
             n = LINE // dst.itemsize
             h = _head(dst)
             for j in range(h):
@@ -193,7 +185,7 @@ def _scale_row(dst, src, w, stream):
                 dst[i] = w * src[i]
         return impl
 
-    def plain(dst, src, w, stream):
+    def plain(dst, src, w):
         for j in range(dst.shape[0]):
             dst[j] = w * src[j]
     return plain

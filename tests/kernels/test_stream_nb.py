@@ -15,14 +15,14 @@ from refimpl.testing import strategies as rst  # noqa: E402
 
 
 @njit
-def _copy(dst, src, stream):
-    stream_nb.copy_row(dst, src, stream)
+def _copy(dst, src):
+    stream_nb.stream_row(dst, src)
     stream_nb.store_fence()
 
 
 @njit
-def _scale(dst, src, w, stream):
-    stream_nb.scale_row(dst, src, w, stream)
+def _scale(dst, src, w):
+    stream_nb.stream_scaled_row(dst, src, w)
     stream_nb.store_fence()
 
 
@@ -45,18 +45,17 @@ def test_rows_are_bit_identical_to_plain_stores(rng, dtype, n, dst_off, src_off)
     nowhere), NaN payloads, signed zeros, infinities and subnormals: streaming changes no bit."""
     src = _row(rng, dtype, n + src_off)[src_off:]                       # (n,) at any alignment
     w = dtype(rng.choice([-1.5, 0.1, 3.0, -0.0, np.inf]))
-    for stream in (False, True):
-        buf = np.full(n + dst_off + 8, 7, dtype)                        # guard elements on both sides
-        dst = buf[dst_off:dst_off + n]
-        _copy(dst, src, stream)
-        assert dst.tobytes() == src.tobytes()
-        assert (buf[:dst_off] == 7).all() and (buf[dst_off + n:] == 7).all()
-        buf[:] = 7
-        with np.errstate(invalid="ignore", over="ignore"):
-            want = w * src                                              # NumPy: one rounded product each
-        _scale(dst, src, w, stream)
-        np.testing.assert_array_equal(dst.view(np.uint8), want.view(np.uint8))
-        assert (buf[:dst_off] == 7).all() and (buf[dst_off + n:] == 7).all()
+    buf = np.full(n + dst_off + 8, 7, dtype)                            # guard elements on both sides
+    dst = buf[dst_off:dst_off + n]
+    _copy(dst, src)
+    assert dst.tobytes() == src.tobytes()
+    assert (buf[:dst_off] == 7).all() and (buf[dst_off + n:] == 7).all()
+    buf[:] = 7
+    with np.errstate(invalid="ignore", over="ignore"):
+        want = w * src                                                  # NumPy: one rounded product each
+    _scale(dst, src, w)
+    np.testing.assert_array_equal(dst.view(np.uint8), want.view(np.uint8))
+    assert (buf[:dst_off] == 7).all() and (buf[dst_off + n:] == 7).all()
 
 
 def test_misaligned_and_strided_rows_take_the_plain_path(rng):
@@ -66,11 +65,11 @@ def test_misaligned_and_strided_rows_take_the_plain_path(rng):
     dst = np.frombuffer(raw.data, dtype=np.float32, count=100, offset=1)   # address odd
     assert dst.ctypes.data % 4 != 0
     src = rng.standard_normal(100).astype(np.float32)
-    _copy(dst, src, True)
+    _copy(dst, src)
     np.testing.assert_array_equal(dst, src)
     big = np.zeros(300, np.float64)
     s64 = rng.standard_normal(150)
-    _copy(big[::2], s64, True)
+    _copy(big[::2], s64)
     np.testing.assert_array_equal(big[::2], s64)
     assert (big[1::2] == 0).all()
 
@@ -81,7 +80,7 @@ def test_mixed_precision_scale_keeps_the_wide_product(rng):
     src = rng.standard_normal(200).astype(np.float32)
     w = 1 / 3                                                           # not a float32
     dst = np.empty(200, np.float32)
-    _scale(dst, src, w, True)
+    _scale(dst, src, w)
     np.testing.assert_array_equal(dst, (w * src.astype(np.float64)).astype(np.float32))
 
 
@@ -89,7 +88,7 @@ def test_streaming_path_emits_nontemporal_stores():
     """The streaming branch is really there: the compiled kernel's LLVM IR carries the
     ``!nontemporal`` hint (and the plain helper's does not)."""
     x = np.ones(64, np.float32)
-    _copy(np.empty_like(x), x, True)
+    _copy(np.empty_like(x), x)
     ir = "".join(_copy.inspect_llvm().values())
     assert "!nontemporal" in ir
 
